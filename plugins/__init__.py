@@ -1,0 +1,1 @@
+"""keyplane.plugins: the key-backend plugin system (hookspecs, facade) and the built-in backends."""

@@ -1,0 +1,111 @@
+"""The typed facade over the plugin manager: the only code that calls `pm.hook`.
+
+It registers the built-in backends from one tuple and third-party ones from the
+`keyplane.backends` entry-point group, opens the configured backends and routes every
+key URI to the backend whose name is the URI's scheme.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+
+import pluggy
+
+from keyplane.plugins import hookspecs, pkcs11_backend, software
+from keyplane.plugins.errors import UnknownBackendError
+from keyplane.plugins.keys import (
+    BackendPrivateKey,
+    GeneratedKey,
+    KeyAlgorithm,
+    KeyBackend,
+    PublicKey,
+)
+from keyplane.plugins.uri import scheme_of
+
+ENTRY_POINT_GROUP = "keyplane.backends"
+BUILTIN_PLUGINS: tuple[ModuleType, ...] = (software, pkcs11_backend)
+
+
+def plugin_manager(extra: tuple[object, ...] = ()) -> pluggy.PluginManager:
+    """A plugin manager with the built-ins, the entry-point plugins and `extra`."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for plugin in BUILTIN_PLUGINS:
+        pm.register(plugin, name=f"keyplane.builtin.{plugin.__name__.rsplit('.', 1)[-1]}")
+    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    for plugin in extra:
+        pm.register(plugin)
+    pm.check_pending()
+    return pm
+
+
+class KeyBackends:
+    """The open key backends of one process, addressed by name or by key URI."""
+
+    def __init__(
+        self,
+        configured: Mapping[str, Mapping[str, object]],
+        data_dir: Path,
+        pm: pluggy.PluginManager | None = None,
+    ) -> None:
+        self._pm = pm or plugin_manager()
+        self._backends: dict[str, KeyBackend] = {}
+        self._lock = threading.Lock()
+        try:
+            for name, options in configured.items():
+                self._backends[name] = self._open(name, options, data_dir)
+        except BaseException:
+            self.close()
+            raise
+
+    def available(self) -> list[str]:
+        """Every backend name an installed plugin provides."""
+        names: list[list[str]] = self._pm.hook.keyplane_backend_names()
+        return sorted({n for group in names for n in group})
+
+    def _open(self, name: str, options: Mapping[str, object], data_dir: Path) -> KeyBackend:
+        backend: KeyBackend | None = self._pm.hook.keyplane_open_backend(
+            name=name, options=options, data_dir=data_dir
+        )
+        if backend is None:
+            raise UnknownBackendError(
+                f"no installed plugin provides a key backend named {name!r} "
+                f"(available: {', '.join(self.available())})"
+            )
+        return backend
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._backends)
+
+    def backend(self, name: str) -> KeyBackend:
+        try:
+            return self._backends[name]
+        except KeyError:
+            raise UnknownBackendError(
+                f"key backend {name!r} is not configured (configured: {', '.join(self._backends)})"
+            ) from None
+
+    def for_uri(self, uri: str) -> KeyBackend:
+        return self.backend(scheme_of(uri))
+
+    def generate_key(self, backend: str, label: str, algorithm: KeyAlgorithm) -> GeneratedKey:
+        return self.backend(backend).generate_key(label, algorithm)
+
+    def private_key(self, uri: str) -> BackendPrivateKey:
+        return self.for_uri(uri).private_key(uri)
+
+    def public_key(self, uri: str) -> PublicKey:
+        return self.for_uri(uri).public_key(uri)
+
+    def destroy_key(self, uri: str) -> None:
+        self.for_uri(uri).destroy_key(uri)
+
+    def close(self) -> None:
+        with self._lock:
+            backends, self._backends = list(self._backends.values()), {}
+        for backend in backends:
+            backend.close()
