@@ -225,6 +225,19 @@ def backend_private_key(public_key: PublicKey, signer: DigestSigner, uri: str) -
     return BackendRSAKey(public_key, signer, uri)
 
 
+class TlsKeySource(abc.ABC):
+    """A backend that can hand a key to this process's TLS stack.
+
+    gRPC's TLS stack takes a PEM private key and cannot call a backend to sign, so
+    the keys of the server's own TLS listeners must come from a backend that
+    implements this (the software backend). The PEM stays in process memory.
+    """
+
+    @abc.abstractmethod
+    def tls_private_key_pem(self, uri: str) -> bytes:
+        """The key at `uri` as unencrypted PKCS#8 PEM, for the in-process TLS stack only."""
+
+
 class KeyBackend(abc.ABC):
     """One configured key store. `keyplane_open_backend` returns one; the facade routes to it.
 

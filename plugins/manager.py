@@ -15,13 +15,14 @@ from types import ModuleType
 import pluggy
 
 from keyplane.plugins import hookspecs, pkcs11_backend, software
-from keyplane.plugins.errors import UnknownBackendError
+from keyplane.plugins.errors import BackendConfigError, UnknownBackendError
 from keyplane.plugins.keys import (
     BackendPrivateKey,
     GeneratedKey,
     KeyAlgorithm,
     KeyBackend,
     PublicKey,
+    TlsKeySource,
 )
 from keyplane.plugins.uri import scheme_of
 
@@ -100,6 +101,15 @@ class KeyBackends:
 
     def public_key(self, uri: str) -> PublicKey:
         return self.for_uri(uri).public_key(uri)
+
+    def tls_private_key_pem(self, uri: str) -> bytes:
+        backend = self.for_uri(uri)
+        if not isinstance(backend, TlsKeySource):
+            raise BackendConfigError(
+                f"key backend {backend.name!r} cannot hand keys to the TLS stack; "
+                "keep TLS listener keys in the software backend"
+            )
+        return backend.tls_private_key_pem(uri)
 
     def destroy_key(self, uri: str) -> None:
         self.for_uri(uri).destroy_key(uri)

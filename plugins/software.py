@@ -40,6 +40,7 @@ from keyplane.plugins.keys import (
     KeyAlgorithm,
     KeyBackend,
     PublicKey,
+    TlsKeySource,
     backend_private_key,
 )
 from keyplane.plugins.uri import SoftwareKeyUri
@@ -125,7 +126,7 @@ def _generate(algorithm: KeyAlgorithm) -> ec.EllipticCurvePrivateKey | rsa.RSAPr
     return rsa.generate_private_key(public_exponent=65537, key_size=algorithm.rsa_bits)
 
 
-class SoftwareBackend(KeyBackend):
+class SoftwareBackend(KeyBackend, TlsKeySource):
     """Keys sealed in one pki.db file; unsealed keys are kept only in this process's memory."""
 
     name = NAME
@@ -293,20 +294,31 @@ class SoftwareBackend(KeyBackend):
             raise KeyNotFoundError(f"no key software:{key_id} in the PKI database")
         return row  # type: ignore[no-any-return]
 
+    def _unseal(self, key_id: str) -> bytes:
+        _, nonce, sealed = self._row(key_id)
+        try:
+            return self._aead.decrypt(nonce, sealed, _aad(key_id))
+        except InvalidTag:
+            raise BackendAuthError(
+                f"software backend: key software:{key_id} does not unseal (tampered or moved)"
+            ) from None
+
+    def tls_private_key_pem(self, uri: str) -> bytes:
+        key_id = SoftwareKeyUri.parse(uri).key_id
+        key = serialization.load_der_private_key(self._unseal(key_id), password=None)
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
     def private_key(self, uri: str) -> BackendPrivateKey:
         key_id = SoftwareKeyUri.parse(uri).key_id
         with self._lock:
             cached = self._cache.get(key_id)
         if cached is not None:
             return cached
-        _, nonce, sealed = self._row(key_id)
-        try:
-            plain = self._aead.decrypt(nonce, sealed, _aad(key_id))
-        except InvalidTag:
-            raise BackendAuthError(
-                f"software backend: key software:{key_id} does not unseal (tampered or moved)"
-            ) from None
-        key = serialization.load_der_private_key(plain, password=None)
+        key = serialization.load_der_private_key(self._unseal(key_id), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             raise KeyNotFoundError(f"software:{key_id} is not a signing key")
         wrapped = backend_private_key(key.public_key(), _native_signer(key), str(uri))

@@ -1,1 +1,1 @@
-"""."""
+"""keyplane.server.services: thin servicers (validate, convert, call the domain, convert back)."""

@@ -1,0 +1,162 @@
+"""The keyplane server process: a grpc.aio server with two TLS listeners.
+
+`--listen` requires a client certificate from this hierarchy (mutual TLS) and carries
+every authenticated call; `--bootstrap-listen` is server-authenticated TLS only, for
+what a component needs before it has a certificate. Both serve the same services behind
+the same interceptor. Certificates are served through dynamic credentials, so a new
+server certificate or a changed set of roots applies to the next handshake without a
+restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+from cryptography import x509
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from keyplane.plugins.manager import KeyBackends
+from keyplane.server.config import ServerConfig, format_address
+from keyplane.server.domain import certs
+from keyplane.server.domain.clock import Clock, SystemClock
+from keyplane.server.domain.hierarchy import Hierarchy, StartReport, TlsMaterial
+from keyplane.server.interceptor import KeyplaneInterceptor
+from keyplane.server.services.root_keys import RootKeyServicer
+from keyplane.server.store import StateStore
+from keyplane.v1 import root_key_service_pb2, root_key_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    root_key_service_pb2.DESCRIPTOR.services_by_name["RootKeyService"].full_name,
+)
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """The bound addresses (ports resolved when 0 was asked for)."""
+
+    listen: str
+    bootstrap_listen: str
+
+
+class KeyplaneServer:
+    """Owns the store, the backends, the hierarchy and the gRPC server of one process."""
+
+    def __init__(self, config: ServerConfig, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self._store: StateStore | None = None
+        self._backends: KeyBackends | None = None
+        self._server: grpc.aio.Server | None = None
+        self.hierarchy: Hierarchy | None = None
+        self.endpoints: Endpoints | None = None
+        self.report: StartReport | None = None
+
+    def open(self) -> StartReport:
+        """Open the data dir and its key backends, initialising them on first start."""
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config.data_dir.chmod(0o700)
+        self._backends = KeyBackends(self.config.backends, self.config.data_dir)
+        self._store = StateStore(self.config.data_dir / "keyplane.db")
+        self.hierarchy = Hierarchy(self.config, self._store, self._backends, self.clock)
+        self.report = self.hierarchy.start()
+        return self.report
+
+    def _credentials(self, require_client_auth: bool) -> grpc.ServerCredentials:
+        hierarchy = self.hierarchy
+        assert hierarchy is not None  # noqa: S101 - open() ran
+        material = hierarchy.tls_material()
+        served = {"version": material.version}
+
+        def configuration(m: TlsMaterial) -> grpc.ServerCertificateConfiguration:
+            return grpc.ssl_server_certificate_configuration(
+                [(m.private_key_pem, m.certificate_chain_pem)],
+                root_certificates=m.client_ca_pem,
+            )
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            # Called by gRPC before each handshake: None keeps what is served.
+            try:
+                version = hierarchy.tls_version()
+                if version == served["version"]:
+                    return None
+                fresh = hierarchy.tls_material()
+                served["version"] = fresh.version
+                return configuration(fresh)
+            except Exception:
+                log.exception("could not refresh the TLS certificate; keeping the current one")
+                return None
+
+        return grpc.dynamic_ssl_server_credentials(
+            configuration(material), fetch, require_client_authentication=require_client_auth
+        )
+
+    def _still_valid(self, cert: x509.Certificate) -> str | None:
+        """Why a TLS-verified client certificate must be refused, or None if it is good."""
+        assert self._store is not None and self.hierarchy is not None  # noqa: S101
+        record = self._store.certificate(certs.serial_hex(cert))
+        if record is None:
+            return "this server has no record of issuing it"
+        if record.revoked_at is not None:
+            return f"it was revoked ({record.revoke_reason})"
+        active = {r.fingerprint for r in self.hierarchy.active_roots()}
+        if record.issuer_fingerprint not in active:
+            return "its issuer is no longer active"
+        if record.not_after < self.clock.now():
+            return "it has expired"
+        return None
+
+    async def start(self) -> Endpoints:
+        if self.hierarchy is None:
+            await asyncio.to_thread(self.open)
+        assert self.hierarchy is not None  # noqa: S101
+        server = grpc.aio.server(interceptors=[KeyplaneInterceptor(self._still_valid)])
+        root_key_service_pb2_grpc.add_RootKeyServiceServicer_to_server(
+            RootKeyServicer(self.hierarchy), server
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        host, port = self.config.listen_address
+        bound = server.add_secure_port(format_address(host, port), self._credentials(True))
+        boot_host, boot_port = self.config.bootstrap_address
+        boot_bound = server.add_secure_port(
+            format_address(boot_host, boot_port), self._credentials(False)
+        )
+        await server.start()
+        self._server = server
+        for name in (*SERVICE_NAMES, ""):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.endpoints = Endpoints(format_address(host, bound), format_address(boot_host, boot_bound))
+        connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
+        self.hierarchy.admin_dir.write_endpoint(
+            format_address(connect_host, bound),
+            format_address(connect_host, boot_bound),
+            self.config.fqdn,
+        )
+        return self.endpoints
+
+    async def wait(self) -> None:
+        assert self._server is not None  # noqa: S101
+        await self._server.wait_for_termination()
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        self.close()
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self._backends is not None:
+            self._backends.close()
+            self._backends = None

@@ -1,0 +1,99 @@
+"""Who may call what: the one table of RPC access rules, and the caller's identity.
+
+Calls arrive on two listeners of one server: the mutual-TLS listener, where the TLS
+stack has verified the client's chain against the active roots, and the bootstrap
+listener (server TLS only), where there is no client identity. The same table decides
+for both: PUBLIC methods need nothing; every other method needs a verified identity
+whose issuer is active and whose certificate is not revoked, and the role listed here.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from keyplane.server.domain import certs
+from keyplane.server.errors import PermissionDenied, Unauthenticated
+
+
+class Access(enum.Enum):
+    """What a method needs."""
+
+    PUBLIC = "public"
+    ADMIN = "admin"
+
+
+# Every RPC keyplane serves. A method missing here is refused, never let through.
+ACCESS: dict[str, Access] = {
+    "/grpc.health.v1.Health/Check": Access.PUBLIC,
+    "/grpc.health.v1.Health/Watch": Access.PUBLIC,
+    "/grpc.health.v1.Health/List": Access.PUBLIC,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": Access.PUBLIC,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Access.PUBLIC,
+    "/keyplane.v1.RootKeyService/CreateRootKey": Access.ADMIN,
+    "/keyplane.v1.RootKeyService/ListRootKeys": Access.ADMIN,
+    "/keyplane.v1.RootKeyService/GetRootKey": Access.ADMIN,
+    "/keyplane.v1.RootKeyService/RevokeRootKey": Access.ADMIN,
+    "/keyplane.v1.RootKeyService/GetLegacyRootKey": Access.ADMIN,
+}
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A caller verified by mutual TLS."""
+
+    common_name: str
+    serial: str
+    roles: frozenset[str]
+    issuer_subject: str
+    certificate: x509.Certificate
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names this caller."""
+        return f"{self.common_name} (serial {self.serial})"
+
+
+def identity_from_pem(pem: bytes) -> Identity:
+    cert = x509.load_pem_x509_certificate(pem)
+    return Identity(
+        common_name=certs.common_name_of(cert),
+        serial=certs.serial_hex(cert),
+        roles=certs.roles_of(cert),
+        issuer_subject=cert.issuer.rfc4514_string(),
+        certificate=cert,
+    )
+
+
+# Answers whether a verified client certificate is still good: issued by an active
+# key of this hierarchy and not revoked. Provided by the domain.
+CertificateCheck = Callable[[x509.Certificate], str | None]
+
+
+def authorize(
+    method: str, peer_pem: bytes | None, still_valid: CertificateCheck
+) -> Identity | None:
+    """The caller's identity if it may call `method`; raises the status-carrying error if not."""
+    access = ACCESS.get(method)
+    if access is Access.PUBLIC:
+        return identity_from_pem(peer_pem) if peer_pem else None
+    if peer_pem is None:
+        raise Unauthenticated(
+            "this call needs a client certificate from this server's hierarchy; call the "
+            "mutual-TLS listener with a credential (e.g. the admin credential)"
+        )
+    identity = identity_from_pem(peer_pem)
+    problem = still_valid(identity.certificate)
+    if problem is not None:
+        raise PermissionDenied(f"the client certificate is refused: {problem}")
+    if access is None:
+        raise PermissionDenied(f"method {method} is not open to any caller")
+    if access.value not in identity.roles:
+        raise PermissionDenied(
+            f"this call needs the {access.value} role; the client certificate "
+            f"{identity.common_name!r} has {', '.join(sorted(identity.roles)) or 'no role'}"
+        )
+    return identity

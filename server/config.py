@@ -1,0 +1,161 @@
+"""Server configuration: a frozen object read from TOML, every option with a default.
+
+Example (all keys optional):
+
+    fqdn = "pki.example.org"
+    data_dir = "/var/lib/keyplane"
+    listen = "0.0.0.0:7443"
+    bootstrap_listen = "0.0.0.0:7444"
+    server_names = ["pki.example.org"]
+    root_algorithm = "ec-p256"
+    subordinate_algorithm = "ec-p256"
+
+    [key_backends]           # key kind -> backend name
+    root = "pkcs11"
+
+    [backends.software]      # options of each backend
+    password_file = "/etc/keyplane/pki-db-password"
+
+    [backends.pkcs11]
+    module = "/usr/lib/softhsm/libsofthsm2.so"
+    token = "keyplane"
+    pin_file = "/etc/keyplane/hsm-pin"
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from keyplane.plugins.errors import UnsupportedAlgorithmError
+from keyplane.plugins.keys import KeyAlgorithm
+from keyplane.server.errors import ConfigError
+
+DEFAULT_LISTEN = "127.0.0.1:7443"
+KEY_KINDS = ("root", "legacy_root", "server_tls", "intermediate_tls", "message_signing")
+# The legacy root never lives in an HSM: it is pinned to the software backend.
+PINNED_KINDS = MappingProxyType({"legacy_root": "software"})
+
+
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    """Split HOST:PORT (IPv6 as [::1]:PORT); ConfigError naming `what` otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:7443), not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything a server needs to start; build with `load_config`."""
+
+    data_dir: Path = Path("var")
+    fqdn: str = field(default_factory=socket.getfqdn)
+    listen: str = DEFAULT_LISTEN
+    bootstrap_listen: str = ""
+    server_names: tuple[str, ...] = ()
+    root_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
+    subordinate_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
+    key_backends: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType(dict.fromkeys(KEY_KINDS, "software"))
+    )
+    backends: Mapping[str, Mapping[str, object]] = field(
+        default_factory=lambda: MappingProxyType({"software": MappingProxyType({})})
+    )
+    server_tls_validity_hours: int = 720
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_address(self.listen, "listen")
+
+    @property
+    def bootstrap_address(self) -> tuple[str, int]:
+        """The bootstrap listener: configured, else the port after `listen` (0 stays 0)."""
+        if self.bootstrap_listen:
+            return parse_address(self.bootstrap_listen, "bootstrap_listen")
+        host, port = self.listen_address
+        return host, (port + 1 if port else 0)
+
+    def backend_for(self, kind: str) -> str:
+        return self.key_backends[kind]
+
+
+def _known(section: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(section) - allowed
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in {where}: {', '.join(sorted(unknown))}")
+
+
+def _algorithm(value: object, what: str) -> KeyAlgorithm:
+    try:
+        return KeyAlgorithm.parse(str(value))
+    except UnsupportedAlgorithmError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
+    """Read a TOML file (optional) and apply command-line overrides (None = not given)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path.name}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path.name} is not valid TOML: {exc}") from None
+    top = {
+        "fqdn", "data_dir", "listen", "bootstrap_listen", "server_names", "root_algorithm",
+        "subordinate_algorithm", "key_backends", "backends", "server_tls_validity_hours",
+    }  # fmt: skip
+    _known(raw, top, "the config file")
+    config = ServerConfig()
+    values: dict[str, Any] = {}
+    for name in ("fqdn", "listen", "bootstrap_listen"):
+        if name in raw:
+            values[name] = str(raw[name])
+    if "data_dir" in raw:
+        values["data_dir"] = Path(str(raw["data_dir"]))
+    if "server_names" in raw:
+        values["server_names"] = tuple(str(n) for n in raw["server_names"])
+    for name in ("root_algorithm", "subordinate_algorithm"):
+        if name in raw:
+            values[name] = _algorithm(raw[name], name)
+    if "server_tls_validity_hours" in raw:
+        hours = raw["server_tls_validity_hours"]
+        if not isinstance(hours, int) or hours <= 0:
+            raise ConfigError("server_tls_validity_hours must be a positive whole number")
+        values["server_tls_validity_hours"] = hours
+    backends: dict[str, Mapping[str, object]] = {"software": MappingProxyType({})}
+    for name, options in dict(raw.get("backends", {})).items():
+        if not isinstance(options, dict):
+            raise ConfigError(f"[backends.{name}] must be a table of options")
+        backends[name] = MappingProxyType(dict(options))
+    kinds = dict.fromkeys(KEY_KINDS, "software")
+    chosen = dict(raw.get("key_backends", {}))
+    _known(chosen, set(KEY_KINDS), "[key_backends]")
+    for kind, backend in chosen.items():
+        if kind in PINNED_KINDS and backend != PINNED_KINDS[kind]:
+            raise ConfigError(f"[key_backends] {kind} always lives in {PINNED_KINDS[kind]!r}")
+        if backend not in backends:
+            raise ConfigError(
+                f"[key_backends] {kind} = {backend!r}, but there is no [backends.{backend}] table"
+            )
+        kinds[kind] = str(backend)
+    values["key_backends"] = MappingProxyType(kinds)
+    values["backends"] = MappingProxyType(backends)
+    for name, value in overrides.items():
+        if value is not None:
+            values[name] = Path(value) if name == "data_dir" else value
+    config = replace(config, **values)
+    config.listen_address  # noqa: B018 - validate both addresses now, not at bind time
+    config.bootstrap_address  # noqa: B018
+    return config

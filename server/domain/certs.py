@@ -1,0 +1,196 @@
+"""X.509 builders for every certificate keyplane issues.
+
+Roots are self-signed CA certificates that never expire; leaves carry CA:FALSE, the
+right key usage and EKU, SKI/AKI, 128-bit random serials and a not-before backdated
+a minute, so that `openssl verify` and `cryptography.x509.verification` accept them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import secrets
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from keyplane.plugins.keys import BackendPrivateKey, PublicKey, algorithm_of
+
+BACKDATE = datetime.timedelta(minutes=1)
+# RFC 5280 4.1.2.5: 99991231235959Z means "no well-defined expiration date".
+NEVER_EXPIRES = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)
+ROLE_URI_PREFIX = "urn:keyplane:role:"
+ORGANIZATION = "keyplane"
+
+
+def new_serial() -> int:
+    """A 128-bit random serial number (never zero)."""
+    while True:
+        serial = secrets.randbits(128)
+        if serial:
+            return serial
+
+
+def serial_hex(cert: x509.Certificate) -> str:
+    return f"{cert.serial_number:032x}"
+
+
+def to_pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def load_pem(pem: str | bytes) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
+
+
+def _name(common_name: str, unit: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)]
+    if unit:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    return x509.Name(attrs)
+
+
+def _key_usage(*, signature: bool, cert_sign: bool, encipher: bool = False) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=signature,
+        content_commitment=False,
+        key_encipherment=encipher,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def build_root_certificate(
+    key: BackendPrivateKey, name: str, now: datetime.datetime
+) -> x509.Certificate:
+    """A self-signed root CA certificate for `key`, valid from a minute ago, forever."""
+    public_key = key.public_key()
+    ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
+    subject = _name(name)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(public_key)
+        .serial_number(new_serial())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(NEVER_EXPIRES)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(_key_usage(signature=True, cert_sign=True), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+    )
+    return builder.sign(key, algorithm_of(public_key).signature_hash)
+
+
+def _leaf(
+    issuer_key: BackendPrivateKey,
+    issuer_cert: x509.Certificate,
+    subject: x509.Name,
+    public_key: PublicKey,
+    now: datetime.datetime,
+    validity: datetime.timedelta,
+) -> x509.CertificateBuilder:
+    not_after = min(now + validity, issuer_cert.not_valid_after_utc)
+    is_rsa = not hasattr(public_key, "curve")
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_cert.subject)
+        .public_key(public_key)
+        .serial_number(new_serial())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            _key_usage(signature=True, cert_sign=False, encipher=is_rsa), critical=True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    )
+
+
+def _san_entries(names: list[str]) -> list[x509.GeneralName]:
+    entries: list[x509.GeneralName] = []
+    for name in dict.fromkeys(names):
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            entries.append(x509.DNSName(name))
+    return entries
+
+
+def build_server_tls_certificate(
+    issuer_key: BackendPrivateKey,
+    issuer_cert: x509.Certificate,
+    public_key: PublicKey,
+    common_name: str,
+    names: list[str],
+    now: datetime.datetime,
+    validity: datetime.timedelta,
+) -> x509.Certificate:
+    """A TLS server certificate (serverAuth) for a keyplane server's listeners."""
+    builder = (
+        _leaf(issuer_key, issuer_cert, _name(common_name, "server"), public_key, now, validity)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(x509.SubjectAlternativeName(_san_entries(names)), critical=False)
+    )
+    algorithm = algorithm_of(issuer_key.public_key())
+    return builder.sign(issuer_key, algorithm.signature_hash)
+
+
+def build_client_certificate(
+    issuer_key: BackendPrivateKey,
+    issuer_cert: x509.Certificate,
+    public_key: PublicKey,
+    common_name: str,
+    role: str,
+    now: datetime.datetime,
+    validity: datetime.timedelta,
+) -> x509.Certificate:
+    """A TLS client certificate (clientAuth) carrying its role as a URI SAN."""
+    builder = (
+        _leaf(issuer_key, issuer_cert, _name(common_name, role), public_key, now, validity)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(ROLE_URI_PREFIX + role)]
+            ),
+            critical=False,
+        )
+    )
+    algorithm = algorithm_of(issuer_key.public_key())
+    return builder.sign(issuer_key, algorithm.signature_hash)
+
+
+def roles_of(cert: x509.Certificate) -> frozenset[str]:
+    """The keyplane roles a certificate carries (URI SANs `urn:keyplane:role:<role>`)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return frozenset()
+    return frozenset(
+        uri[len(ROLE_URI_PREFIX) :]
+        for uri in san.get_values_for_type(x509.UniformResourceIdentifier)
+        if uri.startswith(ROLE_URI_PREFIX)
+    )
+
+
+def common_name_of(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else cert.subject.rfc4514_string()

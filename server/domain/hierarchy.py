@@ -1,0 +1,411 @@
+"""The key hierarchy of one server: roots, the legacy root, the server's TLS key and
+the admin credential, kept consistent after every change.
+
+Every change commits with its audit record in one transaction. After each change the
+server's own subordinates are reconciled: the server TLS key and the admin credential
+are always issued by the newest active root, and `ca.pem` lists the active roots.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import re
+import threading
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from keyplane.plugins.errors import BackendError, KeyNotFoundError
+from keyplane.plugins.keys import KeyAlgorithm, PublicKey, fingerprint
+from keyplane.plugins.manager import KeyBackends
+from keyplane.server.config import ServerConfig
+from keyplane.server.domain import certs
+from keyplane.server.domain.clock import Clock
+from keyplane.server.domain.credentials import AdminCredentialDir
+from keyplane.server.errors import (
+    AlreadyRevoked,
+    ConfirmationRequired,
+    InvalidArgument,
+    LastActiveRoot,
+    LegacyRootImmutable,
+    NotFound,
+    RootLimitReached,
+)
+from keyplane.server.store import CertificateRecord, KeyRecord, StateStore
+
+log = logging.getLogger(__name__)
+
+MAX_ACTIVE_ROOTS = 2
+LEGACY_ROOT_NAME = "legacy-root"
+SERVER_ACTOR = "keyplane-server"
+ADMIN_ROLE = "admin"
+ADMIN_CREDENTIAL_VALIDITY = datetime.timedelta(days=365)
+MAX_REASON_LENGTH = 1024
+_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+
+
+def parse_fingerprint(text: str) -> str:
+    """Normalise a key fingerprint: 64 hex digits, optionally prefixed `sha256:`."""
+    value = text.strip().lower()
+    value = value.removeprefix("sha256:")
+    if not _FINGERPRINT.fullmatch(value):
+        raise InvalidArgument(
+            "a fingerprint is 64 hex digits (SHA-256 of the key's SubjectPublicKeyInfo), "
+            "optionally prefixed 'sha256:'"
+        )
+    return value
+
+
+def parse_reason(text: str) -> str:
+    reason = text.strip()
+    if not reason:
+        raise InvalidArgument("give a reason for the revocation (it is kept in the audit log)")
+    if len(reason) > MAX_REASON_LENGTH:
+        raise InvalidArgument(f"the reason is longer than {MAX_REASON_LENGTH} characters")
+    if any(ord(c) < 32 and c not in "\t" for c in reason):
+        raise InvalidArgument("the reason must not contain control characters or line breaks")
+    return reason
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """What the TLS listeners serve: the server's chain and key, and the client CAs."""
+
+    version: tuple[str, ...]
+    certificate_chain_pem: bytes
+    private_key_pem: bytes
+    client_ca_pem: bytes
+
+
+@dataclass(frozen=True)
+class StartReport:
+    """What a server start created (empty on a restart over an initialised data dir)."""
+
+    created: tuple[str, ...]
+    issuing_root: KeyRecord
+
+
+class Hierarchy:
+    """Root keys and the server's own subordinates, over the state DB and the backends."""
+
+    def __init__(
+        self, config: ServerConfig, store: StateStore, backends: KeyBackends, clock: Clock
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.backends = backends
+        self.clock = clock
+        self.admin_dir = AdminCredentialDir(config.data_dir / "admin")
+        self._lock = threading.RLock()
+
+    # -- start ---------------------------------------------------------------------------
+
+    def start(self) -> StartReport:
+        """Initialise an empty data dir, or check and reconcile an existing one."""
+        created: list[str] = []
+        with self._lock:
+            if not self.store.keys("root"):
+                self._create_root(SERVER_ACTOR, self.config.root_algorithm)
+                created.append("root")
+            if not self.store.keys("legacy_root"):
+                self._create_legacy_root()
+                created.append("legacy_root")
+            self._destroy_revoked_keys()
+            created.extend(self._reconcile(SERVER_ACTOR))
+            return StartReport(tuple(created), self.issuing_root())
+
+    # -- roots ---------------------------------------------------------------------------
+
+    def active_roots(self) -> list[KeyRecord]:
+        return self.store.keys("root", ("active",))
+
+    def issuing_root(self) -> KeyRecord:
+        """The newest active root: it issues every new subordinate."""
+        roots = self.active_roots()
+        return max(roots, key=lambda r: r.number or 0)
+
+    def revoked_roots(self) -> list[KeyRecord]:
+        return self.store.keys("root", ("revoked",))
+
+    def root(self, fingerprint_text: str) -> KeyRecord:
+        fp = parse_fingerprint(fingerprint_text)
+        record = self.store.key(fp)
+        if record is not None and record.kind == "legacy_root":
+            return record
+        if record is None or record.kind != "root":
+            raise NotFound(f"no root key has fingerprint {fp}")
+        return record
+
+    def legacy_root(self) -> KeyRecord:
+        roots = self.store.keys("legacy_root")
+        if not roots:
+            raise NotFound("this server has no legacy root yet")
+        return roots[0]
+
+    def create_root(self, actor: str, algorithm: KeyAlgorithm | None = None) -> KeyRecord:
+        """Create `<fqdn> Root <n>` and re-issue the server's subordinates under it."""
+        with self._lock:
+            record = self._create_root(actor, algorithm or self.config.root_algorithm)
+            self._reconcile(actor)
+            return record
+
+    def _check_root_limit(self, active: list[KeyRecord]) -> None:
+        if len(active) >= MAX_ACTIVE_ROOTS:
+            names = ", ".join(r.name for r in active)
+            raise RootLimitReached(
+                f"{len(active)} root keys are active already ({names}); revoke one with "
+                "'keyplane roots revoke FINGERPRINT' before creating another"
+            )
+
+    def _create_root(self, actor: str, algorithm: KeyAlgorithm) -> KeyRecord:
+        self._check_root_limit(self.active_roots())
+        with self.store.transaction(self.clock.now()) as tx:
+            number = tx.next_root_number()
+        name = f"{self.config.fqdn} Root {number}"
+        backend = self.config.backend_for("root")
+        generated = self.backends.generate_key(backend, name, algorithm)
+        try:
+            now = self.clock.now()
+            key = self.backends.private_key(generated.uri)
+            cert = certs.build_root_certificate(key, name, now)
+            record = KeyRecord(
+                fingerprint=fingerprint(generated.public_key),
+                kind="root",
+                name=name,
+                number=number,
+                algorithm=algorithm.value,
+                backend=backend,
+                key_uri=generated.uri,
+                state="active",
+                issuer_fingerprint=None,
+                certificate_pem=certs.to_pem(cert),
+                not_before=cert.not_valid_before_utc,
+                not_after=None,
+                created_at=now,
+            )
+            with self.store.transaction(now) as tx:
+                # Checked again inside the write lock: another worker may have won.
+                self._check_root_limit(self.active_roots())
+                tx.insert_key(record)
+                tx.audit(
+                    actor, "root.create", record.fingerprint, name=name, backend=backend,
+                    algorithm=algorithm.value, key_uri=generated.uri,
+                )  # fmt: skip
+        except BaseException:
+            # No key is left behind for a root that was not recorded.
+            self._destroy_quietly(generated.uri)
+            raise
+        log.info("created root key %s (%s) in %s", name, record.fingerprint, backend)
+        return record
+
+    def _create_legacy_root(self) -> KeyRecord:
+        backend = self.config.backend_for("legacy_root")
+        algorithm = self.config.root_algorithm
+        generated = self.backends.generate_key(backend, LEGACY_ROOT_NAME, algorithm)
+        now = self.clock.now()
+        record = KeyRecord(
+            fingerprint=fingerprint(generated.public_key), kind="legacy_root",
+            name=LEGACY_ROOT_NAME, number=None, algorithm=algorithm.value, backend=backend,
+            key_uri=generated.uri, state="active", issuer_fingerprint=None,
+            certificate_pem=None, not_before=now, not_after=None, created_at=now,
+        )  # fmt: skip
+        try:
+            with self.store.transaction(now) as tx:
+                tx.insert_key(record)
+                tx.audit(SERVER_ACTOR, "legacy_root.create", record.fingerprint)
+        except BaseException:
+            self._destroy_quietly(generated.uri)
+            raise
+        return record
+
+    def revoke_root(self, actor: str, fingerprint_text: str, reason: str, confirm: bool) -> KeyRecord:
+        """Revoke a root for good, with everything it issued, and destroy its key."""
+        fp = parse_fingerprint(fingerprint_text)
+        reason = parse_reason(reason)
+        if not confirm:
+            raise ConfirmationRequired(
+                "revoking a root is permanent and destroys its private key; "
+                "confirm it explicitly (--yes on the command line)"
+            )
+        with self._lock:
+            record = self.root(fp)
+            if record.kind == "legacy_root":
+                raise LegacyRootImmutable("the legacy root is never revoked or rotated")
+            if record.state == "revoked":
+                raise AlreadyRevoked(f"{record.name} ({fp}) is revoked already")
+            active = self.active_roots()
+            if len(active) <= 1:
+                raise LastActiveRoot(
+                    f"{record.name} is the only active root; create a new root with "
+                    "'keyplane roots create' first, then revoke this one"
+                )
+            subordinates = [
+                k
+                for kind in ("server_tls", "intermediate_tls", "message_signing")
+                for k in self.store.keys(kind, ("prepared", "active", "retired"))
+                if k.issuer_fingerprint == fp
+            ]
+            with self.store.transaction(self.clock.now()) as tx:
+                tx.revoke_key(fp, "root", actor, reason)
+                for sub in subordinates:
+                    tx.revoke_key(sub.fingerprint, sub.kind, actor, f"issuing root revoked: {reason}")
+                certificates = tx.revoke_certificates_issued_by(
+                    fp, actor, f"issuing root revoked: {reason}"
+                )
+                tx.audit(
+                    actor, "root.revoke", fp, name=record.name, reason=reason,
+                    subordinates=[s.fingerprint for s in subordinates],
+                    certificates=certificates,
+                )  # fmt: skip
+            log.info("revoked root key %s (%s): %s", record.name, fp, reason)
+            self._destroy_revoked_keys()
+            self._reconcile(actor)
+            revoked = self.store.key(fp)
+            assert revoked is not None  # noqa: S101 - just written
+            return revoked
+
+    # -- the server's own subordinates ---------------------------------------------------
+
+    def _destroy_quietly(self, uri: str) -> None:
+        try:
+            self.backends.destroy_key(uri)
+        except KeyNotFoundError:
+            pass
+        except BackendError as exc:
+            log.error("could not destroy key %s: %s", uri, exc)
+
+    def _destroy_revoked_keys(self) -> None:
+        """Destroy the private keys of revoked records (again after a crash or outage)."""
+        for kind in ("root", "server_tls", "intermediate_tls", "message_signing"):
+            for record in self.store.keys(kind, ("revoked",)):
+                if self.store.key_destroyed(record.fingerprint):
+                    continue
+                try:
+                    self.backends.destroy_key(record.key_uri)
+                except KeyNotFoundError:
+                    pass
+                except BackendError as exc:
+                    # Revoked in the DB, so never used again; retried at the next start.
+                    log.error("could not destroy revoked key %s yet: %s", record.name, exc)
+                    continue
+                with self.store.transaction(self.clock.now()) as tx:
+                    tx.mark_key_destroyed(record.fingerprint)
+                    tx.audit(SERVER_ACTOR, "key.destroy", record.fingerprint, kind=kind)
+
+    def _server_names(self) -> list[str]:
+        names = [self.config.fqdn, *self.config.server_names, "localhost", "127.0.0.1", "::1"]
+        host, _ = self.config.listen_address
+        if host not in ("0.0.0.0", "::", ""):  # noqa: S104 - compared, not bound
+            names.append(host)
+        return names
+
+    def _reconcile(self, actor: str) -> list[str]:
+        """Make the server TLS key and admin credential chain to the newest active root."""
+        done: list[str] = []
+        issuer = self.issuing_root()
+        current = [k for k in self.store.keys("server_tls", ("active",))]
+        if not any(k.issuer_fingerprint == issuer.fingerprint for k in current):
+            self._issue_server_tls(actor, issuer, current)
+            done.append("server_tls")
+        cert = self.admin_dir.current_certificate()
+        record = self.store.certificate(certs.serial_hex(cert)) if cert is not None else None
+        if (
+            record is None
+            or record.revoked_at is not None
+            or record.issuer_fingerprint != issuer.fingerprint
+        ):
+            self._issue_admin_credential(actor, issuer)
+            done.append("admin_credential")
+        self.admin_dir.write_trust(self.trusted_roots_pem())
+        return done
+
+    def _issue_server_tls(self, actor: str, issuer: KeyRecord, retiring: list[KeyRecord]) -> None:
+        backend = self.config.backend_for("server_tls")
+        algorithm = self.config.subordinate_algorithm
+        name = f"{self.config.fqdn} server TLS"
+        generated = self.backends.generate_key(backend, name, algorithm)
+        try:
+            now = self.clock.now()
+            issuer_cert = certs.load_pem(issuer.certificate_pem or "")
+            cert = certs.build_server_tls_certificate(
+                self.backends.private_key(issuer.key_uri), issuer_cert, generated.public_key,
+                self.config.fqdn, self._server_names(), now,
+                datetime.timedelta(hours=self.config.server_tls_validity_hours),
+            )  # fmt: skip
+            record = KeyRecord(
+                fingerprint=fingerprint(generated.public_key), kind="server_tls", name=name,
+                number=None, algorithm=algorithm.value, backend=backend, key_uri=generated.uri,
+                state="active", issuer_fingerprint=issuer.fingerprint,
+                certificate_pem=certs.to_pem(cert), not_before=cert.not_valid_before_utc,
+                not_after=cert.not_valid_after_utc, created_at=now,
+            )  # fmt: skip
+            with self.store.transaction(now) as tx:
+                for old in retiring:
+                    tx.set_key_state(old.fingerprint, "retired")
+                tx.insert_key(record)
+                tx.audit(
+                    actor, "server_tls.issue", record.fingerprint, issuer=issuer.fingerprint,
+                    serial=certs.serial_hex(cert), retired=[o.fingerprint for o in retiring],
+                )  # fmt: skip
+        except BaseException:
+            self._destroy_quietly(generated.uri)
+            raise
+
+    def _issue_admin_credential(self, actor: str, issuer: KeyRecord) -> None:
+        # The admin credential is meant to leave the server: it lives in a 0600 file.
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = self.clock.now()
+        cert = certs.build_client_certificate(
+            self.backends.private_key(issuer.key_uri), certs.load_pem(issuer.certificate_pem or ""),
+            key.public_key(), f"admin@{self.config.fqdn}", ADMIN_ROLE, now,
+            ADMIN_CREDENTIAL_VALIDITY,
+        )  # fmt: skip
+        record = CertificateRecord(
+            serial=certs.serial_hex(cert), fingerprint=fingerprint(key.public_key()),
+            subject=cert.subject.rfc4514_string(), role=ADMIN_ROLE,
+            issuer_fingerprint=issuer.fingerprint, not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc, certificate_pem=certs.to_pem(cert), issued_at=now,
+        )  # fmt: skip
+        with self.store.transaction(now) as tx:
+            tx.insert_certificate(record)
+            tx.audit(actor, "admin_credential.issue", record.serial, issuer=issuer.fingerprint)
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        self.admin_dir.write_credential(record.certificate_pem.encode(), key_pem)
+
+    # -- what the TLS listeners serve ----------------------------------------------------
+
+    def trusted_roots_pem(self) -> bytes:
+        return "".join(r.certificate_pem or "" for r in self.active_roots()).encode()
+
+    def tls_version(self) -> tuple[str, ...]:
+        """Changes whenever the server certificate or the set of active roots changes."""
+        server = self.current_server_tls()
+        return (server.fingerprint, *(r.fingerprint for r in self.active_roots()))
+
+    def current_server_tls(self) -> KeyRecord:
+        issuer = self.issuing_root()
+        current = self.store.keys("server_tls", ("active",))
+        for record in reversed(current):
+            if record.issuer_fingerprint == issuer.fingerprint:
+                return record
+        return current[-1]
+
+    def tls_material(self) -> TlsMaterial:
+        server = self.current_server_tls()
+        issuer = self.store.key(server.issuer_fingerprint or "")
+        chain = (server.certificate_pem or "") + (issuer.certificate_pem if issuer else "") or ""
+        return TlsMaterial(
+            version=self.tls_version(),
+            certificate_chain_pem=chain.encode(),
+            private_key_pem=self.backends.tls_private_key_pem(server.key_uri),
+            client_ca_pem=self.trusted_roots_pem(),
+        )
+
+    def public_key_of(self, record: KeyRecord) -> PublicKey:
+        return self.backends.public_key(record.key_uri)

@@ -1,0 +1,159 @@
+"""The one server interceptor: access control from `auth.ACCESS`, and errors to statuses.
+
+A raw ServerInterceptor cannot see the servicer context (and so not the TLS peer), so
+this one wraps each method handler's behaviour. Domain and backend errors become their
+gRPC status with an ErrorInfo detail (AIP-193); any other exception becomes INTERNAL
+with a generic message and an id to find the traceback in the server log.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from keyplane.plugins import errors as backend_errors
+from keyplane.server.auth import CertificateCheck, Identity, authorize
+from keyplane.server.errors import KeyplaneError
+
+log = logging.getLogger(__name__)
+DOMAIN = "keyplane.dev"
+
+current_identity: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
+    "current_identity", default=None
+)
+
+# Backend errors that reach a caller, and the status each one means to them.
+_BACKEND_STATUS: tuple[tuple[type[backend_errors.BackendError], grpc.StatusCode], ...] = (
+    (backend_errors.UnsupportedAlgorithmError, grpc.StatusCode.INVALID_ARGUMENT),
+    (backend_errors.InvalidKeyUriError, grpc.StatusCode.INVALID_ARGUMENT),
+    (backend_errors.KeyNotFoundError, grpc.StatusCode.FAILED_PRECONDITION),
+    (backend_errors.UnknownBackendError, grpc.StatusCode.FAILED_PRECONDITION),
+    (backend_errors.BackendConfigError, grpc.StatusCode.FAILED_PRECONDITION),
+    (backend_errors.BackendUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (backend_errors.BackendAuthError, grpc.StatusCode.UNAVAILABLE),
+    (backend_errors.KeyOperationError, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
+    """(status code, message, ErrorInfo reason) for an exception a handler raised."""
+    if isinstance(exc, KeyplaneError):
+        return exc.code, str(exc), exc.reason
+    if isinstance(exc, backend_errors.BackendError):
+        for cls, code in _BACKEND_STATUS:
+            if isinstance(exc, cls):
+                return code, str(exc), exc.reason
+    ref = secrets.token_hex(6)
+    log.error("internal error %s", ref, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (reference {ref} in the server log)", (
+        "INTERNAL"
+    )
+
+
+def rich_status(code: grpc.StatusCode, message: str, reason: str) -> grpc.Status:
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    proto = status_pb2.Status(
+        code=getattr(code_pb2, code.name), message=message, details=[detail]
+    )
+    return rpc_status.to_status(proto)
+
+
+def _peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> bytes | None:
+    certs = context.auth_context().get("x509_pem_cert")
+    return certs[0] if certs else None
+
+
+class KeyplaneInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Authorises every call from one table and maps errors to statuses."""
+
+    def __init__(self, still_valid: CertificateCheck) -> None:
+        self._still_valid = still_valid
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                handler.request_deserializer, handler.response_serializer,
+            )  # fmt: skip
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream),
+                handler.request_deserializer, handler.response_serializer,
+            )  # fmt: skip
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.stream_unary),
+                handler.request_deserializer, handler.response_serializer,
+            )  # fmt: skip
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(method, handler.stream_stream),
+            handler.request_deserializer, handler.response_serializer,
+        )  # fmt: skip
+
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        identity = authorize(method, _peer_certificate(context), self._still_valid)
+        current_identity.set(identity)
+
+    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+        code, message, reason = status_for(exc)
+        status = rich_status(code, message, reason)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    def _wrap_unary(self, method: str, behavior: Any) -> Any:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                await self._admit(method, context)
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # every other error becomes a status
+                await self._abort(context, exc)
+
+        return wrapped
+
+    def _wrap_stream(self, method: str, behavior: Any) -> Any:
+        if inspect.isasyncgenfunction(behavior):
+
+            async def wrapped_gen(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                try:
+                    await self._admit(method, context)
+                    async for response in behavior(request, context):
+                        yield response
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await self._abort(context, exc)
+
+            return wrapped_gen
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                await self._admit(method, context)
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await self._abort(context, exc)
+
+        return wrapped

@@ -1,0 +1,78 @@
+"""Conversions between domain records and keyplane.v1 messages."""
+
+from __future__ import annotations
+
+import datetime
+
+from cryptography.hazmat.primitives import serialization
+from google.protobuf import timestamp_pb2
+
+from keyplane.plugins.keys import KeyAlgorithm, PublicKey
+from keyplane.server.errors import InvalidArgument
+from keyplane.server.store import KeyRecord
+from keyplane.v1 import common_pb2, root_key_service_pb2
+
+_ALGORITHM_TO_PROTO = {
+    KeyAlgorithm.EC_P256: common_pb2.KEY_ALGORITHM_EC_P256,
+    KeyAlgorithm.EC_P384: common_pb2.KEY_ALGORITHM_EC_P384,
+    KeyAlgorithm.RSA_2048: common_pb2.KEY_ALGORITHM_RSA_2048,
+    KeyAlgorithm.RSA_3072: common_pb2.KEY_ALGORITHM_RSA_3072,
+    KeyAlgorithm.RSA_4096: common_pb2.KEY_ALGORITHM_RSA_4096,
+}
+_ALGORITHM_FROM_PROTO = {v: k for k, v in _ALGORITHM_TO_PROTO.items()}
+
+
+def algorithm_from_proto(value: int) -> KeyAlgorithm | None:
+    """None for UNSPECIFIED (use the default); INVALID_ARGUMENT for an unknown number."""
+    if value == common_pb2.KEY_ALGORITHM_UNSPECIFIED:
+        return None
+    if value not in _ALGORITHM_FROM_PROTO:
+        raise InvalidArgument(f"unknown key algorithm {value}; see KeyAlgorithm in common.proto")
+    return _ALGORITHM_FROM_PROTO[value]
+
+
+def algorithm_to_proto(name: str) -> common_pb2.KeyAlgorithm.ValueType:
+    return _ALGORITHM_TO_PROTO.get(KeyAlgorithm(name), common_pb2.KEY_ALGORITHM_UNSPECIFIED)
+
+
+def timestamp(value: datetime.datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def root_key(record: KeyRecord) -> root_key_service_pb2.RootKey:
+    state = (
+        root_key_service_pb2.ROOT_KEY_STATE_REVOKED
+        if record.state == "revoked"
+        else root_key_service_pb2.ROOT_KEY_STATE_ACTIVE
+    )
+    return root_key_service_pb2.RootKey(
+        name=record.name,
+        number=record.number or 0,
+        fingerprint=record.fingerprint,
+        algorithm=algorithm_to_proto(record.algorithm),
+        backend=record.backend,
+        key_uri=record.key_uri,
+        create_time=timestamp(record.created_at),
+        state=state,
+        revoke_time=timestamp(record.revoked_at),
+        revoked_by=record.revoked_by or "",
+        revoke_reason=record.revoke_reason or "",
+        certificate_pem=record.certificate_pem or "",
+    )
+
+
+def legacy_root_key(record: KeyRecord, public_key: PublicKey) -> root_key_service_pb2.LegacyRootKey:
+    pem = public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    return root_key_service_pb2.LegacyRootKey(
+        name=record.name,
+        fingerprint=record.fingerprint,
+        algorithm=algorithm_to_proto(record.algorithm),
+        public_key_pem=pem,
+        create_time=timestamp(record.created_at),
+    )

@@ -1,0 +1,84 @@
+"""RootKeyService: create, list, show and revoke root keys; read the legacy root."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from keyplane.server.domain.hierarchy import Hierarchy
+from keyplane.server.errors import FailedPrecondition, Unauthenticated
+from keyplane.server.interceptor import current_identity
+from keyplane.server.services import convert
+from keyplane.v1 import root_key_service_pb2 as pb
+from keyplane.v1 import root_key_service_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _actor() -> str:
+    identity = current_identity.get()
+    if identity is None:  # the access table admits no anonymous caller here
+        raise Unauthenticated("this call needs a client certificate")
+    return identity.actor
+
+
+class RootKeyServicer(root_key_service_pb2_grpc.RootKeyServiceServicer):
+    """Thin: each method converts, calls the hierarchy off the event loop, converts back."""
+
+    def __init__(self, hierarchy: Hierarchy) -> None:
+        self._hierarchy = hierarchy
+
+    async def CreateRootKey(
+        self, request: pb.CreateRootKeyRequest, context: Context
+    ) -> pb.CreateRootKeyResponse:
+        algorithm = convert.algorithm_from_proto(request.algorithm)
+        record = await asyncio.to_thread(self._hierarchy.create_root, _actor(), algorithm)
+        return pb.CreateRootKeyResponse(root_key=convert.root_key(record))
+
+    async def ListRootKeys(
+        self, request: pb.ListRootKeysRequest, context: Context
+    ) -> pb.ListRootKeysResponse:
+        def read() -> pb.ListRootKeysResponse:
+            legacy = self._hierarchy.legacy_root()
+            return pb.ListRootKeysResponse(
+                active=[convert.root_key(r) for r in self._hierarchy.active_roots()],
+                revoked=[convert.root_key(r) for r in self._hierarchy.revoked_roots()],
+                legacy=convert.legacy_root_key(legacy, self._hierarchy.public_key_of(legacy)),
+            )
+
+        return await asyncio.to_thread(read)
+
+    async def GetRootKey(
+        self, request: pb.GetRootKeyRequest, context: Context
+    ) -> pb.GetRootKeyResponse:
+        record = await asyncio.to_thread(self._hierarchy.root, request.fingerprint)
+        if record.kind == "legacy_root":
+            raise FailedPrecondition(
+                "that is the legacy root, which has no certificate; use GetLegacyRootKey"
+            )
+        return pb.GetRootKeyResponse(root_key=convert.root_key(record))
+
+    async def RevokeRootKey(
+        self, request: pb.RevokeRootKeyRequest, context: Context
+    ) -> pb.RevokeRootKeyResponse:
+        record = await asyncio.to_thread(
+            self._hierarchy.revoke_root,
+            _actor(),
+            request.fingerprint,
+            request.reason,
+            request.confirm,
+        )
+        return pb.RevokeRootKeyResponse(root_key=convert.root_key(record))
+
+    async def GetLegacyRootKey(
+        self, request: pb.GetLegacyRootKeyRequest, context: Context
+    ) -> pb.GetLegacyRootKeyResponse:
+        def read() -> pb.GetLegacyRootKeyResponse:
+            legacy = self._hierarchy.legacy_root()
+            return pb.GetLegacyRootKeyResponse(
+                legacy=convert.legacy_root_key(legacy, self._hierarchy.public_key_of(legacy))
+            )
+
+        return await asyncio.to_thread(read)

@@ -1,0 +1,358 @@
+"""The state DB (`keyplane.db`): the one module that speaks SQL.
+
+SQLite in WAL mode with synchronous=FULL and foreign keys on. It holds the key
+inventory and states, certificates issued, revocations, and the audit log; never a
+private key. Every change and its audit record commit in one transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keys (
+    fingerprint TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('root', 'legacy_root', 'server_tls',
+        'intermediate_tls', 'message_signing')),
+    name TEXT NOT NULL,
+    number INTEGER,
+    algorithm TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    key_uri TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('prepared', 'active', 'retired', 'revoked')),
+    issuer_fingerprint TEXT REFERENCES keys (fingerprint),
+    certificate_pem TEXT,
+    not_before TEXT,
+    not_after TEXT,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT,
+    revoked_by TEXT,
+    revoke_reason TEXT,
+    destroyed_at TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS keys_root_number ON keys (number) WHERE kind = 'root';
+CREATE INDEX IF NOT EXISTS keys_kind_state ON keys (kind, state);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    role TEXT NOT NULL,
+    issuer_fingerprint TEXT NOT NULL REFERENCES keys (fingerprint),
+    not_before TEXT NOT NULL,
+    not_after TEXT NOT NULL,
+    certificate_pem TEXT NOT NULL,
+    issued_at TEXT NOT NULL,
+    revoked_at TEXT,
+    revoke_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS certificates_issuer ON certificates (issuer_fingerprint);
+CREATE TABLE IF NOT EXISTS revocations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    target_kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    revoked_at TEXT NOT NULL,
+    revoked_by TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    details TEXT NOT NULL
+);
+"""
+
+
+def _ts(value: datetime.datetime | None) -> str | None:
+    return value.astimezone(datetime.UTC).isoformat() if value is not None else None
+
+
+def _dt(value: str | None) -> datetime.datetime | None:
+    return datetime.datetime.fromisoformat(value) if value is not None else None
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """One key of the hierarchy as the state DB knows it."""
+
+    fingerprint: str
+    kind: str
+    name: str
+    number: int | None
+    algorithm: str
+    backend: str
+    key_uri: str
+    state: str
+    issuer_fingerprint: str | None
+    certificate_pem: str | None
+    not_before: datetime.datetime | None
+    not_after: datetime.datetime | None
+    created_at: datetime.datetime
+    revoked_at: datetime.datetime | None = None
+    revoked_by: str | None = None
+    revoke_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    """A leaf certificate keyplane issued (admin credentials, later client certificates)."""
+
+    serial: str
+    fingerprint: str
+    subject: str
+    role: str
+    issuer_fingerprint: str
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    certificate_pem: str
+    issued_at: datetime.datetime
+    revoked_at: datetime.datetime | None = None
+    revoke_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One line of the audit log."""
+
+    id: int
+    at: datetime.datetime
+    actor: str
+    action: str
+    target: str
+    details: dict[str, object]
+
+
+_KEY_COLUMNS = (
+    "fingerprint, kind, name, number, algorithm, backend, key_uri, state, issuer_fingerprint, "
+    "certificate_pem, not_before, not_after, created_at, revoked_at, revoked_by, revoke_reason"
+)
+_CERT_COLUMNS = (
+    "serial, fingerprint, subject, role, issuer_fingerprint, not_before, not_after, "
+    "certificate_pem, issued_at, revoked_at, revoke_reason"
+)
+
+
+def _key(row: tuple[object, ...]) -> KeyRecord:
+    (fp, kind, name, number, alg, backend, uri, state, issuer, pem, nb, na, created, rat, rby,
+     reason) = row  # fmt: skip
+    return KeyRecord(
+        str(fp), str(kind), str(name), number if number is None else int(str(number)), str(alg),
+        str(backend), str(uri), str(state), issuer if issuer is None else str(issuer),
+        pem if pem is None else str(pem), _dt(nb), _dt(na),  # type: ignore[arg-type]
+        _dt(str(created)), _dt(rat), rby if rby is None else str(rby),  # type: ignore[arg-type]
+        reason if reason is None else str(reason),
+    )  # type: ignore[arg-type]
+
+
+def _cert(row: tuple[object, ...]) -> CertificateRecord:
+    serial, fp, subject, role, issuer, nb, na, pem, issued, rat, reason = row
+    return CertificateRecord(
+        str(serial), str(fp), str(subject), str(role), str(issuer),
+        _dt(str(nb)), _dt(str(na)), str(pem), _dt(str(issued)),  # type: ignore[arg-type]
+        _dt(rat), reason if reason is None else str(reason),  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+class Transaction:
+    """Writes inside one BEGIN IMMEDIATE ... COMMIT; every change audits itself here."""
+
+    def __init__(self, db: sqlite3.Connection, now: datetime.datetime) -> None:
+        self._db = db
+        self.now = now
+
+    def audit(self, actor: str, action: str, target: str, **details: object) -> None:
+        self._db.execute(
+            "INSERT INTO audit (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?)",
+            (_ts(self.now), actor, action, target, json.dumps(details, sort_keys=True)),
+        )
+
+    def next_root_number(self) -> int:
+        row = self._db.execute(
+            "SELECT value FROM meta WHERE name = 'highest_root_number'"
+        ).fetchone()
+        return int(row[0]) + 1 if row else 0
+
+    def insert_key(self, record: KeyRecord) -> None:
+        self._db.execute(
+            f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({', '.join('?' * 16)})",  # noqa: S608
+            (
+                record.fingerprint, record.kind, record.name, record.number, record.algorithm,
+                record.backend, record.key_uri, record.state, record.issuer_fingerprint,
+                record.certificate_pem, _ts(record.not_before), _ts(record.not_after),
+                _ts(record.created_at), _ts(record.revoked_at), record.revoked_by,
+                record.revoke_reason,
+            ),  # fmt: skip
+        )
+        if record.kind == "root" and record.number is not None:
+            self._db.execute(
+                "INSERT INTO meta (name, value) VALUES ('highest_root_number', ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = max(CAST(value AS INTEGER), "
+                "excluded.value)",
+                (str(record.number),),
+            )
+
+    def mark_key_destroyed(self, fingerprint: str) -> None:
+        self._db.execute(
+            "UPDATE keys SET destroyed_at = ? WHERE fingerprint = ?", (_ts(self.now), fingerprint)
+        )
+
+    def set_key_state(self, fingerprint: str, state: str) -> None:
+        self._db.execute("UPDATE keys SET state = ? WHERE fingerprint = ?", (state, fingerprint))
+
+    def revoke_key(self, fingerprint: str, kind: str, by: str, reason: str) -> None:
+        self._db.execute(
+            "UPDATE keys SET state = 'revoked', revoked_at = ?, revoked_by = ?, "
+            "revoke_reason = ? WHERE fingerprint = ?",
+            (_ts(self.now), by, reason, fingerprint),
+        )
+        self._db.execute(
+            "INSERT INTO revocations (target_kind, target, revoked_at, revoked_by, reason) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (kind, fingerprint, _ts(self.now), by, reason),
+        )
+
+    def insert_certificate(self, record: CertificateRecord) -> None:
+        self._db.execute(
+            f"INSERT INTO certificates ({_CERT_COLUMNS}) VALUES ({', '.join('?' * 11)})",  # noqa: S608
+            (
+                record.serial, record.fingerprint, record.subject, record.role,
+                record.issuer_fingerprint, _ts(record.not_before), _ts(record.not_after),
+                record.certificate_pem, _ts(record.issued_at), _ts(record.revoked_at),
+                record.revoke_reason,
+            ),  # fmt: skip
+        )
+
+    def revoke_certificates_issued_by(self, issuer_fingerprint: str, by: str, reason: str) -> int:
+        serials = [
+            r[0]
+            for r in self._db.execute(
+                "SELECT serial FROM certificates WHERE issuer_fingerprint = ? "
+                "AND revoked_at IS NULL",
+                (issuer_fingerprint,),
+            )
+        ]
+        for serial in serials:
+            self._db.execute(
+                "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
+                (_ts(self.now), reason, serial),
+            )
+            self._db.execute(
+                "INSERT INTO revocations (target_kind, target, revoked_at, revoked_by, reason) "
+                "VALUES ('certificate', ?, ?, ?, ?)",
+                (serial, _ts(self.now), by, reason),
+            )
+        return len(serials)
+
+
+class StateStore:
+    """The repository over keyplane.db. One connection, serialised by a lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        with self._lock:
+            # One transaction: a crash mid-way leaves no half-made schema.
+            self._db.executescript(
+                "BEGIN IMMEDIATE;" + _SCHEMA + "INSERT OR IGNORE INTO meta (name, value) "
+                f"VALUES ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self, now: datetime.datetime) -> Iterator[Transaction]:
+        """A write transaction; it commits only if the block (audit included) succeeds."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield Transaction(self._db, now)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- reads --------------------------------------------------------------------------
+
+    def _keys(self, where: str, args: tuple[object, ...]) -> list[KeyRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_KEY_COLUMNS} FROM keys WHERE {where} "  # noqa: S608
+                "ORDER BY created_at, number",
+                args,
+            ).fetchall()
+        return [_key(r) for r in rows]
+
+    def key(self, fingerprint: str) -> KeyRecord | None:
+        found = self._keys("fingerprint = ?", (fingerprint,))
+        return found[0] if found else None
+
+    def key_destroyed(self, fingerprint: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT destroyed_at FROM keys WHERE fingerprint = ?", (fingerprint,)
+            ).fetchone()
+        return bool(row and row[0])
+
+    def keys(self, kind: str, states: tuple[str, ...] | None = None) -> list[KeyRecord]:
+        if states is None:
+            return self._keys("kind = ?", (kind,))
+        marks = ", ".join("?" * len(states))
+        return self._keys(f"kind = ? AND state IN ({marks})", (kind, *states))
+
+    def certificate(self, serial: str) -> CertificateRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = ?",  # noqa: S608
+                (serial,),
+            ).fetchone()
+        return _cert(row) if row else None
+
+    def certificates(self, role: str | None = None) -> list[CertificateRecord]:
+        where, args = ("WHERE role = ?", (role,)) if role else ("", ())
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_CERT_COLUMNS} FROM certificates {where} ORDER BY issued_at",  # noqa: S608
+                args,
+            ).fetchall()
+        return [_cert(r) for r in rows]
+
+    def audit_log(self, limit: int = 1000) -> list[AuditRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, at, actor, action, target, details FROM audit "
+                "ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [
+            AuditRecord(int(i), datetime.datetime.fromisoformat(at), actor, action, target,
+                        json.loads(details))
+            for i, at, actor, action, target, details in reversed(rows)
+        ]  # fmt: skip
+
+    def revocation_sequence(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT max(seq) FROM revocations").fetchone()
+        return int(row[0] or 0)
