@@ -47,4 +47,5 @@ class BuildPyWithApi(build_py):
 
 
 generate_api()
-setup(cmdclass={"build_py": BuildPyWithApi})
+if __name__ != "keyplane_generate_only":  # `make proto` runs this file only to generate
+    setup(cmdclass={"build_py": BuildPyWithApi})

@@ -1,0 +1,48 @@
+# keyplane — the targets a newcomer can guess.
+#   make run    set up .venv, install, generate the API, start a server on 127.0.0.1:7443
+#   make test   the same set-up plus SoftHSM, then the whole suite
+#   make lint   ruff + mypy
+#   make proto  regenerate keyplane.v1 from proto/
+#   make clean  remove the venv, generated code and local data
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.keyplane-installed
+DATA_DIR ?= var
+LISTEN ?= 127.0.0.1:7443
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint proto system-test-deps clean
+
+$(BIN)/python:
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	    scripts/system-packages.sh /usr/lib/python3/dist-packages/ensurepip=python3-venv && \
+	    rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard proto/keyplane/v1/*.proto)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/keyplane serve --data-dir $(DATA_DIR) --listen $(LISTEN)
+
+system-test-deps:
+	@scripts/system-packages.sh softhsm2-util=softhsm2 pkcs11-tool=opensc openssl=openssl
+
+test: install system-test-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy server plugins clients
+
+proto: $(BIN)/python
+	$(BIN)/python -c 'import runpy; runpy.run_path("setup.py", run_name="keyplane_generate_only")'
+
+clean:
+	rm -rf $(VENV) gen build *.egg-info .pytest_cache .mypy_cache .ruff_cache
