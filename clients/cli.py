@@ -79,11 +79,15 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def _root_rows(roots: Sequence[root_key_service_pb2.RootKey]) -> list[list[str]]:
     return [
         [
-            r["name"], r["state"], r["fingerprint"], r["algorithm"], r["backend"],
+            r["name"],
+            r["state"],
+            r["fingerprint"],
+            r["algorithm"],
+            r["backend"],
             (r["revoked"] or r["created"] or "")[:19],
         ]
         for r in map(root_json, roots)
-    ]  # fmt: skip
+    ]
 
 
 def _print_json(value: object) -> None:
@@ -92,8 +96,18 @@ def _print_json(value: object) -> None:
 
 def _print_root(root: root_key_service_pb2.RootKey) -> None:
     data = root_json(root)
-    for key in ("name", "state", "fingerprint", "algorithm", "backend", "key_uri", "created",
-                "revoked", "revoked_by", "revoke_reason"):  # fmt: skip
+    for key in (
+        "name",
+        "state",
+        "fingerprint",
+        "algorithm",
+        "backend",
+        "key_uri",
+        "created",
+        "revoked",
+        "revoked_by",
+        "revoke_reason",
+    ):
         if data[key] is not None:
             print(f"{key + ':':15}{data[key]}")
     print(data["certificate_pem"], end="")
@@ -113,8 +127,16 @@ def cmd_roots_list(client: KeyplaneClient, args: argparse.Namespace) -> int:
     header = ["NAME", "STATE", "FINGERPRINT", "ALGORITHM", "BACKEND", "SINCE"]
     rows = _root_rows(list(listing.active) + list(listing.revoked))
     legacy = legacy_json(listing.legacy)
-    rows.append([legacy["name"], "legacy", legacy["fingerprint"], legacy["algorithm"],
-                 "software", (legacy["created"] or "")[:19]])  # fmt: skip
+    rows.append(
+        [
+            legacy["name"],
+            "legacy",
+            legacy["fingerprint"],
+            legacy["algorithm"],
+            "software",
+            (legacy["created"] or "")[:19],
+        ]
+    )
     print(_table(rows, header))
     return 0
 
@@ -185,9 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     common = _connection_options()
 
     roots = commands.add_parser(
-        "roots", help="manage root keys", description=ROOTS_HELP,
+        "roots",
+        help="manage root keys",
+        description=ROOTS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     verbs = roots.add_subparsers(dest="verb", metavar="VERB", required=True)
     p = verbs.add_parser("list", parents=[common], help="list active, revoked and legacy roots")
     p.set_defaults(call=cmd_roots_list)
@@ -200,9 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("fingerprint", help="64 hex digits, optionally prefixed sha256:")
     p.set_defaults(call=cmd_roots_show)
     p = verbs.add_parser(
-        "revoke", parents=[common],
+        "revoke",
+        parents=[common],
         help="revoke a root for good (destroys its private key and revokes what it issued)",
-    )  # fmt: skip
+    )
     p.add_argument("fingerprint", help="64 hex digits, optionally prefixed sha256:")
     p.add_argument("--reason", required=True, help="why; kept in the audit log")
     p.add_argument("--yes", action="store_true", help="confirm: revocation is permanent")

@@ -64,7 +64,7 @@ class KeyplaneClient:
     def __init__(self, channel: grpc.Channel, timeout: float = DEFAULT_TIMEOUT) -> None:
         self._channel = channel
         self._timeout = timeout
-        self._roots = root_key_service_pb2_grpc.RootKeyServiceStub(channel)
+        self._roots = root_key_service_pb2_grpc.RootKeyServiceStub(channel)  # type: ignore[no-untyped-call]
 
     @classmethod
     def connect(cls, address: str, credential: Credential) -> KeyplaneClient:
@@ -98,7 +98,7 @@ class KeyplaneClient:
 
     def create_root_key(self, algorithm: str | None = None) -> root_key_service_pb2.RootKey:
         request = root_key_service_pb2.CreateRootKeyRequest(
-            algorithm=ALGORITHMS[algorithm] if algorithm else 0
+            algorithm=ALGORITHMS[algorithm] if algorithm else common_pb2.KEY_ALGORITHM_UNSPECIFIED
         )
         response: root_key_service_pb2.CreateRootKeyResponse = self._call(
             self._roots.CreateRootKey, request

@@ -28,7 +28,7 @@ def keyplane_backend_names() -> list[str]:  # type: ignore[empty-body]
 
 
 @hookspec(firstresult=True)
-def keyplane_open_backend(  # type: ignore[empty-body]
+def keyplane_open_backend(
     name: str, options: Mapping[str, object], data_dir: Path
 ) -> KeyBackend | None:
     """Open the backend called `name` with its configuration `options`.

@@ -12,7 +12,7 @@ import enum
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.padding import AsymmetricPadding
 
 from keyplane.plugins.errors import KeyOperationError, UnsupportedAlgorithmError
 
+if TYPE_CHECKING:  # what cryptography's signature methods accept
+    Buffer = bytes | bytearray | memoryview[int]
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 BackendPrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -60,7 +62,7 @@ class KeyAlgorithm(enum.StrEnum):
         raise UnsupportedAlgorithmError(f"{self.value} is not an elliptic-curve algorithm")
 
     @property
-    def signature_hash(self) -> hashes.HashAlgorithm:
+    def signature_hash(self) -> hashes.SHA256 | hashes.SHA384:
         """The hash keyplane signs certificates with for this key algorithm."""
         return hashes.SHA384() if self is KeyAlgorithm.EC_P384 else hashes.SHA256()
 
@@ -100,9 +102,9 @@ class GeneratedKey:
 DigestSigner = Callable[[bytes, hashes.HashAlgorithm, AsymmetricPadding | None], bytes]
 
 
-def _digest(data: bytes, algorithm: hashes.HashAlgorithm | utils.Prehashed) -> tuple[
-    bytes, hashes.HashAlgorithm
-]:
+def _digest(
+    data: bytes, algorithm: hashes.HashAlgorithm | utils.Prehashed
+) -> tuple[bytes, hashes.HashAlgorithm]:
     if isinstance(algorithm, utils.Prehashed):
         return data, algorithm._algorithm
     h = hashes.Hash(algorithm)
@@ -122,12 +124,10 @@ class BackendECKey(ec.EllipticCurvePrivateKey):
         self._signer = signer
         self.uri = uri
 
-    def sign(
-        self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm
-    ) -> bytes:
+    def sign(self, data: Buffer, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
         if not isinstance(signature_algorithm, ec.ECDSA):
             raise UnsupportedAlgorithmError("EC keys sign with ECDSA only")
-        digest, hash_algorithm = _digest(data, signature_algorithm.algorithm)
+        digest, hash_algorithm = _digest(bytes(data), signature_algorithm.algorithm)
         return self._signer(digest, hash_algorithm, None)
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
@@ -175,13 +175,15 @@ class BackendRSAKey(rsa.RSAPrivateKey):
 
     def sign(
         self,
-        data: bytes,
+        data: Buffer,
         padding: AsymmetricPadding,
-        algorithm: hashes.HashAlgorithm | utils.Prehashed,
+        algorithm: hashes.HashAlgorithm | utils.Prehashed | utils.NoDigestInfo,
     ) -> bytes:
         if not isinstance(padding, _RSA_PADDINGS):
             raise UnsupportedAlgorithmError("RSA keys sign with PKCS#1 v1.5 or PSS padding only")
-        digest, hash_algorithm = _digest(data, algorithm)
+        if isinstance(algorithm, utils.NoDigestInfo):
+            raise UnsupportedAlgorithmError("RSA keys sign a digest with its DigestInfo only")
+        digest, hash_algorithm = _digest(bytes(data), algorithm)
         return self._signer(digest, hash_algorithm, padding)
 
     def public_key(self) -> rsa.RSAPublicKey:

@@ -34,8 +34,8 @@ def plugin_manager(extra: tuple[object, ...] = ()) -> pluggy.PluginManager:
     """A plugin manager with the built-ins, the entry-point plugins and `extra`."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    for plugin in BUILTIN_PLUGINS:
-        pm.register(plugin, name=f"keyplane.builtin.{plugin.__name__.rsplit('.', 1)[-1]}")
+    for builtin in BUILTIN_PLUGINS:
+        pm.register(builtin, name=f"keyplane.builtin.{builtin.__name__.rsplit('.', 1)[-1]}")
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     for plugin in extra:
         pm.register(plugin)

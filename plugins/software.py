@@ -380,6 +380,8 @@ def keyplane_open_backend(
         return None
     unknown = set(options) - {"path", "password_env", "password_file"}
     if unknown:
-        raise BackendConfigError(f"software backend: unknown option(s) {', '.join(sorted(unknown))}")
+        raise BackendConfigError(
+            f"software backend: unknown option(s) {', '.join(sorted(unknown))}"
+        )
     path = Path(str(options.get("path") or data_dir / "pki.db"))
     return SoftwareBackend(path, _read_password(options))

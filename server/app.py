@@ -31,9 +31,7 @@ from keyplane.v1 import root_key_service_pb2, root_key_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (
-    root_key_service_pb2.DESCRIPTOR.services_by_name["RootKeyService"].full_name,
-)
+SERVICE_NAMES = (root_key_service_pb2.DESCRIPTOR.services_by_name["RootKeyService"].full_name,)
 
 
 @dataclass(frozen=True)
@@ -116,7 +114,7 @@ class KeyplaneServer:
             await asyncio.to_thread(self.open)
         assert self.hierarchy is not None  # noqa: S101
         server = grpc.aio.server(interceptors=[KeyplaneInterceptor(self._still_valid)])
-        root_key_service_pb2_grpc.add_RootKeyServiceServicer_to_server(
+        root_key_service_pb2_grpc.add_RootKeyServiceServicer_to_server(  # type: ignore[no-untyped-call]
             RootKeyServicer(self.hierarchy), server
         )
         health_servicer = health.aio.HealthServicer()
@@ -134,7 +132,9 @@ class KeyplaneServer:
         self._server = server
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.endpoints = Endpoints(format_address(host, bound), format_address(boot_host, boot_bound))
+        self.endpoints = Endpoints(
+            format_address(host, bound), format_address(boot_host, boot_bound)
+        )
         connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
         self.hierarchy.admin_dir.write_endpoint(
             format_address(connect_host, bound),

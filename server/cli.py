@@ -11,7 +11,8 @@ from pathlib import Path
 
 from keyplane.plugins.errors import BackendError
 from keyplane.server.app import KeyplaneServer
-from keyplane.server.config import ConfigError, load_config
+from keyplane.server.config import load_config
+from keyplane.server.errors import ConfigError
 
 log = logging.getLogger("keyplane.server")
 

@@ -113,9 +113,17 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path.name} is not valid TOML: {exc}") from None
     top = {
-        "fqdn", "data_dir", "listen", "bootstrap_listen", "server_names", "root_algorithm",
-        "subordinate_algorithm", "key_backends", "backends", "server_tls_validity_hours",
-    }  # fmt: skip
+        "fqdn",
+        "data_dir",
+        "listen",
+        "bootstrap_listen",
+        "server_names",
+        "root_algorithm",
+        "subordinate_algorithm",
+        "key_backends",
+        "backends",
+        "server_tls_validity_hours",
+    }
     _known(raw, top, "the config file")
     config = ServerConfig()
     values: dict[str, Any] = {}

@@ -54,8 +54,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
                 return code, str(exc), exc.reason
     ref = secrets.token_hex(6)
     log.error("internal error %s", ref, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error (reference {ref} in the server log)", (
-        "INTERNAL"
+    return (
+        grpc.StatusCode.INTERNAL,
+        f"internal error (reference {ref} in the server log)",
+        ("INTERNAL"),
     )
 
 
@@ -63,18 +65,16 @@ def rich_status(code: grpc.StatusCode, message: str, reason: str) -> grpc.Status
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)
     detail = any_pb2.Any()
     detail.Pack(info)
-    proto = status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=message, details=[detail]
-    )
+    proto = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
     return rpc_status.to_status(proto)
 
 
 def _peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> bytes | None:
-    certs = context.auth_context().get("x509_pem_cert")
-    return certs[0] if certs else None
+    certs = list(context.auth_context().get("x509_pem_cert") or ())
+    return bytes(certs[0]) if certs else None
 
 
-class KeyplaneInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
     """Authorises every call from one table and maps errors to statuses."""
 
     def __init__(self, still_valid: CertificateCheck) -> None:
@@ -92,22 +92,26 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),
-                handler.request_deserializer, handler.response_serializer,
-            )  # fmt: skip
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(method, handler.unary_stream),
-                handler.request_deserializer, handler.response_serializer,
-            )  # fmt: skip
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.stream_unary),
-                handler.request_deserializer, handler.response_serializer,
-            )  # fmt: skip
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
         return grpc.stream_stream_rpc_method_handler(
             self._wrap_stream(method, handler.stream_stream),
-            handler.request_deserializer, handler.response_serializer,
-        )  # fmt: skip
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
 
     async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         identity = authorize(method, _peer_certificate(context), self._still_valid)

@@ -82,8 +82,16 @@ def _ts(value: datetime.datetime | None) -> str | None:
     return value.astimezone(datetime.UTC).isoformat() if value is not None else None
 
 
-def _dt(value: str | None) -> datetime.datetime | None:
-    return datetime.datetime.fromisoformat(value) if value is not None else None
+def _opt_dt(value: object) -> datetime.datetime | None:
+    return datetime.datetime.fromisoformat(str(value)) if value is not None else None
+
+
+def _dt(value: object) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(str(value))
+
+
+def _opt_str(value: object) -> str | None:
+    return str(value) if value is not None else None
 
 
 @dataclass(frozen=True)
@@ -148,24 +156,40 @@ _CERT_COLUMNS = (
 
 
 def _key(row: tuple[object, ...]) -> KeyRecord:
-    (fp, kind, name, number, alg, backend, uri, state, issuer, pem, nb, na, created, rat, rby,
-     reason) = row  # fmt: skip
     return KeyRecord(
-        str(fp), str(kind), str(name), number if number is None else int(str(number)), str(alg),
-        str(backend), str(uri), str(state), issuer if issuer is None else str(issuer),
-        pem if pem is None else str(pem), _dt(nb), _dt(na),  # type: ignore[arg-type]
-        _dt(str(created)), _dt(rat), rby if rby is None else str(rby),  # type: ignore[arg-type]
-        reason if reason is None else str(reason),
-    )  # type: ignore[arg-type]
+        fingerprint=str(row[0]),
+        kind=str(row[1]),
+        name=str(row[2]),
+        number=int(str(row[3])) if row[3] is not None else None,
+        algorithm=str(row[4]),
+        backend=str(row[5]),
+        key_uri=str(row[6]),
+        state=str(row[7]),
+        issuer_fingerprint=_opt_str(row[8]),
+        certificate_pem=_opt_str(row[9]),
+        not_before=_opt_dt(row[10]),
+        not_after=_opt_dt(row[11]),
+        created_at=_dt(row[12]),
+        revoked_at=_opt_dt(row[13]),
+        revoked_by=_opt_str(row[14]),
+        revoke_reason=_opt_str(row[15]),
+    )
 
 
 def _cert(row: tuple[object, ...]) -> CertificateRecord:
-    serial, fp, subject, role, issuer, nb, na, pem, issued, rat, reason = row
     return CertificateRecord(
-        str(serial), str(fp), str(subject), str(role), str(issuer),
-        _dt(str(nb)), _dt(str(na)), str(pem), _dt(str(issued)),  # type: ignore[arg-type]
-        _dt(rat), reason if reason is None else str(reason),  # type: ignore[arg-type]
-    )  # fmt: skip
+        serial=str(row[0]),
+        fingerprint=str(row[1]),
+        subject=str(row[2]),
+        role=str(row[3]),
+        issuer_fingerprint=str(row[4]),
+        not_before=_dt(row[5]),
+        not_after=_dt(row[6]),
+        certificate_pem=str(row[7]),
+        issued_at=_dt(row[8]),
+        revoked_at=_opt_dt(row[9]),
+        revoke_reason=_opt_str(row[10]),
+    )
 
 
 class Transaction:
@@ -191,12 +215,23 @@ class Transaction:
         self._db.execute(
             f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({', '.join('?' * 16)})",  # noqa: S608
             (
-                record.fingerprint, record.kind, record.name, record.number, record.algorithm,
-                record.backend, record.key_uri, record.state, record.issuer_fingerprint,
-                record.certificate_pem, _ts(record.not_before), _ts(record.not_after),
-                _ts(record.created_at), _ts(record.revoked_at), record.revoked_by,
+                record.fingerprint,
+                record.kind,
+                record.name,
+                record.number,
+                record.algorithm,
+                record.backend,
+                record.key_uri,
+                record.state,
+                record.issuer_fingerprint,
+                record.certificate_pem,
+                _ts(record.not_before),
+                _ts(record.not_after),
+                _ts(record.created_at),
+                _ts(record.revoked_at),
+                record.revoked_by,
                 record.revoke_reason,
-            ),  # fmt: skip
+            ),
         )
         if record.kind == "root" and record.number is not None:
             self._db.execute(
@@ -230,11 +265,18 @@ class Transaction:
         self._db.execute(
             f"INSERT INTO certificates ({_CERT_COLUMNS}) VALUES ({', '.join('?' * 11)})",  # noqa: S608
             (
-                record.serial, record.fingerprint, record.subject, record.role,
-                record.issuer_fingerprint, _ts(record.not_before), _ts(record.not_after),
-                record.certificate_pem, _ts(record.issued_at), _ts(record.revoked_at),
+                record.serial,
+                record.fingerprint,
+                record.subject,
+                record.role,
+                record.issuer_fingerprint,
+                _ts(record.not_before),
+                _ts(record.not_after),
+                record.certificate_pem,
+                _ts(record.issued_at),
+                _ts(record.revoked_at),
                 record.revoke_reason,
-            ),  # fmt: skip
+            ),
         )
 
     def revoke_certificates_issued_by(self, issuer_fingerprint: str, by: str, reason: str) -> int:
@@ -274,8 +316,10 @@ class StateStore:
         with self._lock:
             # One transaction: a crash mid-way leaves no half-made schema.
             self._db.executescript(
-                "BEGIN IMMEDIATE;" + _SCHEMA + "INSERT OR IGNORE INTO meta (name, value) "
-                f"VALUES ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
+                "BEGIN IMMEDIATE;"
+                + _SCHEMA
+                + "INSERT OR IGNORE INTO meta (name, value) "
+                + f"VALUES ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
             )
 
     def close(self) -> None:
@@ -342,15 +386,20 @@ class StateStore:
     def audit_log(self, limit: int = 1000) -> list[AuditRecord]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, at, actor, action, target, details FROM audit "
-                "ORDER BY id DESC LIMIT ?",
+                "SELECT id, at, actor, action, target, details FROM audit ORDER BY id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
         return [
-            AuditRecord(int(i), datetime.datetime.fromisoformat(at), actor, action, target,
-                        json.loads(details))
+            AuditRecord(
+                int(i),
+                datetime.datetime.fromisoformat(at),
+                actor,
+                action,
+                target,
+                json.loads(details),
+            )
             for i, at, actor, action, target, details in reversed(rows)
-        ]  # fmt: skip
+        ]
 
     def revocation_sequence(self) -> int:
         with self._lock:

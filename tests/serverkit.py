@@ -98,10 +98,21 @@ class ServerProcess:
         self.log = data_dir.parent / f"{data_dir.name}-serve.log"
         self._log_file = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [KEYPLANE, "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
-             "--fqdn", FQDN, *extra],
-            stdout=self._log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-        )  # fmt: skip
+            [
+                KEYPLANE,
+                "serve",
+                "--data-dir",
+                str(data_dir),
+                "--listen",
+                "127.0.0.1:0",
+                "--fqdn",
+                FQDN,
+                *extra,
+            ],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
         deadline = time.monotonic() + 60
         while not endpoint.exists():
             if self.proc.poll() is not None:
@@ -125,8 +136,9 @@ class ServerProcess:
             self._log_file.close()
 
 
-def run_cli(*args: str, data_dir: Path, env: dict[str, str] | None = None,
-            check: bool = False) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def run_cli(
+    *args: str, data_dir: Path, env: dict[str, str] | None = None, check: bool = False
+) -> subprocess.CompletedProcess[str]:
     """Run the `keyplane` CLI against the server whose data dir is `data_dir`."""
     full_env = {**os.environ, "KEYPLANE_DATA_DIR": str(data_dir), **(env or {})}
     full_env.pop("KEYPLANE_SERVER", None)

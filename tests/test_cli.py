@@ -52,8 +52,17 @@ def test_roots_rotation_through_the_cli(served: ServerProcess) -> None:
     assert [r["name"] for r in listing["active"]] == [f"{FQDN} Root 0"]
     assert listing["legacy"]["name"] == "legacy-root"
     old = listing["active"][0]
-    assert set(old) >= {"name", "number", "fingerprint", "algorithm", "backend", "key_uri",
-                        "state", "created", "certificate_pem"}  # fmt: skip
+    assert set(old) >= {
+        "name",
+        "number",
+        "fingerprint",
+        "algorithm",
+        "backend",
+        "key_uri",
+        "state",
+        "created",
+        "certificate_pem",
+    }
 
     created = cli_json(data, "roots", "create")
     assert isinstance(created, dict) and created["name"] == f"{FQDN} Root 1"
@@ -62,7 +71,9 @@ def test_roots_rotation_through_the_cli(served: ServerProcess) -> None:
     assert refused.returncode != 0
     assert refused.stderr.startswith("keyplane: FAILED_PRECONDITION: ")
 
-    unconfirmed = run_cli("roots", "revoke", old["fingerprint"], "--reason", "rotate", data_dir=data)
+    unconfirmed = run_cli(
+        "roots", "revoke", old["fingerprint"], "--reason", "rotate", data_dir=data
+    )
     assert unconfirmed.returncode != 0 and "--yes" in unconfirmed.stderr
 
     revoked = cli_json(data, "roots", "revoke", old["fingerprint"], "--reason", "rotate", "--yes")
@@ -102,9 +113,15 @@ def test_cli_without_a_credential_says_how_to_get_one(tmp_path: Path) -> None:
 
 def test_explicit_server_and_credentials_flags(served: ServerProcess, tmp_path: Path) -> None:
     result = run_cli(
-        "roots", "list", "--json", "--server", served.listen,
-        "--credentials", str(served.data_dir / "admin"), data_dir=tmp_path / "elsewhere",
-    )  # fmt: skip
+        "roots",
+        "list",
+        "--json",
+        "--server",
+        served.listen,
+        "--credentials",
+        str(served.data_dir / "admin"),
+        data_dir=tmp_path / "elsewhere",
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["active"]
 
@@ -114,9 +131,13 @@ def test_help_explains_the_commands() -> None:
 
     top = subprocess.run([KEYPLANE, "--help"], capture_output=True, text=True, check=True)
     assert "roots" in top.stdout and "serve" in top.stdout
-    roots = subprocess.run([KEYPLANE, "roots", "--help"], capture_output=True, text=True, check=True)
+    roots = subprocess.run(
+        [KEYPLANE, "roots", "--help"], capture_output=True, text=True, check=True
+    )
     assert "At most two roots are active" in roots.stdout
-    serve = subprocess.run([KEYPLANE, "serve", "--help"], capture_output=True, text=True, check=True)
+    serve = subprocess.run(
+        [KEYPLANE, "serve", "--help"], capture_output=True, text=True, check=True
+    )
     assert "--bootstrap-listen" in serve.stdout and "admin credential" in serve.stdout
 
 
@@ -127,15 +148,21 @@ def test_serve_refuses_a_bad_config_with_a_clear_message(tmp_path: Path) -> None
     config.write_text('listen = "nowhere"\n')
     result = subprocess.run(
         [KEYPLANE, "serve", "--config", str(config), "--data-dir", str(tmp_path / "d")],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 2
     assert "listen must be HOST:PORT" in result.stderr
     config.write_text('[key_backends]\nroot = "pkcs11"\n')
     result = subprocess.run(
         [KEYPLANE, "serve", "--config", str(config), "--data-dir", str(tmp_path / "d")],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 2
     assert "no [backends.pkcs11] table" in result.stderr
     assert not (tmp_path / "d" / "keyplane.db").exists()

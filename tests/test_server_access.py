@@ -45,24 +45,36 @@ def issue_client(server: RunningServer, role: str, record: bool = True) -> tuple
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     cert = certs.build_client_certificate(
-        hierarchy.backends.private_key(issuer.key_uri), certs.load_pem(issuer.certificate_pem),
-        key.public_key(), f"{role}-1", role, now, datetime.timedelta(hours=1),
-    )  # fmt: skip
+        hierarchy.backends.private_key(issuer.key_uri),
+        certs.load_pem(issuer.certificate_pem),
+        key.public_key(),
+        f"{role}-1",
+        role,
+        now,
+        datetime.timedelta(hours=1),
+    )
     if record:
         with hierarchy.store.transaction(now) as tx:
             tx.insert_certificate(
                 CertificateRecord(
-                    certs.serial_hex(cert), fingerprint(key.public_key()),
-                    cert.subject.rfc4514_string(), role, issuer.fingerprint,
-                    cert.not_valid_before_utc, cert.not_valid_after_utc, certs.to_pem(cert), now,
-                )  # fmt: skip
+                    certs.serial_hex(cert),
+                    fingerprint(key.public_key()),
+                    cert.subject.rfc4514_string(),
+                    role,
+                    issuer.fingerprint,
+                    cert.not_valid_before_utc,
+                    cert.not_valid_after_utc,
+                    certs.to_pem(cert),
+                    now,
+                )
             )
             tx.audit("test", "certificate.issue", certs.serial_hex(cert))
     return certs.to_pem(cert).encode(), _pem(key)
 
 
-def call_list(server: RunningServer, chain: bytes | None, key: bytes | None,
-              address: str | None = None) -> KeyplaneClientError | None:  # fmt: skip
+def call_list(
+    server: RunningServer, chain: bytes | None, key: bytes | None, address: str | None = None
+) -> KeyplaneClientError | None:
     roots = (server.admin_dir / "ca.pem").read_bytes()
     creds = grpc.ssl_channel_credentials(roots, key, chain)
     with grpc.secure_channel(address or server.listen, creds) as channel:
@@ -107,16 +119,21 @@ def test_a_certificate_from_another_ca_fails_the_handshake(server: RunningServer
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stranger")])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(ca_key.public_key()).serial_number(7)
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(ca_key.public_key())
+        .serial_number(7)
         .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(hours=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier("urn:keyplane:role:admin")]),
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier("urn:keyplane:role:admin")]
+            ),
             critical=False,
         )
         .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
+    )
     error = call_list(server, cert.public_bytes(serialization.Encoding.PEM), _pem(ca_key))
     assert error is not None and error.code == grpc.StatusCode.UNAVAILABLE
 
@@ -147,8 +164,12 @@ def test_reflection_lists_and_describes_every_service(server: RunningServer) -> 
         pool = DescriptorPool(database)
         service = pool.FindServiceByName("keyplane.v1.RootKeyService")
         assert {m.name for m in service.methods} == {
-            "CreateRootKey", "ListRootKeys", "GetRootKey", "RevokeRootKey", "GetLegacyRootKey",
-        }  # fmt: skip
+            "CreateRootKey",
+            "ListRootKeys",
+            "GetRootKey",
+            "RevokeRootKey",
+            "GetLegacyRootKey",
+        }
         revoke = pool.FindMessageTypeByName("keyplane.v1.RevokeRootKeyRequest")
         assert {f.name for f in revoke.fields} == {"fingerprint", "reason", "confirm"}
 

@@ -45,15 +45,25 @@ def audit_actions(data_dir: Path) -> list[tuple[str, str, str]]:
         db.close()
 
 
-def openssl_verify(tmp_path: Path, roots_pem: str, chain_pem: str) -> subprocess.CompletedProcess[str]:
+def openssl_verify(
+    tmp_path: Path, roots_pem: str, chain_pem: str
+) -> subprocess.CompletedProcess[str]:
     (tmp_path / "roots.pem").write_text(roots_pem)
     certs = x509.load_pem_x509_certificates(chain_pem.encode())
     (tmp_path / "leaf.pem").write_bytes(certs[0].public_bytes(encoding=_PEM))
     return subprocess.run(
-        ["openssl", "verify", "-x509_strict", "-CAfile", str(tmp_path / "roots.pem"),
-         str(tmp_path / "leaf.pem")],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [
+            "openssl",
+            "verify",
+            "-x509_strict",
+            "-CAfile",
+            str(tmp_path / "roots.pem"),
+            str(tmp_path / "leaf.pem"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
@@ -134,8 +144,9 @@ def test_create_root_names_it_one_above_the_highest_and_reissues_server_tls(
     assert created.name == f"{FQDN} Root 1" and created.number == 1
     assert created.algorithm == common_pb2.KEY_ALGORITHM_EC_P384
     assert {r.fingerprint for r in client.list_root_keys().active} == {
-        first.fingerprint, created.fingerprint,
-    }  # fmt: skip
+        first.fingerprint,
+        created.fingerprint,
+    }
     # The server's TLS key is now issued by the newest root.
     assert server.hierarchy.current_server_tls().issuer_fingerprint == created.fingerprint
     assert ("root.create", created.fingerprint) in [
@@ -165,7 +176,9 @@ def test_revoke_rotates_and_destroys_the_private_key(
     old_key_id = old.key_uri.removeprefix("software:")
     assert old_key_id in software_key_ids(server.config.data_dir)
 
-    revoked = client.revoke_root_key("sha256:" + old.fingerprint.upper(), "scheduled rotation", True)
+    revoked = client.revoke_root_key(
+        "sha256:" + old.fingerprint.upper(), "scheduled rotation", True
+    )
     assert revoked.state == pb.ROOT_KEY_STATE_REVOKED
     assert revoked.revoke_reason == "scheduled rotation"
     assert revoked.revoked_by.startswith(f"admin@{FQDN}")

@@ -110,9 +110,7 @@ def _leaf(
         .not_valid_before(now - BACKDATE)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            _key_usage(signature=True, cert_sign=False, encipher=is_rsa), critical=True
-        )
+        .add_extension(_key_usage(signature=True, cert_sign=False, encipher=is_rsa), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
@@ -143,9 +141,7 @@ def build_server_tls_certificate(
     """A TLS server certificate (serverAuth) for a keyplane server's listeners."""
     builder = (
         _leaf(issuer_key, issuer_cert, _name(common_name, "server"), public_key, now, validity)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(_san_entries(names)), critical=False)
     )
     algorithm = algorithm_of(issuer_key.public_key())
@@ -164,13 +160,9 @@ def build_client_certificate(
     """A TLS client certificate (clientAuth) carrying its role as a URI SAN."""
     builder = (
         _leaf(issuer_key, issuer_cert, _name(common_name, role), public_key, now, validity)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(ROLE_URI_PREFIX + role)]
-            ),
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(ROLE_URI_PREFIX + role)]),
             critical=False,
         )
     )

@@ -190,9 +190,14 @@ class Hierarchy:
                 self._check_root_limit(self.active_roots())
                 tx.insert_key(record)
                 tx.audit(
-                    actor, "root.create", record.fingerprint, name=name, backend=backend,
-                    algorithm=algorithm.value, key_uri=generated.uri,
-                )  # fmt: skip
+                    actor,
+                    "root.create",
+                    record.fingerprint,
+                    name=name,
+                    backend=backend,
+                    algorithm=algorithm.value,
+                    key_uri=generated.uri,
+                )
         except BaseException:
             # No key is left behind for a root that was not recorded.
             self._destroy_quietly(generated.uri)
@@ -206,11 +211,20 @@ class Hierarchy:
         generated = self.backends.generate_key(backend, LEGACY_ROOT_NAME, algorithm)
         now = self.clock.now()
         record = KeyRecord(
-            fingerprint=fingerprint(generated.public_key), kind="legacy_root",
-            name=LEGACY_ROOT_NAME, number=None, algorithm=algorithm.value, backend=backend,
-            key_uri=generated.uri, state="active", issuer_fingerprint=None,
-            certificate_pem=None, not_before=now, not_after=None, created_at=now,
-        )  # fmt: skip
+            fingerprint=fingerprint(generated.public_key),
+            kind="legacy_root",
+            name=LEGACY_ROOT_NAME,
+            number=None,
+            algorithm=algorithm.value,
+            backend=backend,
+            key_uri=generated.uri,
+            state="active",
+            issuer_fingerprint=None,
+            certificate_pem=None,
+            not_before=now,
+            not_after=None,
+            created_at=now,
+        )
         try:
             with self.store.transaction(now) as tx:
                 tx.insert_key(record)
@@ -220,7 +234,9 @@ class Hierarchy:
             raise
         return record
 
-    def revoke_root(self, actor: str, fingerprint_text: str, reason: str, confirm: bool) -> KeyRecord:
+    def revoke_root(
+        self, actor: str, fingerprint_text: str, reason: str, confirm: bool
+    ) -> KeyRecord:
         """Revoke a root for good, with everything it issued, and destroy its key."""
         fp = parse_fingerprint(fingerprint_text)
         reason = parse_reason(reason)
@@ -250,15 +266,21 @@ class Hierarchy:
             with self.store.transaction(self.clock.now()) as tx:
                 tx.revoke_key(fp, "root", actor, reason)
                 for sub in subordinates:
-                    tx.revoke_key(sub.fingerprint, sub.kind, actor, f"issuing root revoked: {reason}")
+                    tx.revoke_key(
+                        sub.fingerprint, sub.kind, actor, f"issuing root revoked: {reason}"
+                    )
                 certificates = tx.revoke_certificates_issued_by(
                     fp, actor, f"issuing root revoked: {reason}"
                 )
                 tx.audit(
-                    actor, "root.revoke", fp, name=record.name, reason=reason,
+                    actor,
+                    "root.revoke",
+                    fp,
+                    name=record.name,
+                    reason=reason,
                     subordinates=[s.fingerprint for s in subordinates],
                     certificates=certificates,
-                )  # fmt: skip
+                )
             log.info("revoked root key %s (%s): %s", record.name, fp, reason)
             self._destroy_revoked_keys()
             self._reconcile(actor)
@@ -330,25 +352,41 @@ class Hierarchy:
             now = self.clock.now()
             issuer_cert = certs.load_pem(issuer.certificate_pem or "")
             cert = certs.build_server_tls_certificate(
-                self.backends.private_key(issuer.key_uri), issuer_cert, generated.public_key,
-                self.config.fqdn, self._server_names(), now,
+                self.backends.private_key(issuer.key_uri),
+                issuer_cert,
+                generated.public_key,
+                self.config.fqdn,
+                self._server_names(),
+                now,
                 datetime.timedelta(hours=self.config.server_tls_validity_hours),
-            )  # fmt: skip
+            )
             record = KeyRecord(
-                fingerprint=fingerprint(generated.public_key), kind="server_tls", name=name,
-                number=None, algorithm=algorithm.value, backend=backend, key_uri=generated.uri,
-                state="active", issuer_fingerprint=issuer.fingerprint,
-                certificate_pem=certs.to_pem(cert), not_before=cert.not_valid_before_utc,
-                not_after=cert.not_valid_after_utc, created_at=now,
-            )  # fmt: skip
+                fingerprint=fingerprint(generated.public_key),
+                kind="server_tls",
+                name=name,
+                number=None,
+                algorithm=algorithm.value,
+                backend=backend,
+                key_uri=generated.uri,
+                state="active",
+                issuer_fingerprint=issuer.fingerprint,
+                certificate_pem=certs.to_pem(cert),
+                not_before=cert.not_valid_before_utc,
+                not_after=cert.not_valid_after_utc,
+                created_at=now,
+            )
             with self.store.transaction(now) as tx:
                 for old in retiring:
                     tx.set_key_state(old.fingerprint, "retired")
                 tx.insert_key(record)
                 tx.audit(
-                    actor, "server_tls.issue", record.fingerprint, issuer=issuer.fingerprint,
-                    serial=certs.serial_hex(cert), retired=[o.fingerprint for o in retiring],
-                )  # fmt: skip
+                    actor,
+                    "server_tls.issue",
+                    record.fingerprint,
+                    issuer=issuer.fingerprint,
+                    serial=certs.serial_hex(cert),
+                    retired=[o.fingerprint for o in retiring],
+                )
         except BaseException:
             self._destroy_quietly(generated.uri)
             raise
@@ -358,16 +396,25 @@ class Hierarchy:
         key = ec.generate_private_key(ec.SECP256R1())
         now = self.clock.now()
         cert = certs.build_client_certificate(
-            self.backends.private_key(issuer.key_uri), certs.load_pem(issuer.certificate_pem or ""),
-            key.public_key(), f"admin@{self.config.fqdn}", ADMIN_ROLE, now,
+            self.backends.private_key(issuer.key_uri),
+            certs.load_pem(issuer.certificate_pem or ""),
+            key.public_key(),
+            f"admin@{self.config.fqdn}",
+            ADMIN_ROLE,
+            now,
             ADMIN_CREDENTIAL_VALIDITY,
-        )  # fmt: skip
+        )
         record = CertificateRecord(
-            serial=certs.serial_hex(cert), fingerprint=fingerprint(key.public_key()),
-            subject=cert.subject.rfc4514_string(), role=ADMIN_ROLE,
-            issuer_fingerprint=issuer.fingerprint, not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc, certificate_pem=certs.to_pem(cert), issued_at=now,
-        )  # fmt: skip
+            serial=certs.serial_hex(cert),
+            fingerprint=fingerprint(key.public_key()),
+            subject=cert.subject.rfc4514_string(),
+            role=ADMIN_ROLE,
+            issuer_fingerprint=issuer.fingerprint,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            certificate_pem=certs.to_pem(cert),
+            issued_at=now,
+        )
         with self.store.transaction(now) as tx:
             tx.insert_certificate(record)
             tx.audit(actor, "admin_credential.issue", record.serial, issuer=issuer.fingerprint)
@@ -399,7 +446,7 @@ class Hierarchy:
     def tls_material(self) -> TlsMaterial:
         server = self.current_server_tls()
         issuer = self.store.key(server.issuer_fingerprint or "")
-        chain = (server.certificate_pem or "") + (issuer.certificate_pem if issuer else "") or ""
+        chain = (server.certificate_pem or "") + ((issuer.certificate_pem or "") if issuer else "")
         return TlsMaterial(
             version=self.tls_version(),
             certificate_chain_pem=chain.encode(),

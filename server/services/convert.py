@@ -22,7 +22,7 @@ _ALGORITHM_TO_PROTO = {
 _ALGORITHM_FROM_PROTO = {v: k for k, v in _ALGORITHM_TO_PROTO.items()}
 
 
-def algorithm_from_proto(value: int) -> KeyAlgorithm | None:
+def algorithm_from_proto(value: common_pb2.KeyAlgorithm) -> KeyAlgorithm | None:
     """None for UNSPECIFIED (use the default); INVALID_ARGUMENT for an unknown number."""
     if value == common_pb2.KEY_ALGORITHM_UNSPECIFIED:
         return None
@@ -31,7 +31,7 @@ def algorithm_from_proto(value: int) -> KeyAlgorithm | None:
     return _ALGORITHM_FROM_PROTO[value]
 
 
-def algorithm_to_proto(name: str) -> common_pb2.KeyAlgorithm.ValueType:
+def algorithm_to_proto(name: str) -> common_pb2.KeyAlgorithm:
     return _ALGORITHM_TO_PROTO.get(KeyAlgorithm(name), common_pb2.KEY_ALGORITHM_UNSPECIFIED)
 
 

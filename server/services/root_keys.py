@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TypeAlias
 
 import grpc
 
@@ -14,7 +14,7 @@ from keyplane.server.services import convert
 from keyplane.v1 import root_key_service_pb2 as pb
 from keyplane.v1 import root_key_service_pb2_grpc
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context: TypeAlias = grpc.aio.ServicerContext
 
 
 def _actor() -> str:
