@@ -25,13 +25,41 @@ from keyplane.server.domain import certs
 from keyplane.server.domain.clock import Clock, SystemClock
 from keyplane.server.domain.hierarchy import Hierarchy, StartReport, TlsMaterial
 from keyplane.server.interceptor import KeyplaneInterceptor
+from keyplane.server.domain.signing import MAX_PAYLOAD, MessageSigner
+from keyplane.server.services.keys import KeyServicer
+from keyplane.server.services.message_signing import MessageSigningServicer
 from keyplane.server.services.root_keys import RootKeyServicer
+from keyplane.server.services.settings import SettingsServicer
+from keyplane.server.services.trust_state import TrustStateServicer, VersionNotifier
 from keyplane.server.store import StateStore
-from keyplane.v1 import root_key_service_pb2, root_key_service_pb2_grpc
+from keyplane.v1 import (
+    key_service_pb2,
+    key_service_pb2_grpc,
+    message_signing_service_pb2,
+    message_signing_service_pb2_grpc,
+    root_key_service_pb2,
+    root_key_service_pb2_grpc,
+    settings_service_pb2,
+    settings_service_pb2_grpc,
+    trust_state_service_pb2,
+    trust_state_service_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (root_key_service_pb2.DESCRIPTOR.services_by_name["RootKeyService"].full_name,)
+SERVICE_NAMES = tuple(
+    service.full_name
+    for module in (
+        root_key_service_pb2,
+        key_service_pb2,
+        settings_service_pb2,
+        trust_state_service_pb2,
+        message_signing_service_pb2,
+    )
+    for service in module.DESCRIPTOR.services_by_name.values()
+)
+# Room for a 4 MiB payload to sign plus its envelope.
+MAX_MESSAGE_BYTES = MAX_PAYLOAD + 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -54,6 +82,7 @@ class KeyplaneServer:
         self.hierarchy: Hierarchy | None = None
         self.endpoints: Endpoints | None = None
         self.report: StartReport | None = None
+        self._scheduler: asyncio.Task[None] | None = None
 
     def open(self) -> StartReport:
         """Open the data dir and its key backends, initialising them on first start."""
@@ -113,9 +142,29 @@ class KeyplaneServer:
         if self.hierarchy is None:
             await asyncio.to_thread(self.open)
         assert self.hierarchy is not None  # noqa: S101
-        server = grpc.aio.server(interceptors=[KeyplaneInterceptor(self._still_valid)])
-        root_key_service_pb2_grpc.add_RootKeyServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            RootKeyServicer(self.hierarchy), server
+        hierarchy = self.hierarchy
+        server = grpc.aio.server(
+            interceptors=[KeyplaneInterceptor(self._still_valid)],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        notifier = VersionNotifier()
+        notifier.published(hierarchy.trust.latest_version())
+        loop = asyncio.get_running_loop()
+        hierarchy.trust.on_publish(lambda v: loop.call_soon_threadsafe(notifier.published, v))
+        for add, servicer in (
+            (root_key_service_pb2_grpc.add_RootKeyServiceServicer_to_server, RootKeyServicer),
+            (key_service_pb2_grpc.add_KeyServiceServicer_to_server, KeyServicer),
+            (settings_service_pb2_grpc.add_SettingsServiceServicer_to_server, SettingsServicer),
+        ):
+            add(servicer(hierarchy), server)
+        trust_state_service_pb2_grpc.add_TrustStateServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            TrustStateServicer(hierarchy.trust, notifier), server
+        )
+        message_signing_service_pb2_grpc.add_MessageSigningServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            MessageSigningServicer(MessageSigner(hierarchy)), server
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -141,13 +190,30 @@ class KeyplaneServer:
             format_address(connect_host, boot_bound),
             self.config.fqdn,
         )
+        self._scheduler = asyncio.create_task(self._rotation_loop())
         return self.endpoints
+
+    async def _rotation_loop(self) -> None:
+        """Renew subordinates as they enter their renewal window; the DB is the truth."""
+        assert self.hierarchy is not None  # noqa: S101
+        while True:
+            await asyncio.sleep(self.config.rotation_check_seconds)
+            try:
+                await asyncio.to_thread(self.hierarchy.reconcile)
+            except Exception:
+                log.exception(
+                    "rotation check failed; trying again in %s s",
+                    self.config.rotation_check_seconds,
+                )
 
     async def wait(self) -> None:
         assert self._server is not None  # noqa: S101
         await self._server.wait_for_termination()
 
     async def stop(self, grace: float | None = 5.0) -> None:
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            self._scheduler = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

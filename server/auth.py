@@ -38,6 +38,15 @@ ACCESS: dict[str, Access] = {
     "/keyplane.v1.RootKeyService/GetRootKey": Access.ADMIN,
     "/keyplane.v1.RootKeyService/RevokeRootKey": Access.ADMIN,
     "/keyplane.v1.RootKeyService/GetLegacyRootKey": Access.ADMIN,
+    "/keyplane.v1.KeyService/ListKeys": Access.ADMIN,
+    "/keyplane.v1.KeyService/RotateKey": Access.ADMIN,
+    "/keyplane.v1.SettingsService/ListSettings": Access.ADMIN,
+    "/keyplane.v1.SettingsService/GetSetting": Access.ADMIN,
+    "/keyplane.v1.SettingsService/UpdateSetting": Access.ADMIN,
+    "/keyplane.v1.MessageSigningService/SignMessage": Access.ADMIN,
+    # Signed documents, verified by the component against the roots it pins.
+    "/keyplane.v1.TrustStateService/GetTrustState": Access.PUBLIC,
+    "/keyplane.v1.TrustStateService/WatchTrustState": Access.PUBLIC,
 }
 
 

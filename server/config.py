@@ -34,6 +34,7 @@ from typing import Any
 
 from keyplane.plugins.errors import UnsupportedAlgorithmError
 from keyplane.plugins.keys import KeyAlgorithm
+from keyplane.server.domain.faults import POINTS
 from keyplane.server.errors import ConfigError
 
 DEFAULT_LISTEN = "127.0.0.1:7443"
@@ -71,7 +72,9 @@ class ServerConfig:
     backends: Mapping[str, Mapping[str, object]] = field(
         default_factory=lambda: MappingProxyType({"software": MappingProxyType({})})
     )
-    server_tls_validity_hours: int = 720
+    rotation_check_seconds: float = 60.0
+    # Testing only: the crash point (server/domain/faults.py) at which to SIGKILL itself.
+    kill_at: str = ""
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -122,7 +125,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         "subordinate_algorithm",
         "key_backends",
         "backends",
-        "server_tls_validity_hours",
+        "rotation_check_seconds",
+        "testing",
     }
     _known(raw, top, "the config file")
     config = ServerConfig()
@@ -137,11 +141,17 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
     for name in ("root_algorithm", "subordinate_algorithm"):
         if name in raw:
             values[name] = _algorithm(raw[name], name)
-    if "server_tls_validity_hours" in raw:
-        hours = raw["server_tls_validity_hours"]
-        if not isinstance(hours, int) or hours <= 0:
-            raise ConfigError("server_tls_validity_hours must be a positive whole number")
-        values["server_tls_validity_hours"] = hours
+    if "rotation_check_seconds" in raw:
+        seconds = raw["rotation_check_seconds"]
+        if not isinstance(seconds, int | float) or seconds <= 0:
+            raise ConfigError("rotation_check_seconds must be a positive number")
+        values["rotation_check_seconds"] = float(seconds)
+    testing = dict(raw.get("testing", {}))
+    _known(testing, {"kill_at"}, "[testing]")
+    if "kill_at" in testing:
+        if testing["kill_at"] not in POINTS:
+            raise ConfigError(f"[testing] kill_at must be one of: {', '.join(POINTS)}")
+        values["kill_at"] = str(testing["kill_at"])
     backends: dict[str, Mapping[str, object]] = {"software": MappingProxyType({})}
     for name, options in dict(raw.get("backends", {})).items():
         if not isinstance(options, dict):

@@ -67,6 +67,20 @@ CREATE TABLE IF NOT EXISTS revocations (
     revoked_by TEXT NOT NULL,
     reason TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    scope TEXT NOT NULL CHECK (scope IN ('global', 'local')),
+    updated_at TEXT NOT NULL,
+    updated_by TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS trust_states (
+    version INTEGER PRIMARY KEY,
+    content_digest TEXT NOT NULL,
+    root_set TEXT NOT NULL,
+    signed BLOB NOT NULL,
+    created_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at TEXT NOT NULL,
@@ -131,6 +145,17 @@ class CertificateRecord:
     issued_at: datetime.datetime
     revoked_at: datetime.datetime | None = None
     revoke_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class TrustStateRecord:
+    """One published trust-state version: its signed bytes and what it was built from."""
+
+    version: int
+    content_digest: str
+    root_set: str
+    signed: bytes
+    created_at: datetime.datetime
 
 
 @dataclass(frozen=True)
@@ -240,6 +265,27 @@ class Transaction:
                 "excluded.value)",
                 (str(record.number),),
             )
+
+    def insert_trust_state(self, record: TrustStateRecord) -> None:
+        self._db.execute(
+            "INSERT INTO trust_states (version, content_digest, root_set, signed, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (
+                record.version,
+                record.content_digest,
+                record.root_set,
+                record.signed,
+                _ts(record.created_at),
+            ),
+        )
+
+    def set_setting(self, name: str, value: str, scope: str, by: str) -> None:
+        self._db.execute(
+            "INSERT INTO settings (name, value, scope, updated_at, updated_by) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value, "
+            "updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+            (name, value, scope, _ts(self.now), by),
+        )
 
     def mark_key_destroyed(self, fingerprint: str) -> None:
         self._db.execute(
@@ -382,6 +428,46 @@ class StateStore:
                 args,
             ).fetchall()
         return [_cert(r) for r in rows]
+
+    def _trust_states(self, where: str, args: tuple[object, ...]) -> list[TrustStateRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT version, content_digest, root_set, signed, created_at "  # noqa: S608
+                f"FROM trust_states {where}",
+                args,
+            ).fetchall()
+        return [
+            TrustStateRecord(int(v), str(d), str(r), bytes(s), _dt(c)) for v, d, r, s, c in rows
+        ]
+
+    def latest_trust_state(self) -> TrustStateRecord | None:
+        found = self._trust_states("ORDER BY version DESC LIMIT 1", ())
+        return found[0] if found else None
+
+    def trust_state(self, version: int) -> TrustStateRecord | None:
+        found = self._trust_states("WHERE version = ?", (version,))
+        return found[0] if found else None
+
+    def trust_states_after(self, version: int) -> list[TrustStateRecord]:
+        return self._trust_states("WHERE version > ? ORDER BY version", (version,))
+
+    def revoked_serials(self, now: datetime.datetime) -> list[str]:
+        """Serials of revoked certificates that have not expired yet."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL "
+                "AND not_after > ? ORDER BY serial",
+                (_ts(now),),
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def settings(self) -> dict[str, tuple[str, datetime.datetime, str]]:
+        """Stored settings: name -> (value, updated at, updated by)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, value, updated_at, updated_by FROM settings"
+            ).fetchall()
+        return {str(n): (str(v), _dt(at), str(by)) for n, v, at, by in rows}
 
     def audit_log(self, limit: int = 1000) -> list[AuditRecord]:
         with self._lock:

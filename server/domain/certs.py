@@ -21,6 +21,9 @@ BACKDATE = datetime.timedelta(minutes=1)
 # RFC 5280 4.1.2.5: 99991231235959Z means "no well-defined expiration date".
 NEVER_EXPIRES = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)
 ROLE_URI_PREFIX = "urn:keyplane:role:"
+# keyplane's own EKU for message-signing certificates: an X.667 UUID OID (2.25.<uuid>),
+# which needs no registration.
+MESSAGE_SIGNING_EKU = x509.ObjectIdentifier("2.25.167263308521385613718624531546738935541")
 ORGANIZATION = "keyplane"
 
 
@@ -38,6 +41,10 @@ def serial_hex(cert: x509.Certificate) -> str:
 
 def to_pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def to_der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def load_pem(pem: str | bytes) -> x509.Certificate:
@@ -168,6 +175,63 @@ def build_client_certificate(
     )
     algorithm = algorithm_of(issuer_key.public_key())
     return builder.sign(issuer_key, algorithm.signature_hash)
+
+
+def build_intermediate_certificate(
+    issuer_key: BackendPrivateKey,
+    issuer_cert: x509.Certificate,
+    public_key: PublicKey,
+    common_name: str,
+    now: datetime.datetime,
+    validity: datetime.timedelta,
+) -> x509.Certificate:
+    """An intermediate CA (pathLen 0) that signs client TLS certificates."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name, "intermediate"))
+        .issuer_name(issuer_cert.subject)
+        .public_key(public_key)
+        .serial_number(new_serial())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(min(now + validity, issuer_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(signature=True, cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    )
+    return builder.sign(issuer_key, algorithm_of(issuer_key.public_key()).signature_hash)
+
+
+def build_message_signing_certificate(
+    issuer_key: BackendPrivateKey,
+    issuer_cert: x509.Certificate,
+    public_key: PublicKey,
+    common_name: str,
+    now: datetime.datetime,
+    validity: datetime.timedelta,
+) -> x509.Certificate:
+    """A message-signing certificate: digitalSignature only, keyplane's own EKU."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name, "message-signing"))
+        .issuer_name(issuer_cert.subject)
+        .public_key(public_key)
+        .serial_number(new_serial())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(min(now + validity, issuer_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(signature=True, cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([MESSAGE_SIGNING_EKU]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    )
+    return builder.sign(issuer_key, algorithm_of(issuer_key.public_key()).signature_hash)
 
 
 def roles_of(cert: x509.Certificate) -> frozenset[str]:

@@ -14,6 +14,7 @@ import re
 import threading
 from dataclasses import dataclass
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -24,9 +25,13 @@ from keyplane.server.config import ServerConfig
 from keyplane.server.domain import certs
 from keyplane.server.domain.clock import Clock
 from keyplane.server.domain.credentials import AdminCredentialDir
+from keyplane.server.domain.faults import Faults
+from keyplane.server.domain.settings import Setting, Settings
+from keyplane.server.domain.trust import TrustStatePublisher
 from keyplane.server.errors import (
     AlreadyRevoked,
     ConfirmationRequired,
+    FailedPrecondition,
     InvalidArgument,
     LastActiveRoot,
     LegacyRootImmutable,
@@ -42,6 +47,18 @@ LEGACY_ROOT_NAME = "legacy-root"
 SERVER_ACTOR = "keyplane-server"
 ADMIN_ROLE = "admin"
 ADMIN_CREDENTIAL_VALIDITY = datetime.timedelta(days=365)
+ADMIN_CREDENTIAL_RENEWAL = datetime.timedelta(days=30)
+# Subordinate key kinds and the Kind their rotation settings are named after.
+SUBORDINATE_KINDS = {
+    "server_tls": "ServerTLS",
+    "intermediate_tls": "IntermediateTLS",
+    "message_signing": "MessageSigning",
+}
+SUBORDINATE_NAMES = {
+    "server_tls": "server TLS",
+    "intermediate_tls": "intermediate TLS",
+    "message_signing": "message signing",
+}
 MAX_REASON_LENGTH = 1024
 _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
 
@@ -91,12 +108,22 @@ class Hierarchy:
     """Root keys and the server's own subordinates, over the state DB and the backends."""
 
     def __init__(
-        self, config: ServerConfig, store: StateStore, backends: KeyBackends, clock: Clock
+        self,
+        config: ServerConfig,
+        store: StateStore,
+        backends: KeyBackends,
+        clock: Clock,
+        faults: Faults | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.backends = backends
         self.clock = clock
+        self.faults = faults or Faults(config.kill_at)
+        self.settings = Settings(store)
+        self.trust = TrustStatePublisher(
+            config.fqdn, store, backends, self.settings, clock, self.faults
+        )
         self.admin_dir = AdminCredentialDir(config.data_dir / "admin")
         self._lock = threading.RLock()
 
@@ -166,6 +193,7 @@ class Hierarchy:
         name = f"{self.config.fqdn} Root {number}"
         backend = self.config.backend_for("root")
         generated = self.backends.generate_key(backend, name, algorithm)
+        self.faults.checkpoint("root.generated")
         try:
             now = self.clock.now()
             key = self.backends.private_key(generated.uri)
@@ -202,6 +230,7 @@ class Hierarchy:
             # No key is left behind for a root that was not recorded.
             self._destroy_quietly(generated.uri)
             raise
+        self.faults.checkpoint("root.recorded")
         log.info("created root key %s (%s) in %s", name, record.fingerprint, backend)
         return record
 
@@ -281,6 +310,7 @@ class Hierarchy:
                     subordinates=[s.fingerprint for s in subordinates],
                     certificates=certificates,
                 )
+            self.faults.checkpoint("revoke.recorded")
             log.info("revoked root key %s (%s): %s", record.name, fp, reason)
             self._destroy_revoked_keys()
             self._reconcile(actor)
@@ -323,52 +353,118 @@ class Hierarchy:
             names.append(host)
         return names
 
+    def reconcile(self, actor: str = SERVER_ACTOR) -> list[str]:
+        """Bring every subordinate up to date; what the scheduler runs on each tick.
+
+        Resumes an interrupted rotation, issues what is missing under the newest root,
+        rotates keys that entered their renewal window, renews the admin credential,
+        and publishes a trust-state version if anything changed.
+        """
+        with self._lock:
+            return self._reconcile(actor)
+
     def _reconcile(self, actor: str) -> list[str]:
-        """Make the server TLS key and admin credential chain to the newest active root."""
         done: list[str] = []
+        self._destroy_revoked_keys()
         issuer = self.issuing_root()
-        current = [k for k in self.store.keys("server_tls", ("active",))]
-        if not any(k.issuer_fingerprint == issuer.fingerprint for k in current):
-            self._issue_server_tls(actor, issuer, current)
-            done.append("server_tls")
+        now = self.clock.now()
+        for kind in SUBORDINATE_KINDS:
+            done.extend(self._reconcile_kind(actor, kind, issuer, now))
         cert = self.admin_dir.current_certificate()
         record = self.store.certificate(certs.serial_hex(cert)) if cert is not None else None
         if (
             record is None
             or record.revoked_at is not None
             or record.issuer_fingerprint != issuer.fingerprint
+            or record.not_after - ADMIN_CREDENTIAL_RENEWAL < now
         ):
             self._issue_admin_credential(actor, issuer)
             done.append("admin_credential")
         self.admin_dir.write_trust(self.trusted_roots_pem())
+        self.trust.publish(actor)
         return done
 
-    def _issue_server_tls(self, actor: str, issuer: KeyRecord, retiring: list[KeyRecord]) -> None:
-        backend = self.config.backend_for("server_tls")
-        algorithm = self.config.subordinate_algorithm
-        name = f"{self.config.fqdn} server TLS"
-        generated = self.backends.generate_key(backend, name, algorithm)
-        try:
-            now = self.clock.now()
-            issuer_cert = certs.load_pem(issuer.certificate_pem or "")
-            cert = certs.build_server_tls_certificate(
-                self.backends.private_key(issuer.key_uri),
+    def _reconcile_kind(
+        self, actor: str, kind: str, issuer: KeyRecord, now: datetime.datetime
+    ) -> list[str]:
+        active_roots = {r.fingerprint for r in self.active_roots()}
+        for prepared in self.store.keys(kind, ("prepared",)):
+            # A rotation that stopped after recording its key: finish it, never start over.
+            if prepared.issuer_fingerprint in active_roots:
+                self.trust.publish(actor)
+                self._activate(actor, prepared)
+                return [f"{kind}:resumed"]
+        active = self.store.keys(kind, ("active",))
+        current = [
+            k
+            for k in active
+            if k.issuer_fingerprint == issuer.fingerprint and k.not_after and k.not_after > now
+        ]
+        if not current:
+            self._rotate(actor, kind, issuer)
+            return [kind]
+        _, window = self.settings.rotation(SUBORDINATE_KINDS[kind])
+        newest = current[-1]
+        if newest.not_after is not None and now >= newest.not_after - window:
+            self._rotate(actor, kind, issuer)
+            return [f"{kind}:renewed"]
+        return []
+
+    def rotate_key(self, actor: str, kind: str) -> KeyRecord:
+        """Rotate one kind of subordinate now, under the newest root."""
+        if kind not in SUBORDINATE_KINDS:
+            raise InvalidArgument(f"choose a key kind to rotate: {', '.join(SUBORDINATE_KINDS)}")
+        with self._lock:
+            record = self._rotate(actor, kind, self.issuing_root())
+            self._reconcile(actor)
+            current = self.store.key(record.fingerprint)
+            assert current is not None  # noqa: S101 - just written
+            return current
+
+    def _build_certificate(
+        self, kind: str, issuer: KeyRecord, public_key: PublicKey, name: str
+    ) -> x509.Certificate:
+        now = self.clock.now()
+        validity, _ = self.settings.rotation(SUBORDINATE_KINDS[kind])
+        issuer_key = self.backends.private_key(issuer.key_uri)
+        issuer_cert = certs.load_pem(issuer.certificate_pem or "")
+        if kind == "server_tls":
+            return certs.build_server_tls_certificate(
+                issuer_key,
                 issuer_cert,
-                generated.public_key,
+                public_key,
                 self.config.fqdn,
                 self._server_names(),
                 now,
-                datetime.timedelta(hours=self.config.server_tls_validity_hours),
+                validity,
             )
+        if kind == "intermediate_tls":
+            return certs.build_intermediate_certificate(
+                issuer_key, issuer_cert, public_key, name, now, validity
+            )
+        return certs.build_message_signing_certificate(
+            issuer_key, issuer_cert, public_key, name, now, validity
+        )
+
+    def _rotate(self, actor: str, kind: str, issuer: KeyRecord) -> KeyRecord:
+        """New key, certificate from `issuer`; recorded as prepared, published, activated."""
+        backend = self.config.backend_for(kind)
+        algorithm = self.config.subordinate_algorithm
+        name = f"{self.config.fqdn} {SUBORDINATE_NAMES[kind]}"
+        generated = self.backends.generate_key(backend, name, algorithm)
+        self.faults.checkpoint("subordinate.generated")
+        try:
+            cert = self._build_certificate(kind, issuer, generated.public_key, name)
+            now = self.clock.now()
             record = KeyRecord(
                 fingerprint=fingerprint(generated.public_key),
-                kind="server_tls",
+                kind=kind,
                 name=name,
                 number=None,
                 algorithm=algorithm.value,
                 backend=backend,
                 key_uri=generated.uri,
-                state="active",
+                state="prepared",
                 issuer_fingerprint=issuer.fingerprint,
                 certificate_pem=certs.to_pem(cert),
                 not_before=cert.not_valid_before_utc,
@@ -376,20 +472,62 @@ class Hierarchy:
                 created_at=now,
             )
             with self.store.transaction(now) as tx:
-                for old in retiring:
-                    tx.set_key_state(old.fingerprint, "retired")
                 tx.insert_key(record)
                 tx.audit(
                     actor,
-                    "server_tls.issue",
+                    "key.prepare",
                     record.fingerprint,
+                    kind=kind,
                     issuer=issuer.fingerprint,
                     serial=certs.serial_hex(cert),
-                    retired=[o.fingerprint for o in retiring],
+                    not_after=cert.not_valid_after_utc.isoformat(),
                 )
         except BaseException:
             self._destroy_quietly(generated.uri)
             raise
+        self.faults.checkpoint("subordinate.prepared")
+        # Published before it is used: components learn the new certificate first.
+        self.trust.publish(actor)
+        self.faults.checkpoint("subordinate.published")
+        self._activate(actor, record)
+        self.faults.checkpoint("subordinate.activated")
+        log.info("rotated %s: %s under %s", kind, record.fingerprint, issuer.name)
+        return record
+
+    def _activate(self, actor: str, record: KeyRecord) -> None:
+        """The prepared key becomes active; the active ones of its kind retire."""
+        with self.store.transaction(self.clock.now()) as tx:
+            retired = []
+            for old in self.store.keys(record.kind, ("active",)):
+                tx.set_key_state(old.fingerprint, "retired")
+                retired.append(old.fingerprint)
+            tx.set_key_state(record.fingerprint, "active")
+            tx.audit(actor, "key.activate", record.fingerprint, kind=record.kind, retired=retired)
+
+    def update_setting(self, actor: str, name: str, value: str) -> Setting:
+        """Change a setting; rotation and client settings take effect at once."""
+        with self._lock:
+            setting = self.settings.set(name, value, actor, self.clock.now())
+            self._reconcile(actor)
+            return setting
+
+    def subordinate_keys(self, kind: str | None = None) -> list[KeyRecord]:
+        kinds = [kind] if kind else list(SUBORDINATE_KINDS)
+        found: list[KeyRecord] = []
+        for k in kinds:
+            found.extend(reversed(self.store.keys(k)))
+        return found
+
+    def active_key(self, kind: str) -> KeyRecord:
+        """The key of `kind` in use now: active, under the newest root."""
+        issuer = self.issuing_root()
+        active = self.store.keys(kind, ("active",))
+        for record in reversed(active):
+            if record.issuer_fingerprint == issuer.fingerprint:
+                return record
+        if active:
+            return active[-1]
+        raise FailedPrecondition(f"this server has no active {kind} key yet")
 
     def _issue_admin_credential(self, actor: str, issuer: KeyRecord) -> None:
         # The admin credential is meant to leave the server: it lives in a 0600 file.
@@ -436,12 +574,7 @@ class Hierarchy:
         return (server.fingerprint, *(r.fingerprint for r in self.active_roots()))
 
     def current_server_tls(self) -> KeyRecord:
-        issuer = self.issuing_root()
-        current = self.store.keys("server_tls", ("active",))
-        for record in reversed(current):
-            if record.issuer_fingerprint == issuer.fingerprint:
-                return record
-        return current[-1]
+        return self.active_key("server_tls")
 
     def tls_material(self) -> TlsMaterial:
         server = self.current_server_tls()

@@ -8,9 +8,10 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf import timestamp_pb2
 
 from keyplane.plugins.keys import KeyAlgorithm, PublicKey
+from keyplane.server.domain.settings import Setting
 from keyplane.server.errors import InvalidArgument
 from keyplane.server.store import KeyRecord
-from keyplane.v1 import common_pb2, root_key_service_pb2
+from keyplane.v1 import common_pb2, key_service_pb2, root_key_service_pb2, settings_service_pb2
 
 _ALGORITHM_TO_PROTO = {
     KeyAlgorithm.EC_P256: common_pb2.KEY_ALGORITHM_EC_P256,
@@ -75,4 +76,66 @@ def legacy_root_key(record: KeyRecord, public_key: PublicKey) -> root_key_servic
         algorithm=algorithm_to_proto(record.algorithm),
         public_key_pem=pem,
         create_time=timestamp(record.created_at),
+    )
+
+
+_KIND_TO_PROTO = {
+    "server_tls": key_service_pb2.KEY_KIND_SERVER_TLS,
+    "intermediate_tls": key_service_pb2.KEY_KIND_INTERMEDIATE_TLS,
+    "message_signing": key_service_pb2.KEY_KIND_MESSAGE_SIGNING,
+}
+_KIND_FROM_PROTO = {v: k for k, v in _KIND_TO_PROTO.items()}
+_STATE_TO_PROTO = {
+    "prepared": key_service_pb2.KEY_STATE_PREPARED,
+    "active": key_service_pb2.KEY_STATE_ACTIVE,
+    "retired": key_service_pb2.KEY_STATE_RETIRED,
+    "revoked": key_service_pb2.KEY_STATE_REVOKED,
+}
+_SETTING_TYPES = {
+    "text": settings_service_pb2.SETTING_TYPE_TEXT,
+    "numeric": settings_service_pb2.SETTING_TYPE_NUMERIC,
+    "boolean": settings_service_pb2.SETTING_TYPE_BOOLEAN,
+    "protected": settings_service_pb2.SETTING_TYPE_PROTECTED,
+}
+
+
+def kind_from_proto(value: key_service_pb2.KeyKind, required: bool) -> str | None:
+    if value == key_service_pb2.KEY_KIND_UNSPECIFIED:
+        if required:
+            raise InvalidArgument(
+                "choose a key kind: server-tls, intermediate-tls or message-signing"
+            )
+        return None
+    if value not in _KIND_FROM_PROTO:
+        raise InvalidArgument(f"unknown key kind {value}; see KeyKind in key_service.proto")
+    return _KIND_FROM_PROTO[value]
+
+
+def key(record: KeyRecord) -> key_service_pb2.Key:
+    return key_service_pb2.Key(
+        kind=_KIND_TO_PROTO[record.kind],
+        fingerprint=record.fingerprint,
+        name=record.name,
+        issuer_fingerprint=record.issuer_fingerprint or "",
+        not_before=timestamp(record.not_before),
+        not_after=timestamp(record.not_after),
+        state=_STATE_TO_PROTO[record.state],
+        backend=record.backend,
+        algorithm=algorithm_to_proto(record.algorithm),
+        certificate_pem=record.certificate_pem or "",
+    )
+
+
+def setting(value: Setting) -> settings_service_pb2.Setting:
+    definition = value.definition
+    return settings_service_pb2.Setting(
+        name=definition.name,
+        value=value.value,
+        type=_SETTING_TYPES[definition.value_type],
+        affects=definition.affects,
+        scope=definition.scope,
+        is_default=value.is_default,
+        description=definition.description,
+        update_time=timestamp(value.updated_at),
+        updated_by=value.updated_by or "",
     )

@@ -17,7 +17,8 @@ from keyplane.v1 import root_key_service_pb2_grpc
 Context: TypeAlias = grpc.aio.ServicerContext
 
 
-def _actor() -> str:
+def actor() -> str:
+    """The audit name of the caller the interceptor admitted."""
     identity = current_identity.get()
     if identity is None:  # the access table admits no anonymous caller here
         raise Unauthenticated("this call needs a client certificate")
@@ -34,7 +35,7 @@ class RootKeyServicer(root_key_service_pb2_grpc.RootKeyServiceServicer):
         self, request: pb.CreateRootKeyRequest, context: Context
     ) -> pb.CreateRootKeyResponse:
         algorithm = convert.algorithm_from_proto(request.algorithm)
-        record = await asyncio.to_thread(self._hierarchy.create_root, _actor(), algorithm)
+        record = await asyncio.to_thread(self._hierarchy.create_root, actor(), algorithm)
         return pb.CreateRootKeyResponse(root_key=convert.root_key(record))
 
     async def ListRootKeys(
@@ -65,7 +66,7 @@ class RootKeyServicer(root_key_service_pb2_grpc.RootKeyServiceServicer):
     ) -> pb.RevokeRootKeyResponse:
         record = await asyncio.to_thread(
             self._hierarchy.revoke_root,
-            _actor(),
+            actor(),
             request.fingerprint,
             request.reason,
             request.confirm,

@@ -1,0 +1,200 @@
+"""Settings: the known names, their types and defaults, and validation.
+
+Global settings apply to every server of a deployment, local ones to this server only.
+A protected value is never returned unless an admin asks to reveal it (audited).
+Key-rotation settings are `PKI<Kind>KeyValidityHours` and
+`PKI<Kind>KeyRenewalWindowHours` for Kind in ClientTLS, IntermediateTLS, ServerTLS and
+MessageSigning; the ClientTLS renewal window affects clients, the rest the server.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+from keyplane.server.errors import InvalidArgument
+from keyplane.server.store import StateStore
+
+MASK = "********"
+KINDS = ("ClientTLS", "IntermediateTLS", "ServerTLS", "MessageSigning")
+# Key kinds of the state DB behind each settings Kind.
+KIND_OF = {
+    "IntermediateTLS": "intermediate_tls",
+    "ServerTLS": "server_tls",
+    "MessageSigning": "message_signing",
+}
+MAX_HOURS = 24 * 365 * 20
+
+
+@dataclass(frozen=True)
+class SettingDefinition:
+    """What a setting is: its type, default, scope and whom it affects."""
+
+    name: str
+    value_type: str  # text | numeric | boolean | protected
+    default: str
+    affects: str  # server | client
+    scope: str  # global | local
+    description: str
+
+
+def _rotation_definitions() -> list[SettingDefinition]:
+    defaults = {"ClientTLS": (168, 4)}
+    found = []
+    for kind in KINDS:
+        validity, window = defaults.get(kind, (720, 72))
+        window_affects = "client" if kind == "ClientTLS" else "server"
+        found.append(
+            SettingDefinition(
+                f"PKI{kind}KeyValidityHours",
+                "numeric",
+                str(validity),
+                "server",
+                "global",
+                f"hours a {kind} certificate is valid",
+            )
+        )
+        found.append(
+            SettingDefinition(
+                f"PKI{kind}KeyRenewalWindowHours",
+                "numeric",
+                str(window),
+                window_affects,
+                "global",
+                f"renew a {kind} key this many hours before it expires",
+            )
+        )
+    return found
+
+
+DEFINITIONS: dict[str, SettingDefinition] = {
+    d.name: d
+    for d in [
+        *_rotation_definitions(),
+        SettingDefinition(
+            "EnableLegacyProtocol",
+            "boolean",
+            "false",
+            "server",
+            "global",
+            "serve the legacy root's public key file to legacy components",
+        ),
+        SettingDefinition(
+            "OpenEnrollment",
+            "boolean",
+            "false",
+            "server",
+            "global",
+            "let anyone with the init bundle enroll without a token",
+        ),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A setting's definition and its current value (masked when protected)."""
+
+    definition: SettingDefinition
+    value: str
+    is_default: bool
+    updated_at: datetime.datetime | None
+    updated_by: str | None
+
+
+def _check_value(definition: SettingDefinition, value: str) -> str:
+    if definition.value_type == "numeric":
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise InvalidArgument(
+                f"{definition.name} takes a whole number, not {value!r}"
+            ) from None
+        if number <= 0 or number > MAX_HOURS:
+            raise InvalidArgument(f"{definition.name} must be between 1 and {MAX_HOURS}")
+        return str(number)
+    if definition.value_type == "boolean":
+        lowered = value.strip().lower()
+        if lowered not in ("true", "false"):
+            raise InvalidArgument(f"{definition.name} takes true or false, not {value!r}")
+        return lowered
+    if len(value) > 4096:
+        raise InvalidArgument(f"{definition.name} is longer than 4096 characters")
+    return value
+
+
+class Settings:
+    """Reads and validated writes of settings, over the state DB."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    def definition(self, name: str) -> SettingDefinition:
+        try:
+            return DEFINITIONS[name]
+        except KeyError:
+            raise InvalidArgument(
+                f"unknown setting {name[:80]!r}; 'keyplane settings list' shows every setting"
+            ) from None
+
+    def values(self) -> dict[str, str]:
+        stored = self.store.settings()
+        return {n: stored[n][0] if n in stored else d.default for n, d in DEFINITIONS.items()}
+
+    def value(self, name: str) -> str:
+        return self.values()[self.definition(name).name]
+
+    def hours(self, name: str) -> datetime.timedelta:
+        return datetime.timedelta(hours=int(self.value(name)))
+
+    def flag(self, name: str) -> bool:
+        return self.value(name) == "true"
+
+    def rotation(self, kind: str) -> tuple[datetime.timedelta, datetime.timedelta]:
+        """(validity, renewal window) for a settings Kind such as "ServerTLS"."""
+        return (
+            self.hours(f"PKI{kind}KeyValidityHours"),
+            self.hours(f"PKI{kind}KeyRenewalWindowHours"),
+        )
+
+    def client_values(self) -> dict[str, str]:
+        """The settings that affect clients (published in the trust state)."""
+        values = self.values()
+        return {n: values[n] for n, d in DEFINITIONS.items() if d.affects == "client"}
+
+    def list(self, reveal: bool = False) -> list[Setting]:
+        stored = self.store.settings()
+        found = []
+        for name, definition in DEFINITIONS.items():
+            value, at, by = stored.get(name, (definition.default, None, None))
+            if definition.value_type == "protected" and not reveal:
+                value = MASK
+            found.append(Setting(definition, value, name not in stored, at, by))
+        return found
+
+    def get(self, name: str, reveal: bool = False, actor: str = "") -> Setting:
+        definition = self.definition(name)
+        setting = next(s for s in self.list(reveal) if s.definition.name == definition.name)
+        if reveal and definition.value_type == "protected":
+            with self.store.transaction(datetime.datetime.now(datetime.UTC)) as tx:
+                tx.audit(actor, "setting.reveal", name)
+        return setting
+
+    def set(self, name: str, value: str, actor: str, now: datetime.datetime) -> Setting:
+        definition = self.definition(name)
+        clean = _check_value(definition, value)
+        values = self.values()
+        values[name] = clean
+        for kind in KINDS:
+            validity = int(values[f"PKI{kind}KeyValidityHours"])
+            window = int(values[f"PKI{kind}KeyRenewalWindowHours"])
+            if window >= validity:
+                raise InvalidArgument(
+                    f"PKI{kind}KeyRenewalWindowHours ({window}) must be shorter than "
+                    f"PKI{kind}KeyValidityHours ({validity})"
+                )
+        with self.store.transaction(now) as tx:
+            tx.set_setting(name, clean, definition.scope, actor)
+            shown = MASK if definition.value_type == "protected" else clean
+            tx.audit(actor, "setting.update", name, value=shown)
+        return self.get(name)

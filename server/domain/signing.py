@@ -1,0 +1,62 @@
+"""Message signing: detached signatures by the current message-signing key.
+
+The signature covers a small content record (payload digest and size, signing time,
+trust-state version, signer fingerprint), so a verifier can check the signer's
+validity at signing time and that the payload was not changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from keyplane.plugins.keys import KeyAlgorithm
+from keyplane.server.domain import certs
+from keyplane.server.domain.hierarchy import Hierarchy
+from keyplane.server.domain.trust import sign_with
+from keyplane.server.errors import InvalidArgument
+from keyplane.v1 import message_signing_service_pb2 as pb
+
+MESSAGE_CONTEXT = b"keyplane-message-v1\0"
+MAX_PAYLOAD = 4 * 1024 * 1024
+
+
+def signature_algorithm_name(algorithm: KeyAlgorithm) -> str:
+    if algorithm.is_ec:
+        return "ecdsa-sha384" if algorithm is KeyAlgorithm.EC_P384 else "ecdsa-sha256"
+    return "rsa-pkcs1-sha256"
+
+
+class MessageSigner:
+    """Signs payloads with the active message-signing key of the newest root."""
+
+    def __init__(self, hierarchy: Hierarchy) -> None:
+        self.hierarchy = hierarchy
+
+    def sign(self, payload: bytes) -> pb.SignedMessage:
+        if len(payload) > MAX_PAYLOAD:
+            raise InvalidArgument(
+                f"the payload is {len(payload)} bytes; sign at most {MAX_PAYLOAD} bytes "
+                "(4 MiB), or sign a digest of a larger file"
+            )
+        record = self.hierarchy.active_key("message_signing")
+        issuer = self.hierarchy.store.key(record.issuer_fingerprint or "")
+        content = pb.MessageSignatureContent(
+            payload_sha256=hashlib.sha256(payload).digest(),
+            payload_size=len(payload),
+            trust_state_version=self.hierarchy.trust.latest_version(),
+            signer_fingerprint=record.fingerprint,
+        )
+        content.signed_at.FromDatetime(self.hierarchy.clock.now())
+        content_bytes = content.SerializeToString(deterministic=True)
+        key = self.hierarchy.backends.private_key(record.key_uri)
+        algorithm = KeyAlgorithm(record.algorithm)
+        signature = sign_with(key, algorithm, MESSAGE_CONTEXT + content_bytes)
+        chain = [certs.load_pem(record.certificate_pem or "")]
+        if issuer is not None:
+            chain.append(certs.load_pem(issuer.certificate_pem or ""))
+        return pb.SignedMessage(
+            content=content_bytes,
+            signature=signature,
+            algorithm=signature_algorithm_name(algorithm),
+            certificate_chain=[certs.to_der(c) for c in chain],
+        )

@@ -1,0 +1,171 @@
+"""The trust state: one versioned document every component follows, signed by every
+active root.
+
+Each version is published only when its content changes, gets the next version number,
+and is signed by the roots active at that moment. Because the set of active roots
+changes one root at a time, every version is signed by at least one root the previous
+version trusted: a client that holds version N verifies N+k by walking the versions
+whose root set changed (`versions_since`). The wire format (keyplane.v1 TrustStateBody
+inside SignedTrustState) is the signed document itself, so it is built here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+from keyplane.plugins.keys import BackendPrivateKey, KeyAlgorithm
+from keyplane.plugins.manager import KeyBackends
+from keyplane.server.domain import certs
+from keyplane.server.domain.clock import Clock
+from keyplane.server.domain.faults import Faults
+from keyplane.server.domain.settings import Settings
+from keyplane.server.store import KeyRecord, StateStore, TrustStateRecord
+from keyplane.v1 import trust_state_pb2
+
+log = logging.getLogger(__name__)
+
+TRUST_STATE_CONTEXT = b"keyplane-trust-state-v1\0"
+SUBORDINATE_KINDS = ("intermediate_tls", "message_signing", "server_tls")
+
+
+def sign_with(key: BackendPrivateKey, algorithm: KeyAlgorithm, data: bytes) -> bytes:
+    """A signature by a keyplane key: ECDSA with the curve's hash, or RSA PKCS#1 v1.5."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(data, ec.ECDSA(algorithm.signature_hash))
+    return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+
+
+@dataclass(frozen=True)
+class PublishedVersion:
+    """A trust state as stored."""
+
+    version: int
+    signed: bytes
+
+
+class TrustStatePublisher:
+    """Builds, signs and stores trust-state versions; tells listeners of new ones."""
+
+    def __init__(
+        self,
+        fqdn: str,
+        store: StateStore,
+        backends: KeyBackends,
+        settings: Settings,
+        clock: Clock,
+        faults: Faults,
+    ) -> None:
+        self.fqdn = fqdn
+        self.store = store
+        self.backends = backends
+        self.settings = settings
+        self.clock = clock
+        self.faults = faults
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[int], None]] = []
+
+    def on_publish(self, listener: Callable[[int], None]) -> None:
+        """Call `listener(version)` after each new version commits (from any thread)."""
+        self._listeners.append(listener)
+
+    def _certificate(self, record: KeyRecord) -> trust_state_pb2.TrustedCertificate:
+        return trust_state_pb2.TrustedCertificate(
+            fingerprint=record.fingerprint,
+            certificate_der=certs.to_der(certs.load_pem(record.certificate_pem or "")),
+            name=record.name,
+            state=record.state if record.kind != "root" else "active",
+            issuer_fingerprint=record.issuer_fingerprint or "",
+        )
+
+    def _content(self) -> trust_state_pb2.TrustStateBody:
+        """Everything but the version and time: what a change of state changes."""
+        now = self.clock.now()
+        body = trust_state_pb2.TrustStateBody(server_fqdn=self.fqdn)
+        roots = self.store.keys("root", ("active",))
+        body.roots.extend(self._certificate(r) for r in roots)
+        body.revoked_root_fingerprints.extend(
+            r.fingerprint for r in self.store.keys("root", ("revoked",))
+        )
+        lists = {
+            "intermediate_tls": body.intermediates,
+            "message_signing": body.message_signing,
+            "server_tls": body.server_tls,
+        }
+        revoked_keys: list[str] = []
+        for kind in SUBORDINATE_KINDS:
+            for record in self.store.keys(kind):
+                if record.state == "revoked":
+                    revoked_keys.append(record.fingerprint)
+                elif record.not_after is None or record.not_after > now:
+                    lists[kind].append(self._certificate(record))
+        body.revoked_key_fingerprints.extend(sorted(revoked_keys))
+        body.revoked_serials.extend(self.store.revoked_serials(now))
+        body.client_settings.update(self.settings.client_values())
+        return body
+
+    @staticmethod
+    def _digest(body: trust_state_pb2.TrustStateBody) -> str:
+        return hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()
+
+    def publish(self, actor: str) -> int:
+        """Publish a new version if the content changed; return the latest version."""
+        with self._lock:
+            body = self._content()
+            digest = self._digest(body)
+            latest = self.store.latest_trust_state()
+            if latest is not None and latest.content_digest == digest:
+                return latest.version
+            version = (latest.version if latest else 0) + 1
+            now = self.clock.now()
+            body.version = version
+            body.issue_time.FromDatetime(now)
+            body_bytes = body.SerializeToString(deterministic=True)
+            signed = trust_state_pb2.SignedTrustState(body=body_bytes)
+            roots = self.store.keys("root", ("active",))
+            for root in roots:
+                key = self.backends.private_key(root.key_uri)
+                signature = sign_with(
+                    key, KeyAlgorithm(root.algorithm), TRUST_STATE_CONTEXT + body_bytes
+                )
+                signed.signatures.add(root_fingerprint=root.fingerprint, signature=signature)
+            self.faults.checkpoint("trust.signed")
+            root_set = ",".join(sorted(r.fingerprint for r in roots))
+            with self.store.transaction(now) as tx:
+                tx.insert_trust_state(
+                    TrustStateRecord(version, digest, root_set, signed.SerializeToString(), now)
+                )
+                tx.audit(actor, "trust_state.publish", str(version), roots=root_set)
+        log.info("published trust state version %d", version)
+        for listener in self._listeners:
+            listener(version)
+        return version
+
+    def latest_version(self) -> int:
+        latest = self.store.latest_trust_state()
+        return latest.version if latest else 0
+
+    def versions_since(self, since: int) -> list[bytes]:
+        """The signed versions a holder of `since` needs to reach the latest, oldest first."""
+        latest = self.store.latest_trust_state()
+        if latest is None or latest.version <= since:
+            return []
+        if since <= 0:
+            return [latest.signed]
+        held = self.store.trust_state(since)
+        previous_roots = held.root_set if held is not None else None
+        chain: list[bytes] = []
+        for record in self.store.trust_states_after(since):
+            if record.version == latest.version:
+                break
+            if record.root_set != previous_roots:
+                chain.append(record.signed)
+            previous_roots = record.root_set
+        chain.append(latest.signed)
+        return chain

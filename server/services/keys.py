@@ -1,0 +1,31 @@
+"""KeyService: list and rotate subordinate keys."""
+
+from __future__ import annotations
+
+import asyncio
+
+from keyplane.server.domain.hierarchy import Hierarchy
+from keyplane.server.services import convert
+from keyplane.server.services.root_keys import Context, actor
+from keyplane.v1 import key_service_pb2 as pb
+from keyplane.v1 import key_service_pb2_grpc
+
+
+class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
+    """Thin: converts, calls the hierarchy off the event loop, converts back."""
+
+    def __init__(self, hierarchy: Hierarchy) -> None:
+        self._hierarchy = hierarchy
+
+    async def ListKeys(self, request: pb.ListKeysRequest, context: Context) -> pb.ListKeysResponse:
+        kind = convert.kind_from_proto(request.kind, required=False)
+        records = await asyncio.to_thread(self._hierarchy.subordinate_keys, kind)
+        return pb.ListKeysResponse(keys=[convert.key(r) for r in records])
+
+    async def RotateKey(
+        self, request: pb.RotateKeyRequest, context: Context
+    ) -> pb.RotateKeyResponse:
+        kind = convert.kind_from_proto(request.kind, required=True)
+        assert kind is not None  # noqa: S101 - required=True
+        record = await asyncio.to_thread(self._hierarchy.rotate_key, actor(), kind)
+        return pb.RotateKeyResponse(key=convert.key(record))

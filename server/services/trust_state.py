@@ -1,0 +1,71 @@
+"""TrustStateService: the signed trust state, once or as a stream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from keyplane.server.domain.trust import TrustStatePublisher
+from keyplane.server.services.root_keys import Context
+from keyplane.v1 import trust_state_pb2
+from keyplane.v1 import trust_state_service_pb2 as pb
+from keyplane.v1 import trust_state_service_pb2_grpc
+
+# Watchers also look at the DB this often, in case another worker published.
+POLL_SECONDS = 2.0
+
+
+class VersionNotifier:
+    """Wakes watchers when a new trust-state version commits in this process."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self._event = asyncio.Event()
+
+    def published(self, version: int) -> None:
+        """Call on the event loop (use loop.call_soon_threadsafe from other threads)."""
+        if version > self.version:
+            self.version = version
+            event, self._event = self._event, asyncio.Event()
+            event.set()
+
+    async def wait_newer(self, than: int, timeout: float) -> None:
+        if self.version > than:
+            return
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            pass
+
+
+def _version_of(signed: bytes) -> int:
+    body = trust_state_pb2.SignedTrustState.FromString(signed).body
+    return trust_state_pb2.TrustStateBody.FromString(body).version
+
+
+class TrustStateServicer(trust_state_service_pb2_grpc.TrustStateServiceServicer):
+    """Serves versions from the publisher; watchers are woken by the notifier."""
+
+    def __init__(self, publisher: TrustStatePublisher, notifier: VersionNotifier) -> None:
+        self._publisher = publisher
+        self._notifier = notifier
+
+    async def _versions(self, since: int) -> list[trust_state_pb2.SignedTrustState]:
+        raw = await asyncio.to_thread(self._publisher.versions_since, since)
+        return [trust_state_pb2.SignedTrustState.FromString(b) for b in raw]
+
+    async def GetTrustState(
+        self, request: pb.GetTrustStateRequest, context: Context
+    ) -> pb.GetTrustStateResponse:
+        return pb.GetTrustStateResponse(versions=await self._versions(request.since_version))
+
+    async def WatchTrustState(
+        self, request: pb.WatchTrustStateRequest, context: Context
+    ) -> AsyncIterator[pb.WatchTrustStateResponse]:
+        since = request.since_version
+        while True:
+            versions = await self._versions(since)
+            if versions:
+                yield pb.WatchTrustStateResponse(versions=versions)
+                since = _version_of(versions[-1].SerializeToString())
+            await self._notifier.wait_newer(since, POLL_SECONDS)
