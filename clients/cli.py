@@ -13,19 +13,50 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from google.protobuf import timestamp_pb2
 
-from keyplane.clients.client import ALGORITHM_NAMES, ALGORITHMS, KeyplaneClient, KeyplaneClientError
+from keyplane.clients.client import (
+    ALGORITHM_NAMES,
+    ALGORITHMS,
+    KEY_KIND_NAMES,
+    KEY_KINDS,
+    KeyplaneClient,
+    KeyplaneClientError,
+)
 from keyplane.clients.credentials import (
     CredentialError,
     default_credentials_dir,
     default_server,
     load_credential,
 )
-from keyplane.v1 import root_key_service_pb2
+from keyplane.clients.trust import TrustState, TrustStateError, follow, key_fingerprint
+from keyplane.clients.trust import load as load_trust_state
+from keyplane.clients.verify import MessageVerificationError, verify_message
+from keyplane.v1 import (
+    key_service_pb2,
+    message_signing_service_pb2,
+    root_key_service_pb2,
+    settings_service_pb2,
+)
 
 COMMAND_GROUP = "keyplane.commands"
 PROG = "keyplane"
+
+KEYS_HELP = """\
+Subordinate keys: the server's TLS key, the intermediate TLS key (signs client
+certificates) and the message-signing key. Each rotates by itself when it enters its
+renewal window (settings PKI<Kind>KeyValidityHours / PKI<Kind>KeyRenewalWindowHours):
+the new key is published in the trust state before it is used, and the old one stays
+trusted until it expires. Kinds: server-tls, intermediate-tls, message-signing.
+"""
+
+SETTINGS_HELP = """\
+Settings, global (every server) or local (this server). Rotation settings:
+PKI<Kind>KeyValidityHours and PKI<Kind>KeyRenewalWindowHours for Kind in ClientTLS
+(168/4), IntermediateTLS, ServerTLS and MessageSigning (720/72). A renewal window must
+be shorter than its validity. Protected values are masked unless --reveal (audited).
+"""
 
 ROOTS_HELP = """\
 Manage this server's root keys. At most two roots are active at a time. To rotate:
@@ -178,6 +209,224 @@ def cmd_roots_legacy(client: KeyplaneClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_json(key: key_service_pb2.Key) -> dict[str, Any]:
+    """The `--json` form of a subordinate key (documented in README)."""
+    return {
+        "kind": KEY_KIND_NAMES.get(key.kind, "unspecified"),
+        "name": key.name,
+        "fingerprint": key.fingerprint,
+        "issuer_fingerprint": key.issuer_fingerprint,
+        "not_before": _time(key.not_before),
+        "not_after": _time(key.not_after),
+        "state": key_service_pb2.KeyState.Name(key.state).removeprefix("KEY_STATE_").lower(),
+        "backend": key.backend,
+        "algorithm": ALGORITHM_NAMES.get(key.algorithm, "unspecified"),
+        "certificate_pem": key.certificate_pem,
+    }
+
+
+def cmd_keys_list(client: KeyplaneClient, args: argparse.Namespace) -> int:
+    keys = [_key_json(k) for k in client.list_keys(args.kind)]
+    if args.json:
+        _print_json(keys)
+        return 0
+    header = ["KIND", "STATE", "FINGERPRINT", "NOT AFTER", "ISSUER", "BACKEND"]
+    rows = [
+        [
+            k["kind"],
+            k["state"],
+            k["fingerprint"],
+            (k["not_after"] or "")[:19],
+            k["issuer_fingerprint"][:16],
+            k["backend"],
+        ]
+        for k in keys
+    ]
+    print(_table(rows, header))
+    return 0
+
+
+def cmd_keys_rotate(client: KeyplaneClient, args: argparse.Namespace) -> int:
+    key = _key_json(client.rotate_key(args.kind))
+    if args.json:
+        _print_json(key)
+    else:
+        print(f"rotated {key['kind']}: {key['fingerprint']} valid until {key['not_after']}")
+    return 0
+
+
+def _setting_json(setting: settings_service_pb2.Setting) -> dict[str, Any]:
+    return {
+        "name": setting.name,
+        "value": setting.value,
+        "type": settings_service_pb2.SettingType.Name(setting.type)
+        .removeprefix("SETTING_TYPE_")
+        .lower(),
+        "affects": setting.affects,
+        "scope": setting.scope,
+        "default": setting.is_default,
+        "description": setting.description,
+        "updated": _time(setting.update_time, setting.HasField("update_time")),
+        "updated_by": setting.updated_by or None,
+    }
+
+
+def cmd_settings_list(client: KeyplaneClient, args: argparse.Namespace) -> int:
+    settings = [_setting_json(s) for s in client.list_settings(args.reveal)]
+    if args.json:
+        _print_json(settings)
+        return 0
+    header = ["NAME", "VALUE", "TYPE", "AFFECTS", "SCOPE", "DEFAULT"]
+    rows = [
+        [s["name"], s["value"], s["type"], s["affects"], s["scope"], "yes" if s["default"] else ""]
+        for s in settings
+    ]
+    print(_table(rows, header))
+    return 0
+
+
+def cmd_settings_get(client: KeyplaneClient, args: argparse.Namespace) -> int:
+    setting = _setting_json(client.get_setting(args.name, args.reveal))
+    if args.json:
+        _print_json(setting)
+    else:
+        print(setting["value"])
+    return 0
+
+
+def cmd_settings_set(client: KeyplaneClient, args: argparse.Namespace) -> int:
+    setting = _setting_json(client.update_setting(args.name, args.value))
+    if args.json:
+        _print_json(setting)
+    else:
+        print(f"{setting['name']} = {setting['value']}")
+    return 0
+
+
+def _trust_json(state: TrustState) -> dict[str, Any]:
+    body = state.body
+
+    def certs(entries: Any) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": c.name,
+                "fingerprint": c.fingerprint,
+                "state": c.state,
+                "issuer_fingerprint": c.issuer_fingerprint or None,
+            }
+            for c in entries
+        ]
+
+    return {
+        "version": body.version,
+        "issued": _time(body.issue_time),
+        "server": body.server_fqdn,
+        "roots": certs(body.roots),
+        "revoked_roots": list(body.revoked_root_fingerprints),
+        "intermediates": certs(body.intermediates),
+        "message_signing": certs(body.message_signing),
+        "server_tls": certs(body.server_tls),
+        "revoked_keys": list(body.revoked_key_fingerprints),
+        "revoked_serials": list(body.revoked_serials),
+        "client_settings": dict(body.client_settings),
+        "signed_by": [s.root_fingerprint for s in state.signed.signatures],
+    }
+
+
+def _fetch_trust_state(client: KeyplaneClient, credential_roots: bytes) -> TrustState:
+    """The latest trust state, verified against the roots in the credential's ca.pem."""
+    pinned = [key_fingerprint(c) for c in x509.load_pem_x509_certificates(credential_roots)]
+    return follow(None, client.get_trust_state(0), pinned)
+
+
+def cmd_trust_state_show(client: KeyplaneClient, args: argparse.Namespace) -> int:
+    state = _fetch_trust_state(client, args.credential.root_certificates_pem)
+    if args.out:
+        args.out.write_bytes(state.serialize())
+    if args.json:
+        _print_json(_trust_json(state))
+    elif not args.out:
+        data = _trust_json(state)
+        print(f"version {data['version']} issued {data['issued']} by {data['server']}")
+        for key in ("roots", "intermediates", "message_signing", "server_tls"):
+            for c in data[key]:
+                print(f"  {key:16} {c['state']:9} {c['fingerprint']}  {c['name']}")
+        print(
+            f"  revoked roots: {len(data['revoked_roots'])}, keys: {len(data['revoked_keys'])}, "
+            f"serials: {len(data['revoked_serials'])}"
+        )
+    else:
+        print(f"wrote trust state version {state.version} to {args.out}")
+    return 0
+
+
+def cmd_sign(client: KeyplaneClient, args: argparse.Namespace) -> int:
+    payload = _read_payload(args.file)
+    signed = client.sign_message(payload)
+    out = args.out or args.file.with_name(args.file.name + ".sig")
+    out.write_bytes(signed.SerializeToString())
+    content = message_signing_service_pb2.MessageSignatureContent.FromString(signed.content)
+    if args.json:
+        _print_json(
+            {
+                "signature_file": str(out),
+                "signer_fingerprint": content.signer_fingerprint,
+                "algorithm": signed.algorithm,
+                "signed_at": _time(content.signed_at),
+                "trust_state_version": content.trust_state_version,
+            }
+        )
+    else:
+        print(f"signed {args.file} -> {out} (key {content.signer_fingerprint[:16]}…)")
+    return 0
+
+
+def _read_payload(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def run_verify(args: argparse.Namespace, client: KeyplaneClient | None) -> int:
+    payload = _read_payload(args.file)
+    try:
+        signed = message_signing_service_pb2.SignedMessage.FromString(_read_payload(args.signature))
+    except Exception:  # protobuf's DecodeError
+        raise CliError(f"{args.signature} is not a keyplane signature file") from None
+    pins = [args.fingerprint] if args.fingerprint else []
+    try:
+        if args.trust_state:
+            state = load_trust_state(_read_payload(args.trust_state), pins)
+        else:
+            assert client is not None  # noqa: S101 - main() connects when no file is given
+            state = _fetch_trust_state(client, args.credential.root_certificates_pem)
+        verified = verify_message(payload, signed, state)
+    except (MessageVerificationError, TrustStateError) as exc:
+        print(f"{PROG}: signature rejected: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(
+            {
+                "valid": True,
+                "signer_fingerprint": verified.signer_fingerprint,
+                "root_fingerprint": verified.root_fingerprint,
+                "signed_at": verified.signed_at.isoformat(),
+                "trust_state_version": state.version,
+            }
+        )
+    else:
+        print(
+            f"OK: signed by {verified.signer_subject} at {verified.signed_at.isoformat()} "
+            f"(root {verified.root_fingerprint[:16]}…, trust state v{state.version})"
+        )
+    return 0
+
+
+class CliError(Exception):
+    """A problem with the command's own input; printed without a status name."""
+
+
 def _connection_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -235,6 +484,74 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("legacy", parents=[common], help="show the legacy root's public key")
     p.set_defaults(call=cmd_roots_legacy)
 
+    keys = commands.add_parser(
+        "keys",
+        help="list and rotate subordinate keys",
+        description=KEYS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = keys.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = verbs.add_parser(
+        "list", parents=[common], help="list server TLS, intermediate and message-signing keys"
+    )
+    p.add_argument("--kind", choices=sorted(KEY_KINDS), help="only this kind")
+    p.set_defaults(call=cmd_keys_list)
+    p = verbs.add_parser("rotate", parents=[common], help="rotate one kind now")
+    p.add_argument("kind", choices=sorted(KEY_KINDS))
+    p.set_defaults(call=cmd_keys_rotate)
+
+    settings = commands.add_parser(
+        "settings",
+        help="read and change settings",
+        description=SETTINGS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = settings.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = verbs.add_parser("list", parents=[common], help="every setting and its value")
+    p.add_argument("--reveal", action="store_true", help="show protected values (audited)")
+    p.set_defaults(call=cmd_settings_list)
+    p = verbs.add_parser("get", parents=[common], help="one setting's value")
+    p.add_argument("name")
+    p.add_argument("--reveal", action="store_true", help="show a protected value (audited)")
+    p.set_defaults(call=cmd_settings_get)
+    p = verbs.add_parser("set", parents=[common], help="change a setting")
+    p.add_argument("name")
+    p.add_argument("value")
+    p.set_defaults(call=cmd_settings_set)
+
+    trust = commands.add_parser("trust-state", help="the signed trust state components follow")
+    verbs = trust.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = verbs.add_parser(
+        "show",
+        parents=[common],
+        help="fetch the latest trust state, verify it against ca.pem, and show it",
+    )
+    p.add_argument("--out", type=Path, help="also write the signed trust state to this file")
+    p.set_defaults(call=cmd_trust_state_show)
+
+    p = commands.add_parser(
+        "sign", parents=[common], help="sign a file (at most 4 MiB) with the message-signing key"
+    )
+    p.add_argument("file", type=Path)
+    p.add_argument("--out", type=Path, help="signature file (default FILE.sig)")
+    p.set_defaults(call=cmd_sign)
+
+    p = commands.add_parser(
+        "verify",
+        parents=[common],
+        help="verify a signed file against a trust state (offline with --trust-state)",
+    )
+    p.add_argument("file", type=Path)
+    p.add_argument("signature", type=Path)
+    p.add_argument(
+        "--trust-state",
+        type=Path,
+        help="a trust state written by 'keyplane trust-state show --out'; without it the "
+        "latest is fetched from the server",
+    )
+    p.add_argument("--fingerprint", help="require the trust state to be signed by this root")
+    p.set_defaults(call=None, verify=True)
+
     for entry in entry_points(group=COMMAND_GROUP):
         entry.load()(commands)
     return parser
@@ -245,18 +562,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if hasattr(args, "func"):  # a registered command runs on its own
         return int(args.func(args))
-    credentials_dir = args.credentials or default_credentials_dir()
     try:
-        credential = load_credential(credentials_dir)
-    except CredentialError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 2
-    server = args.server or default_server(credentials_dir)
-    try:
-        with KeyplaneClient.connect(server, credential) as client:
+        if getattr(args, "verify", False) and args.trust_state:
+            return run_verify(args, None)  # offline: no server, no credential
+        credentials_dir = args.credentials or default_credentials_dir()
+        try:
+            args.credential = load_credential(credentials_dir)
+        except CredentialError as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return 2
+        server = args.server or default_server(credentials_dir)
+        with KeyplaneClient.connect(server, args.credential) as client:
+            if getattr(args, "verify", False):
+                return run_verify(args, client)
             return int(args.call(client, args))
     except KeyplaneClientError as exc:
         print(f"{PROG}: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 1
+    except (CliError, TrustStateError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -10,7 +11,20 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from keyplane.clients.credentials import Credential
-from keyplane.v1 import common_pb2, root_key_service_pb2, root_key_service_pb2_grpc
+from keyplane.v1 import (
+    common_pb2,
+    key_service_pb2,
+    key_service_pb2_grpc,
+    message_signing_service_pb2,
+    message_signing_service_pb2_grpc,
+    root_key_service_pb2,
+    root_key_service_pb2_grpc,
+    settings_service_pb2,
+    settings_service_pb2_grpc,
+    trust_state_pb2,
+    trust_state_service_pb2,
+    trust_state_service_pb2_grpc,
+)
 
 DEFAULT_TIMEOUT = 60.0
 
@@ -46,6 +60,18 @@ ALGORITHMS = {
     "rsa-4096": common_pb2.KEY_ALGORITHM_RSA_4096,
 }
 ALGORITHM_NAMES = {v: k for k, v in ALGORITHMS.items()}
+KEY_KINDS = {
+    "server-tls": key_service_pb2.KEY_KIND_SERVER_TLS,
+    "intermediate-tls": key_service_pb2.KEY_KIND_INTERMEDIATE_TLS,
+    "message-signing": key_service_pb2.KEY_KIND_MESSAGE_SIGNING,
+}
+KEY_KIND_NAMES = {v: k for k, v in KEY_KINDS.items()}
+# Room for a 4 MiB payload to sign plus its envelope.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
 
 
 def channel_for(address: str, credential: Credential) -> grpc.Channel:
@@ -55,7 +81,13 @@ def channel_for(address: str, credential: Credential) -> grpc.Channel:
         private_key=credential.private_key_pem,
         certificate_chain=credential.certificate_chain_pem,
     )
-    return grpc.secure_channel(address, creds)
+    return grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+
+
+def bootstrap_channel_for(address: str, root_certificates_pem: bytes) -> grpc.Channel:
+    """A server-TLS channel to a bootstrap listener, trusting `root_certificates_pem`."""
+    creds = grpc.ssl_channel_credentials(root_certificates=root_certificates_pem)
+    return grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
 
 
 class KeyplaneClient:
@@ -65,6 +97,10 @@ class KeyplaneClient:
         self._channel = channel
         self._timeout = timeout
         self._roots = root_key_service_pb2_grpc.RootKeyServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._keys = key_service_pb2_grpc.KeyServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._settings = settings_service_pb2_grpc.SettingsServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._trust = trust_state_service_pb2_grpc.TrustStateServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._signing = message_signing_service_pb2_grpc.MessageSigningServiceStub(channel)  # type: ignore[no-untyped-call]
 
     @classmethod
     def connect(cls, address: str, credential: Credential) -> KeyplaneClient:
@@ -128,3 +164,65 @@ class KeyplaneClient:
             self._roots.GetLegacyRootKey, root_key_service_pb2.GetLegacyRootKeyRequest()
         )
         return response.legacy
+
+    def list_keys(self, kind: str | None = None) -> list[key_service_pb2.Key]:
+        request = key_service_pb2.ListKeysRequest(
+            kind=KEY_KINDS[kind] if kind else key_service_pb2.KEY_KIND_UNSPECIFIED
+        )
+        response: key_service_pb2.ListKeysResponse = self._call(self._keys.ListKeys, request)
+        return list(response.keys)
+
+    def rotate_key(self, kind: str) -> key_service_pb2.Key:
+        request = key_service_pb2.RotateKeyRequest(kind=KEY_KINDS[kind])
+        response: key_service_pb2.RotateKeyResponse = self._call(self._keys.RotateKey, request)
+        return response.key
+
+    def list_settings(self, reveal: bool = False) -> list[settings_service_pb2.Setting]:
+        response: settings_service_pb2.ListSettingsResponse = self._call(
+            self._settings.ListSettings, settings_service_pb2.ListSettingsRequest(reveal=reveal)
+        )
+        return list(response.settings)
+
+    def get_setting(self, name: str, reveal: bool = False) -> settings_service_pb2.Setting:
+        response: settings_service_pb2.GetSettingResponse = self._call(
+            self._settings.GetSetting,
+            settings_service_pb2.GetSettingRequest(name=name, reveal=reveal),
+        )
+        return response.setting
+
+    def update_setting(self, name: str, value: str) -> settings_service_pb2.Setting:
+        response: settings_service_pb2.UpdateSettingResponse = self._call(
+            self._settings.UpdateSetting,
+            settings_service_pb2.UpdateSettingRequest(name=name, value=value),
+        )
+        return response.setting
+
+    def get_trust_state(self, since_version: int = 0) -> list[trust_state_pb2.SignedTrustState]:
+        response: trust_state_service_pb2.GetTrustStateResponse = self._call(
+            self._trust.GetTrustState,
+            trust_state_service_pb2.GetTrustStateRequest(since_version=since_version),
+        )
+        return list(response.versions)
+
+    def watch_trust_state(
+        self, since_version: int = 0, timeout: float | None = None
+    ) -> Iterator[list[trust_state_pb2.SignedTrustState]]:
+        """Yield each batch of versions as the server sends it (blocks between batches)."""
+        stream = self._trust.WatchTrustState(
+            trust_state_service_pb2.WatchTrustStateRequest(since_version=since_version),
+            timeout=timeout,
+        )
+        try:
+            for response in stream:
+                yield list(response.versions)
+        except grpc.RpcError as exc:
+            raise KeyplaneClientError.from_rpc_error(exc) from None
+        finally:
+            stream.cancel()
+
+    def sign_message(self, payload: bytes) -> message_signing_service_pb2.SignedMessage:
+        response: message_signing_service_pb2.SignMessageResponse = self._call(
+            self._signing.SignMessage,
+            message_signing_service_pb2.SignMessageRequest(payload=payload),
+        )
+        return response.signed_message
