@@ -90,6 +90,26 @@ def bootstrap_channel_for(address: str, root_certificates_pem: bytes) -> grpc.Ch
     return grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
 
 
+class TrustStateWatch:
+    """An open WatchTrustState stream: iterate for batches of versions, oldest first."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> Iterator[list[trust_state_pb2.SignedTrustState]]:
+        try:
+            for response in self._call:
+                yield list(response.versions)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise KeyplaneClientError.from_rpc_error(exc) from None
+
+    def cancel(self) -> None:
+        """End the stream (from any thread); the iterator then stops."""
+        self._call.cancel()
+
+
 class KeyplaneClient:
     """Calls a keyplane server; every method raises KeyplaneClientError on failure."""
 
@@ -206,19 +226,13 @@ class KeyplaneClient:
 
     def watch_trust_state(
         self, since_version: int = 0, timeout: float | None = None
-    ) -> Iterator[list[trust_state_pb2.SignedTrustState]]:
-        """Yield each batch of versions as the server sends it (blocks between batches)."""
-        stream = self._trust.WatchTrustState(
+    ) -> TrustStateWatch:
+        """A stream of version batches as the server commits them; cancel() ends it."""
+        call = self._trust.WatchTrustState(
             trust_state_service_pb2.WatchTrustStateRequest(since_version=since_version),
             timeout=timeout,
         )
-        try:
-            for response in stream:
-                yield list(response.versions)
-        except grpc.RpcError as exc:
-            raise KeyplaneClientError.from_rpc_error(exc) from None
-        finally:
-            stream.cancel()
+        return TrustStateWatch(call)
 
     def sign_message(self, payload: bytes) -> message_signing_service_pb2.SignedMessage:
         response: message_signing_service_pb2.SignMessageResponse = self._call(

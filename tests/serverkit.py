@@ -22,6 +22,7 @@ from keyplane.clients.client import KeyplaneClient
 from keyplane.clients.credentials import load_credential
 from keyplane.server.app import KeyplaneServer
 from keyplane.server.config import ServerConfig, load_config
+from keyplane.server.domain.clock import Clock
 
 FQDN = "pki.test"
 KEYPLANE = str(Path(sys.executable).with_name("keyplane"))
@@ -30,9 +31,9 @@ KEYPLANE = str(Path(sys.executable).with_name("keyplane"))
 class RunningServer:
     """A KeyplaneServer serving on its own event loop in a background thread."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, clock: Clock | None = None) -> None:
         self.config = config
-        self.server = KeyplaneServer(config)
+        self.server = KeyplaneServer(config, clock)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -80,8 +81,10 @@ def server_config(data_dir: Path, **overrides: Any) -> ServerConfig:
 
 
 @contextmanager
-def running_server(data_dir: Path, **overrides: Any) -> Iterator[RunningServer]:
-    server = RunningServer(server_config(data_dir, **overrides))
+def running_server(
+    data_dir: Path, clock: Clock | None = None, **overrides: Any
+) -> Iterator[RunningServer]:
+    server = RunningServer(server_config(data_dir, **overrides), clock)
     try:
         yield server
     finally:
