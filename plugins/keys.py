@@ -240,6 +240,23 @@ class TlsKeySource(abc.ABC):
         """The key at `uri` as unencrypted PKCS#8 PEM, for the in-process TLS stack only."""
 
 
+class SecretStore(abc.ABC):
+    """A backend that also keeps small secrets (protected settings) sealed, and whose
+    seal can be re-keyed under a new password."""
+
+    @abc.abstractmethod
+    def store_secret(self, name: str, value: bytes) -> None:
+        """Seal `value` under `name`, replacing any previous value."""
+
+    @abc.abstractmethod
+    def load_secret(self, name: str) -> bytes | None:
+        """The secret stored under `name`, or None."""
+
+    @abc.abstractmethod
+    def change_password(self, new_password: bytes) -> None:
+        """Re-seal everything under a key derived from `new_password`, atomically."""
+
+
 class KeyBackend(abc.ABC):
     """One configured key store. `keyplane_open_backend` returns one; the facade routes to it.
 

@@ -22,6 +22,7 @@ from keyplane.plugins.keys import (
     KeyAlgorithm,
     KeyBackend,
     PublicKey,
+    SecretStore,
     TlsKeySource,
 )
 from keyplane.plugins.uri import scheme_of
@@ -110,6 +111,13 @@ class KeyBackends:
                 "keep TLS listener keys in the software backend"
             )
         return backend.tls_private_key_pem(uri)
+
+    def secret_store(self) -> SecretStore:
+        """The backend that keeps protected settings (the software backend)."""
+        for backend in self._backends.values():
+            if isinstance(backend, SecretStore):
+                return backend
+        raise BackendConfigError("no configured key backend can keep secrets (add software)")
 
     def destroy_key(self, uri: str) -> None:
         self.for_uri(uri).destroy_key(uri)

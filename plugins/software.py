@@ -17,6 +17,7 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -40,6 +41,7 @@ from keyplane.plugins.keys import (
     KeyAlgorithm,
     KeyBackend,
     PublicKey,
+    SecretStore,
     TlsKeySource,
     backend_private_key,
 )
@@ -64,6 +66,11 @@ CREATE TABLE IF NOT EXISTS header (
     check_nonce BLOB NOT NULL,
     check_sealed BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT PRIMARY KEY,
+    nonce BLOB NOT NULL,
+    sealed BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS keys (
     id TEXT PRIMARY KEY,
     label TEXT NOT NULL,
@@ -78,6 +85,31 @@ CREATE TABLE IF NOT EXISTS keys (
 
 def _aad(key_id: str) -> bytes:
     return b"keyplane:key:" + key_id.encode()
+
+
+def _secret_aad(name: str) -> bytes:
+    return b"keyplane:secret:" + name.encode()
+
+
+@dataclass(frozen=True)
+class PasswordSink:
+    """Where the configured password comes from, so a new one can be put there."""
+
+    file: Path | None = None
+    env: str | None = None
+
+    def write(self, password: bytes) -> None:
+        if self.file is not None:
+            tmp = self.file.with_name(self.file.name + ".new")
+            tmp.unlink(missing_ok=True)
+            _write_private_file(tmp, password + b"\n")
+            os.replace(tmp, self.file)
+        elif self.env is not None:
+            log.warning(
+                "software backend: the PKI database password changed; set %s to the new "
+                "password before the next start",
+                self.env,
+            )
 
 
 def _read_password(options: Mapping[str, object]) -> bytes | None:
@@ -126,13 +158,16 @@ def _generate(algorithm: KeyAlgorithm) -> ec.EllipticCurvePrivateKey | rsa.RSAPr
     return rsa.generate_private_key(public_exponent=65537, key_size=algorithm.rsa_bits)
 
 
-class SoftwareBackend(KeyBackend, TlsKeySource):
+class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore):
     """Keys sealed in one pki.db file; unsealed keys are kept only in this process's memory."""
 
     name = NAME
 
-    def __init__(self, path: Path, password: bytes | None) -> None:
+    def __init__(
+        self, path: Path, password: bytes | None, password_sink: PasswordSink | None = None
+    ) -> None:
         self.path = path
+        self._password_sink = password_sink
         self._lock = threading.RLock()
         self._cache: dict[str, BackendPrivateKey] = {}
         try:
@@ -229,8 +264,31 @@ class SoftwareBackend(KeyBackend, TlsKeySource):
             )
         return kek
 
+    def store_secret(self, name: str, value: bytes) -> None:
+        nonce = secrets.token_bytes(12)
+        sealed = self._aead.encrypt(nonce, value, _secret_aad(name))
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO secrets (name, nonce, sealed) VALUES (?, ?, ?) ON CONFLICT (name) "
+                "DO UPDATE SET nonce = excluded.nonce, sealed = excluded.sealed",
+                (name, nonce, sealed),
+            )
+
+    def load_secret(self, name: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT nonce, sealed FROM secrets WHERE name = ?", (name,)
+            ).fetchone()
+        if row is None:
+            return None
+        try:
+            return self._aead.decrypt(row[0], row[1], _secret_aad(name))
+        except InvalidTag:
+            raise BackendAuthError(f"software backend: secret {name} does not unseal") from None
+
     def change_password(self, new_password: bytes) -> None:
-        """Re-seal every key under a KEK from `new_password`, in one transaction."""
+        """Re-seal every key and secret under a KEK from `new_password`, in one transaction,
+        then put the new password where the configuration reads it from."""
         salt = secrets.token_bytes(16)
         new_kek = _derive_kek(new_password, salt, SCRYPT_PARAMS)
         new_aead = AESGCM(new_kek)
@@ -242,6 +300,13 @@ class SoftwareBackend(KeyBackend, TlsKeySource):
                 db.execute(
                     "UPDATE keys SET nonce = ?, sealed = ? WHERE id = ?",
                     (new_nonce, new_aead.encrypt(new_nonce, plain, _aad(key_id)), key_id),
+                )
+            for name, nonce, sealed in db.execute("SELECT name, nonce, sealed FROM secrets"):
+                plain = self._aead.decrypt(nonce, sealed, _secret_aad(name))
+                new_nonce = secrets.token_bytes(12)
+                db.execute(
+                    "UPDATE secrets SET nonce = ?, sealed = ? WHERE name = ?",
+                    (new_nonce, new_aead.encrypt(new_nonce, plain, _secret_aad(name)), name),
                 )
             check_nonce = secrets.token_bytes(12)
             db.execute(
@@ -257,6 +322,8 @@ class SoftwareBackend(KeyBackend, TlsKeySource):
         self._aead = new_aead
         with contextlib.suppress(FileNotFoundError):
             self.key_file.unlink()
+        if self._password_sink is not None:
+            self._password_sink.write(new_password)
 
     # -- keys ---------------------------------------------------------------------------
 
@@ -384,4 +451,8 @@ def keyplane_open_backend(
             f"software backend: unknown option(s) {', '.join(sorted(unknown))}"
         )
     path = Path(str(options.get("path") or data_dir / "pki.db"))
-    return SoftwareBackend(path, _read_password(options))
+    sink = PasswordSink(
+        file=Path(str(options["password_file"])) if options.get("password_file") else None,
+        env=str(options["password_env"]) if options.get("password_env") else None,
+    )
+    return SoftwareBackend(path, _read_password(options), sink)

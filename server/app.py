@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -24,8 +25,8 @@ from keyplane.server.config import ServerConfig, format_address
 from keyplane.server.domain import certs
 from keyplane.server.domain.clock import Clock, SystemClock
 from keyplane.server.domain.hierarchy import Hierarchy, StartReport, TlsMaterial
-from keyplane.server.interceptor import KeyplaneInterceptor
 from keyplane.server.domain.signing import MAX_PAYLOAD, MessageSigner
+from keyplane.server.interceptor import KeyplaneInterceptor
 from keyplane.server.services.keys import KeyServicer
 from keyplane.server.services.message_signing import MessageSigningServicer
 from keyplane.server.services.root_keys import RootKeyServicer
@@ -153,19 +154,32 @@ class KeyplaneServer:
         notifier = VersionNotifier()
         notifier.published(hierarchy.trust.latest_version())
         loop = asyncio.get_running_loop()
-        hierarchy.trust.on_publish(lambda v: loop.call_soon_threadsafe(notifier.published, v))
-        for add, servicer in (
-            (root_key_service_pb2_grpc.add_RootKeyServiceServicer_to_server, RootKeyServicer),
-            (key_service_pb2_grpc.add_KeyServiceServicer_to_server, KeyServicer),
-            (settings_service_pb2_grpc.add_SettingsServiceServicer_to_server, SettingsServicer),
-        ):
-            add(servicer(hierarchy), server)
-        trust_state_service_pb2_grpc.add_TrustStateServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            TrustStateServicer(hierarchy.trust, notifier), server
-        )
-        message_signing_service_pb2_grpc.add_MessageSigningServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            MessageSigningServicer(MessageSigner(hierarchy)), server
-        )
+
+        def wake_watchers(version: int) -> None:
+            loop.call_soon_threadsafe(notifier.published, version)
+
+        hierarchy.trust.on_publish(wake_watchers)
+        servicers: list[tuple[Callable[..., None], object]] = [
+            (
+                root_key_service_pb2_grpc.add_RootKeyServiceServicer_to_server,
+                RootKeyServicer(hierarchy),
+            ),
+            (key_service_pb2_grpc.add_KeyServiceServicer_to_server, KeyServicer(hierarchy)),
+            (
+                settings_service_pb2_grpc.add_SettingsServiceServicer_to_server,
+                SettingsServicer(hierarchy),
+            ),
+            (
+                trust_state_service_pb2_grpc.add_TrustStateServiceServicer_to_server,
+                TrustStateServicer(hierarchy.trust, notifier),
+            ),
+            (
+                message_signing_service_pb2_grpc.add_MessageSigningServiceServicer_to_server,
+                MessageSigningServicer(MessageSigner(hierarchy)),
+            ),
+        ]
+        for add, servicer in servicers:
+            add(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

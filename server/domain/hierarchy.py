@@ -120,7 +120,7 @@ class Hierarchy:
         self.backends = backends
         self.clock = clock
         self.faults = faults or Faults(config.kill_at)
-        self.settings = Settings(store)
+        self.settings = Settings(store, backends.secret_store())
         self.trust = TrustStatePublisher(
             config.fqdn, store, backends, self.settings, clock, self.faults
         )

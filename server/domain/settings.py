@@ -12,10 +12,13 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 
+from keyplane.plugins.keys import SecretStore
 from keyplane.server.errors import InvalidArgument
 from keyplane.server.store import StateStore
 
 MASK = "********"
+DATABASE_PASSWORD = "PKIDatabasePassword"  # noqa: S105 - a setting name
+MIN_PASSWORD_LENGTH = 12
 KINDS = ("ClientTLS", "IntermediateTLS", "ServerTLS", "MessageSigning")
 # Key kinds of the state DB behind each settings Kind.
 KIND_OF = {
@@ -87,6 +90,14 @@ DEFINITIONS: dict[str, SettingDefinition] = {
             "global",
             "let anyone with the init bundle enroll without a token",
         ),
+        SettingDefinition(
+            DATABASE_PASSWORD,
+            "protected",
+            "",
+            "server",
+            "local",
+            "password that seals pki.db; setting it re-seals every key at once",
+        ),
     ]
 }
 
@@ -120,14 +131,19 @@ def _check_value(definition: SettingDefinition, value: str) -> str:
         return lowered
     if len(value) > 4096:
         raise InvalidArgument(f"{definition.name} is longer than 4096 characters")
+    if definition.name == DATABASE_PASSWORD and len(value) < MIN_PASSWORD_LENGTH:
+        raise InvalidArgument(
+            f"{DATABASE_PASSWORD} must be at least {MIN_PASSWORD_LENGTH} characters"
+        )
     return value
 
 
 class Settings:
     """Reads and validated writes of settings, over the state DB."""
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: StateStore, secrets: SecretStore) -> None:
         self.store = store
+        self.secrets = secrets
 
     def definition(self, name: str) -> SettingDefinition:
         try:
@@ -162,22 +178,35 @@ class Settings:
         values = self.values()
         return {n: values[n] for n, d in DEFINITIONS.items() if d.affects == "client"}
 
-    def list(self, reveal: bool = False) -> list[Setting]:
+    def list(self, reveal: bool = False, actor: str = "") -> list[Setting]:
         stored = self.store.settings()
+        protected = [
+            n for n, d in DEFINITIONS.items() if d.value_type == "protected" and n in stored
+        ]
+        if reveal and protected:
+            # Audited before anything is shown: no record, no reveal.
+            with self.store.transaction(datetime.datetime.now(datetime.UTC)) as tx:
+                for name in protected:
+                    tx.audit(actor, "setting.reveal", name)
         found = []
         for name, definition in DEFINITIONS.items():
             value, at, by = stored.get(name, (definition.default, None, None))
-            if definition.value_type == "protected" and not reveal:
-                value = MASK
+            if definition.value_type == "protected" and name in stored:
+                secret = self.secrets.load_secret(name) if reveal else None
+                value = secret.decode() if secret is not None else MASK
             found.append(Setting(definition, value, name not in stored, at, by))
         return found
 
     def get(self, name: str, reveal: bool = False, actor: str = "") -> Setting:
         definition = self.definition(name)
-        setting = next(s for s in self.list(reveal) if s.definition.name == definition.name)
-        if reveal and definition.value_type == "protected":
+        values = self.list(False, actor)
+        setting = next(s for s in values if s.definition.name == definition.name)
+        if reveal and definition.value_type == "protected" and not setting.is_default:
             with self.store.transaction(datetime.datetime.now(datetime.UTC)) as tx:
                 tx.audit(actor, "setting.reveal", name)
+            secret = self.secrets.load_secret(name)
+            value = secret.decode() if secret is not None else MASK
+            return Setting(definition, value, False, setting.updated_at, setting.updated_by)
         return setting
 
     def set(self, name: str, value: str, actor: str, now: datetime.datetime) -> Setting:
@@ -193,8 +222,16 @@ class Settings:
                     f"PKI{kind}KeyRenewalWindowHours ({window}) must be shorter than "
                     f"PKI{kind}KeyValidityHours ({validity})"
                 )
+        stored = clean
+        if definition.value_type == "protected":
+            if name == DATABASE_PASSWORD:
+                # Re-seals every key and secret in pki.db atomically, then updates the
+                # configured password file.
+                self.secrets.change_password(clean.encode())
+            self.secrets.store_secret(name, clean.encode())
+            stored = MASK  # the value itself lives sealed in pki.db, never in keyplane.db
         with self.store.transaction(now) as tx:
-            tx.set_setting(name, clean, definition.scope, actor)
+            tx.set_setting(name, stored, definition.scope, actor)
             shown = MASK if definition.value_type == "protected" else clean
             tx.audit(actor, "setting.update", name, value=shown)
         return self.get(name)

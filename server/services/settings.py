@@ -20,7 +20,7 @@ class SettingsServicer(settings_service_pb2_grpc.SettingsServiceServicer):
     async def ListSettings(
         self, request: pb.ListSettingsRequest, context: Context
     ) -> pb.ListSettingsResponse:
-        values = await asyncio.to_thread(self._hierarchy.settings.list, request.reveal)
+        values = await asyncio.to_thread(self._hierarchy.settings.list, request.reveal, actor())
         return pb.ListSettingsResponse(settings=[convert.setting(s) for s in values])
 
     async def GetSetting(

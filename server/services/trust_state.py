@@ -7,9 +7,8 @@ from collections.abc import AsyncIterator
 
 from keyplane.server.domain.trust import TrustStatePublisher
 from keyplane.server.services.root_keys import Context
-from keyplane.v1 import trust_state_pb2
+from keyplane.v1 import trust_state_pb2, trust_state_service_pb2_grpc
 from keyplane.v1 import trust_state_service_pb2 as pb
-from keyplane.v1 import trust_state_service_pb2_grpc
 
 # Watchers also look at the DB this often, in case another worker published.
 POLL_SECONDS = 2.0
