@@ -36,7 +36,9 @@ def generate_api() -> None:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed to generate the keyplane.v1 API")
-    (package_dir / "__init__.py").write_text('"""Generated keyplane v1 API (built from proto/)."""\n')
+    (package_dir / "__init__.py").write_text(
+        '"""Generated keyplane v1 API (built from proto/)."""\n'
+    )
     (package_dir / "py.typed").write_text("")
 
 

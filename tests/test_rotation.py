@@ -42,8 +42,7 @@ def valid_chain(server: RunningServer, kind: str, now: datetime.datetime) -> x50
     record = hierarchy.active_key(kind)
     cert = x509.load_pem_x509_certificate(record.certificate_pem.encode())
     roots = [
-        x509.load_pem_x509_certificate(r.certificate_pem.encode())
-        for r in hierarchy.active_roots()
+        x509.load_pem_x509_certificate(r.certificate_pem.encode()) for r in hierarchy.active_roots()
     ]
     assert cert.not_valid_before_utc <= now < cert.not_valid_after_utc, (kind, now)
     if kind == "server_tls":
