@@ -171,3 +171,80 @@ def test_serve_refuses_a_bad_config_with_a_clear_message(tmp_path: Path) -> None
 def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
     process = ServerProcess(tmp_path / "data")
     assert process.stop(signal.SIGINT) == 0
+
+
+def test_keys_settings_trust_state_sign_and_verify_through_the_cli(
+    served: ServerProcess, tmp_path: Path
+) -> None:
+    data = served.data_dir
+    keys = cli_json(data, "keys", "list")
+    assert isinstance(keys, list)
+    assert sorted(k["kind"] for k in keys) == ["intermediate-tls", "message-signing", "server-tls"]
+    assert {k["state"] for k in keys} == {"active"}
+    assert all(
+        set(k) >= {"fingerprint", "issuer_fingerprint", "not_before", "not_after", "backend"}
+        for k in keys
+    )
+    rotated = cli_json(data, "keys", "rotate", "message-signing")
+    assert isinstance(rotated, dict) and rotated["state"] == "active"
+    only = cli_json(data, "keys", "list", "--kind", "message-signing")
+    assert isinstance(only, list)
+    assert [k["state"] for k in only] == ["active", "retired"]
+
+    setting = cli_json(data, "settings", "set", "PKIMessageSigningKeyRenewalWindowHours", "48")
+    assert isinstance(setting, dict) and setting["value"] == "48"
+    got = run_cli("settings", "get", "PKIMessageSigningKeyRenewalWindowHours", data_dir=data)
+    assert got.stdout.strip() == "48"
+    bad = run_cli("settings", "set", "PKIMessageSigningKeyRenewalWindowHours", "0", data_dir=data)
+    assert bad.returncode == 1 and bad.stderr.startswith("keyplane: INVALID_ARGUMENT:")
+
+    trust_file = tmp_path / "trust.bin"
+    shown = cli_json(data, "trust-state", "show", "--out", str(trust_file))
+    assert isinstance(shown, dict) and shown["version"] >= 1
+    assert trust_file.stat().st_size > 0
+
+    payload = tmp_path / "policy.json"
+    payload.write_text('{"allow": ["agent"]}\n')
+    signed = run_cli("sign", str(payload), data_dir=data)
+    assert signed.returncode == 0, signed.stderr
+    signature = tmp_path / "policy.json.sig"
+    assert signature.exists()
+    fingerprint = shown["roots"][0]["fingerprint"]
+    # Offline: no server, no credential.
+    offline = run_cli(
+        "verify",
+        str(payload),
+        str(signature),
+        "--trust-state",
+        str(trust_file),
+        "--fingerprint",
+        fingerprint,
+        data_dir=tmp_path / "no-credentials",
+    )
+    assert offline.returncode == 0, offline.stderr
+    assert offline.stdout.startswith("OK: signed by")
+    online = run_cli("verify", str(payload), str(signature), "--json", data_dir=data)
+    assert online.returncode == 0 and json.loads(online.stdout)["valid"] is True
+
+    payload.write_text('{"allow": ["everyone"]}\n')
+    tampered = run_cli(
+        "verify",
+        str(payload),
+        str(signature),
+        "--trust-state",
+        str(trust_file),
+        data_dir=tmp_path / "no-credentials",
+    )
+    assert tampered.returncode == 1
+    assert "signature rejected: the payload does not match its signature" in tampered.stderr
+    wrong_pin = run_cli(
+        "verify",
+        str(payload),
+        str(signature),
+        "--trust-state",
+        str(trust_file),
+        "--fingerprint",
+        "ab" * 32,
+        data_dir=tmp_path / "no-credentials",
+    )
+    assert wrong_pin.returncode == 1 and "pinned fingerprint" in wrong_pin.stderr
