@@ -22,11 +22,17 @@ from grpc_reflection.v1alpha import reflection
 
 from keyplane.plugins.manager import KeyBackends
 from keyplane.server.config import ServerConfig, format_address
-from keyplane.server.domain import certs
 from keyplane.server.domain.clock import Clock, SystemClock
+from keyplane.server.domain.enrollment import Enrollment
 from keyplane.server.domain.hierarchy import Hierarchy, StartReport, TlsMaterial
 from keyplane.server.domain.signing import MAX_PAYLOAD, MessageSigner
 from keyplane.server.interceptor import KeyplaneInterceptor
+from keyplane.server.services.enrollment import (
+    BundleServicer,
+    CertificateServicer,
+    EnrollmentServicer,
+    ZoneServicer,
+)
 from keyplane.server.services.keys import KeyServicer
 from keyplane.server.services.message_signing import MessageSigningServicer
 from keyplane.server.services.root_keys import RootKeyServicer
@@ -34,6 +40,12 @@ from keyplane.server.services.settings import SettingsServicer
 from keyplane.server.services.trust_state import TrustStateServicer, VersionNotifier
 from keyplane.server.store import StateStore
 from keyplane.v1 import (
+    bundle_service_pb2,
+    bundle_service_pb2_grpc,
+    certificate_service_pb2,
+    certificate_service_pb2_grpc,
+    enrollment_service_pb2,
+    enrollment_service_pb2_grpc,
     key_service_pb2,
     key_service_pb2_grpc,
     message_signing_service_pb2,
@@ -44,6 +56,8 @@ from keyplane.v1 import (
     settings_service_pb2_grpc,
     trust_state_service_pb2,
     trust_state_service_pb2_grpc,
+    zone_service_pb2,
+    zone_service_pb2_grpc,
 )
 
 log = logging.getLogger(__name__)
@@ -56,6 +70,10 @@ SERVICE_NAMES = tuple(
         settings_service_pb2,
         trust_state_service_pb2,
         message_signing_service_pb2,
+        enrollment_service_pb2,
+        zone_service_pb2,
+        certificate_service_pb2,
+        bundle_service_pb2,
     )
     for service in module.DESCRIPTOR.services_by_name.values()
 )
@@ -69,6 +87,8 @@ class Endpoints:
 
     listen: str
     bootstrap_listen: str
+    connect_listen: str
+    connect_bootstrap: str
 
 
 class KeyplaneServer:
@@ -125,19 +145,13 @@ class KeyplaneServer:
         )
 
     def _still_valid(self, cert: x509.Certificate) -> str | None:
-        """Why a TLS-verified client certificate must be refused, or None if it is good."""
-        assert self._store is not None and self.hierarchy is not None  # noqa: S101
-        record = self._store.certificate(certs.serial_hex(cert))
-        if record is None:
-            return "this server has no record of issuing it"
-        if record.revoked_at is not None:
-            return f"it was revoked ({record.revoke_reason})"
-        active = {r.fingerprint for r in self.hierarchy.active_roots()}
-        if record.issuer_fingerprint not in active:
-            return "its issuer is no longer active"
-        if record.not_after < self.clock.now():
-            return "it has expired"
-        return None
+        assert self.hierarchy is not None  # noqa: S101
+        return self.hierarchy.check_client_certificate(cert)
+
+    def _advertised(self) -> tuple[str, str]:
+        """The addresses components should use: the bound ports, on a connectable host."""
+        assert self.endpoints is not None  # noqa: S101 - start() ran
+        return self.endpoints.connect_listen, self.endpoints.connect_bootstrap
 
     async def start(self) -> Endpoints:
         if self.hierarchy is None:
@@ -151,6 +165,7 @@ class KeyplaneServer:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
         )
+        enrollment = Enrollment(hierarchy)
         notifier = VersionNotifier()
         notifier.published(hierarchy.trust.latest_version())
         loop = asyncio.get_running_loop()
@@ -177,6 +192,19 @@ class KeyplaneServer:
                 message_signing_service_pb2_grpc.add_MessageSigningServiceServicer_to_server,
                 MessageSigningServicer(MessageSigner(hierarchy)),
             ),
+            (
+                enrollment_service_pb2_grpc.add_EnrollmentServiceServicer_to_server,
+                EnrollmentServicer(enrollment),
+            ),
+            (zone_service_pb2_grpc.add_ZoneServiceServicer_to_server, ZoneServicer(enrollment)),
+            (
+                certificate_service_pb2_grpc.add_CertificateServiceServicer_to_server,
+                CertificateServicer(enrollment),
+            ),
+            (
+                bundle_service_pb2_grpc.add_BundleServiceServicer_to_server,
+                BundleServicer(enrollment, self._advertised),
+            ),
         ]
         for add, servicer in servicers:
             add(servicer, server)
@@ -195,14 +223,16 @@ class KeyplaneServer:
         self._server = server
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.endpoints = Endpoints(
-            format_address(host, bound), format_address(boot_host, boot_bound)
-        )
         connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
-        self.hierarchy.admin_dir.write_endpoint(
+        connect_boot = "127.0.0.1" if boot_host in ("0.0.0.0", "") else boot_host  # noqa: S104
+        self.endpoints = Endpoints(
+            format_address(host, bound),
+            format_address(boot_host, boot_bound),
             format_address(connect_host, bound),
-            format_address(connect_host, boot_bound),
-            self.config.fqdn,
+            format_address(connect_boot, boot_bound),
+        )
+        self.hierarchy.admin_dir.write_endpoint(
+            self.endpoints.connect_listen, self.endpoints.connect_bootstrap, self.config.fqdn
         )
         self._scheduler = asyncio.create_task(self._rotation_loop())
         return self.endpoints

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from cryptography import x509
 
 from keyplane.server.domain import certs
+from keyplane.server.domain.identity import Identity
 from keyplane.server.errors import PermissionDenied, Unauthenticated
 
 
@@ -24,6 +24,8 @@ class Access(enum.Enum):
 
     PUBLIC = "public"
     ADMIN = "admin"
+    AGENT = "agent"
+    ZONE = "zone-server"
 
 
 # Every RPC keyplane serves. A method missing here is refused, never let through.
@@ -44,26 +46,21 @@ ACCESS: dict[str, Access] = {
     "/keyplane.v1.SettingsService/GetSetting": Access.ADMIN,
     "/keyplane.v1.SettingsService/UpdateSetting": Access.ADMIN,
     "/keyplane.v1.MessageSigningService/SignMessage": Access.ADMIN,
+    "/keyplane.v1.BundleService/GetInitBundle": Access.ADMIN,
+    "/keyplane.v1.BundleService/GetLegacyPublicKey": Access.ADMIN,
+    "/keyplane.v1.CertificateService/ListCertificates": Access.ADMIN,
+    "/keyplane.v1.CertificateService/RevokeCertificate": Access.ADMIN,
+    "/keyplane.v1.CertificateService/CreateEnrollmentToken": Access.ADMIN,
+    # Enrollment carries its own credential (a token), checked by the domain.
+    "/keyplane.v1.EnrollmentService/Enroll": Access.PUBLIC,
+    "/keyplane.v1.EnrollmentService/Renew": Access.AGENT,
+    "/keyplane.v1.ZoneService/EnrollZoneServer": Access.PUBLIC,
+    "/keyplane.v1.ZoneService/RenewZoneServer": Access.ZONE,
+    "/keyplane.v1.ZoneService/ReportIssuedCertificates": Access.ZONE,
     # Signed documents, verified by the component against the roots it pins.
     "/keyplane.v1.TrustStateService/GetTrustState": Access.PUBLIC,
     "/keyplane.v1.TrustStateService/WatchTrustState": Access.PUBLIC,
 }
-
-
-@dataclass(frozen=True)
-class Identity:
-    """A caller verified by mutual TLS."""
-
-    common_name: str
-    serial: str
-    roles: frozenset[str]
-    issuer_subject: str
-    certificate: x509.Certificate
-
-    @property
-    def actor(self) -> str:
-        """How the audit log names this caller."""
-        return f"{self.common_name} (serial {self.serial})"
 
 
 def identity_from_pem(pem: bytes) -> Identity:

@@ -21,7 +21,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from keyplane.plugins import errors as backend_errors
-from keyplane.server.auth import CertificateCheck, Identity, authorize
+from keyplane.server.auth import CertificateCheck, authorize
+from keyplane.server.domain.identity import Identity
 from keyplane.server.errors import KeyplaneError
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS meta (
 CREATE TABLE IF NOT EXISTS keys (
     fingerprint TEXT PRIMARY KEY,
     kind TEXT NOT NULL CHECK (kind IN ('root', 'legacy_root', 'server_tls',
-        'intermediate_tls', 'message_signing')),
+        'intermediate_tls', 'message_signing', 'zone_intermediate')),
     name TEXT NOT NULL,
     number INTEGER,
     algorithm TEXT NOT NULL,
@@ -80,6 +80,22 @@ CREATE TABLE IF NOT EXISTS trust_states (
     root_set TEXT NOT NULL,
     signed BLOB NOT NULL,
     created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+    token_hash TEXT PRIMARY KEY,
+    role TEXT NOT NULL CHECK (role IN ('agent', 'zone-server')),
+    uses_left INTEGER NOT NULL CHECK (uses_left >= 0),
+    uses INTEGER NOT NULL,
+    expires_at TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    created_by TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS zone_servers (
+    name TEXT PRIMARY KEY,
+    listen TEXT NOT NULL,
+    bootstrap_listen TEXT NOT NULL,
+    registered_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -156,6 +172,16 @@ class TrustStateRecord:
     root_set: str
     signed: bytes
     created_at: datetime.datetime
+
+
+@dataclass(frozen=True)
+class ZoneServerRecord:
+    """A zone server that enrolled with this server."""
+
+    name: str
+    listen: str
+    bootstrap_listen: str
+    registered_at: datetime.datetime
 
 
 @dataclass(frozen=True)
@@ -265,6 +291,55 @@ class Transaction:
                 "excluded.value)",
                 (str(record.number),),
             )
+
+    def insert_token(
+        self, token_hash: str, role: str, uses: int, expires_at: datetime.datetime, by: str
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO enrollment_tokens (token_hash, role, uses_left, uses, expires_at, "
+            "created_at, created_by) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (token_hash, role, uses, uses, _ts(expires_at), _ts(self.now), by),
+        )
+
+    def consume_token(self, token_hash: str, role: str) -> bool:
+        """Use the token once if it exists, has the role, is unexpired and has uses left."""
+        return (
+            self._db.execute(
+                "UPDATE enrollment_tokens SET uses_left = uses_left - 1 WHERE token_hash = ? "
+                "AND role = ? AND uses_left > 0 AND expires_at > ?",
+                (token_hash, role, _ts(self.now)),
+            ).rowcount
+            == 1
+        )
+
+    def upsert_zone_server(self, name: str, listen: str, bootstrap_listen: str) -> None:
+        self._db.execute(
+            "INSERT INTO zone_servers (name, listen, bootstrap_listen, registered_at, "
+            "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+            "listen = excluded.listen, bootstrap_listen = excluded.bootstrap_listen, "
+            "updated_at = excluded.updated_at",
+            (name, listen, bootstrap_listen, _ts(self.now), _ts(self.now)),
+        )
+
+    def insert_certificate_if_new(self, record: CertificateRecord) -> bool:
+        exists = self._db.execute(
+            "SELECT 1 FROM certificates WHERE serial = ?", (record.serial,)
+        ).fetchone()
+        if exists:
+            return False
+        self.insert_certificate(record)
+        return True
+
+    def revoke_certificate(self, serial: str, by: str, reason: str) -> None:
+        self._db.execute(
+            "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
+            (_ts(self.now), reason, serial),
+        )
+        self._db.execute(
+            "INSERT INTO revocations (target_kind, target, revoked_at, revoked_by, reason) "
+            "VALUES ('certificate', ?, ?, ?, ?)",
+            (serial, _ts(self.now), by, reason),
+        )
 
     def insert_trust_state(self, record: TrustStateRecord) -> None:
         self._db.execute(
@@ -420,14 +495,30 @@ class StateStore:
             ).fetchone()
         return _cert(row) if row else None
 
-    def certificates(self, role: str | None = None) -> list[CertificateRecord]:
+    def certificates(self, role: str | None = None, limit: int = 1000) -> list[CertificateRecord]:
         where, args = ("WHERE role = ?", (role,)) if role else ("", ())
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_CERT_COLUMNS} FROM certificates {where} ORDER BY issued_at",  # noqa: S608
-                args,
+                f"SELECT {_CERT_COLUMNS} FROM certificates {where} "  # noqa: S608
+                "ORDER BY issued_at DESC, serial LIMIT ?",
+                (*args, limit),
             ).fetchall()
         return [_cert(r) for r in rows]
+
+    def zone_servers(self) -> list[ZoneServerRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, listen, bootstrap_listen, registered_at FROM zone_servers "
+                "ORDER BY name"
+            ).fetchall()
+        return [ZoneServerRecord(str(n), str(li), str(b), _dt(r)) for n, li, b, r in rows]
+
+    def token_uses_left(self, token_hash: str) -> int | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT uses_left FROM enrollment_tokens WHERE token_hash = ?", (token_hash,)
+            ).fetchone()
+        return int(row[0]) if row else None
 
     def _trust_states(self, where: str, args: tuple[object, ...]) -> list[TrustStateRecord]:
         with self._lock:

@@ -13,9 +13,13 @@ import secrets
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keyplane.plugins.keys import BackendPrivateKey, PublicKey, algorithm_of
+
+# What a component's certificate may certify: any key keyplane accepts in a CSR.
+SubjectKey = PublicKey | ed25519.Ed25519PublicKey
 
 BACKDATE = datetime.timedelta(minutes=1)
 # RFC 5280 4.1.2.5: 99991231235959Z means "no well-defined expiration date".
@@ -102,12 +106,12 @@ def _leaf(
     issuer_key: BackendPrivateKey,
     issuer_cert: x509.Certificate,
     subject: x509.Name,
-    public_key: PublicKey,
+    public_key: SubjectKey,
     now: datetime.datetime,
     validity: datetime.timedelta,
 ) -> x509.CertificateBuilder:
     not_after = min(now + validity, issuer_cert.not_valid_after_utc)
-    is_rsa = not hasattr(public_key, "curve")
+    is_rsa = isinstance(public_key, rsa.RSAPublicKey)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -158,20 +162,25 @@ def build_server_tls_certificate(
 def build_client_certificate(
     issuer_key: BackendPrivateKey,
     issuer_cert: x509.Certificate,
-    public_key: PublicKey,
+    public_key: SubjectKey,
     common_name: str,
     role: str,
     now: datetime.datetime,
     validity: datetime.timedelta,
+    names: list[str] | None = None,
+    server_auth: bool = False,
 ) -> x509.Certificate:
-    """A TLS client certificate (clientAuth) carrying its role as a URI SAN."""
+    """A TLS client certificate (clientAuth, and serverAuth for a zone server) carrying
+    its role as a URI SAN, and `names` as DNS or IP SANs."""
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    if server_auth:
+        usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
+    san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(ROLE_URI_PREFIX + role)]
+    san.extend(_san_entries(names or []))
     builder = (
         _leaf(issuer_key, issuer_cert, _name(common_name, role), public_key, now, validity)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(ROLE_URI_PREFIX + role)]),
-            critical=False,
-        )
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
     )
     algorithm = algorithm_of(issuer_key.public_key())
     return builder.sign(issuer_key, algorithm.signature_hash)
@@ -180,7 +189,7 @@ def build_client_certificate(
 def build_intermediate_certificate(
     issuer_key: BackendPrivateKey,
     issuer_cert: x509.Certificate,
-    public_key: PublicKey,
+    public_key: SubjectKey,
     common_name: str,
     now: datetime.datetime,
     validity: datetime.timedelta,

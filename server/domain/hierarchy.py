@@ -127,6 +127,11 @@ class Hierarchy:
         self.admin_dir = AdminCredentialDir(config.data_dir / "admin")
         self._lock = threading.RLock()
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by every change to the hierarchy, so changes never interleave."""
+        return self._lock
+
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> StartReport:
@@ -288,7 +293,12 @@ class Hierarchy:
                 )
             subordinates = [
                 k
-                for kind in ("server_tls", "intermediate_tls", "message_signing")
+                for kind in (
+                    "server_tls",
+                    "intermediate_tls",
+                    "message_signing",
+                    "zone_intermediate",
+                )
                 for k in self.store.keys(kind, ("prepared", "active", "retired"))
                 if k.issuer_fingerprint == fp
             ]
@@ -301,6 +311,11 @@ class Hierarchy:
                 certificates = tx.revoke_certificates_issued_by(
                     fp, actor, f"issuing root revoked: {reason}"
                 )
+                for sub in subordinates:
+                    # Everything the root's intermediates issued goes with them.
+                    certificates += tx.revoke_certificates_issued_by(
+                        sub.fingerprint, actor, f"issuing root revoked: {reason}"
+                    )
                 tx.audit(
                     actor,
                     "root.revoke",
@@ -587,5 +602,49 @@ class Hierarchy:
             client_ca_pem=self.trusted_roots_pem(),
         )
 
+    def check_client_certificate(self, cert: x509.Certificate) -> str | None:
+        """Why a TLS-verified client certificate must be refused, or None if it is good.
+
+        The TLS stack has checked the chain to an active root. Here: not expired, not
+        revoked, and issued by a key of this hierarchy that is not revoked. A certificate
+        from a zone server's intermediate may not be reported yet; it is accepted when
+        that intermediate issued it.
+        """
+        now = self.clock.now()
+        if cert.not_valid_after_utc < now:
+            return "it has expired"
+        serial = certs.serial_hex(cert)
+        record = self.store.certificate(serial)
+        if record is not None:
+            if record.revoked_at is not None:
+                return f"it was revoked ({record.revoke_reason})"
+            issuer = self.store.key(record.issuer_fingerprint)
+        else:
+            if serial in set(self.store.revoked_serials(now)):
+                return "it was revoked"
+            issuer = next(
+                (
+                    k
+                    for k in self.store.keys("zone_intermediate", ("active", "retired"))
+                    if _issued_by(cert, k)
+                ),
+                None,
+            )
+            if issuer is None:
+                return "this server has no record of issuing it"
+        if issuer is None or issuer.state == "revoked":
+            return "its issuer is revoked"
+        if issuer.kind == "root" and issuer.state != "active":
+            return "its issuer is no longer active"
+        return None
+
     def public_key_of(self, record: KeyRecord) -> PublicKey:
         return self.backends.public_key(record.key_uri)
+
+
+def _issued_by(cert: x509.Certificate, record: KeyRecord) -> bool:
+    try:
+        cert.verify_directly_issued_by(certs.load_pem(record.certificate_pem or ""))
+    except Exception:
+        return False
+    return True

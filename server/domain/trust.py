@@ -32,7 +32,7 @@ from keyplane.v1 import trust_state_pb2
 log = logging.getLogger(__name__)
 
 TRUST_STATE_CONTEXT = b"keyplane-trust-state-v1\0"
-SUBORDINATE_KINDS = ("intermediate_tls", "message_signing", "server_tls")
+SUBORDINATE_KINDS = ("intermediate_tls", "zone_intermediate", "message_signing", "server_tls")
 
 
 def sign_with(key: BackendPrivateKey, algorithm: KeyAlgorithm, data: bytes) -> bytes:
@@ -95,6 +95,7 @@ class TrustStatePublisher:
         )
         lists = {
             "intermediate_tls": body.intermediates,
+            "zone_intermediate": body.intermediates,
             "message_signing": body.message_signing,
             "server_tls": body.server_tls,
         }

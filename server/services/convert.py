@@ -10,8 +10,14 @@ from google.protobuf import timestamp_pb2
 from keyplane.plugins.keys import KeyAlgorithm, PublicKey
 from keyplane.server.domain.settings import Setting
 from keyplane.server.errors import InvalidArgument
-from keyplane.server.store import KeyRecord
-from keyplane.v1 import common_pb2, key_service_pb2, root_key_service_pb2, settings_service_pb2
+from keyplane.server.store import CertificateRecord, KeyRecord
+from keyplane.v1 import (
+    certificate_service_pb2,
+    common_pb2,
+    key_service_pb2,
+    root_key_service_pb2,
+    settings_service_pb2,
+)
 
 _ALGORITHM_TO_PROTO = {
     KeyAlgorithm.EC_P256: common_pb2.KEY_ALGORITHM_EC_P256,
@@ -138,4 +144,18 @@ def setting(value: Setting) -> settings_service_pb2.Setting:
         description=definition.description,
         update_time=timestamp(value.updated_at),
         updated_by=value.updated_by or "",
+    )
+
+
+def certificate(record: CertificateRecord) -> certificate_service_pb2.CertificateRecord:
+    return certificate_service_pb2.CertificateRecord(
+        serial=record.serial,
+        subject=record.subject,
+        fingerprint=record.fingerprint,
+        issuer_fingerprint=record.issuer_fingerprint,
+        not_after=timestamp(record.not_after),
+        component=record.role,
+        revoke_time=timestamp(record.revoked_at),
+        revoke_reason=record.revoke_reason or "",
+        issue_time=timestamp(record.issued_at),
     )

@@ -8,6 +8,7 @@ from typing import TypeAlias
 import grpc
 
 from keyplane.server.domain.hierarchy import Hierarchy
+from keyplane.server.domain.identity import Identity
 from keyplane.server.errors import FailedPrecondition, Unauthenticated
 from keyplane.server.interceptor import current_identity
 from keyplane.server.services import convert
@@ -15,6 +16,14 @@ from keyplane.v1 import root_key_service_pb2 as pb
 from keyplane.v1 import root_key_service_pb2_grpc
 
 Context: TypeAlias = grpc.aio.ServicerContext
+
+
+def caller() -> Identity:
+    """The caller the interceptor admitted (mutual TLS)."""
+    identity = current_identity.get()
+    if identity is None:  # the access table admits no anonymous caller here
+        raise Unauthenticated("this call needs a client certificate")
+    return identity
 
 
 def actor() -> str:
