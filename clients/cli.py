@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -16,6 +17,8 @@ from typing import Any
 from cryptography import x509
 from google.protobuf import timestamp_pb2
 
+from keyplane.clients import agent
+from keyplane.clients.bundle import load_bundle
 from keyplane.clients.client import (
     ALGORITHM_NAMES,
     ALGORITHMS,
@@ -34,6 +37,7 @@ from keyplane.clients.trust import TrustState, TrustStateError, follow, key_fing
 from keyplane.clients.trust import load as load_trust_state
 from keyplane.clients.verify import MessageVerificationError, verify_message
 from keyplane.v1 import (
+    certificate_service_pb2,
     key_service_pb2,
     message_signing_service_pb2,
     root_key_service_pb2,
@@ -423,6 +427,94 @@ def run_verify(args: argparse.Namespace, client: KeyplaneClient | None) -> int:
     return 0
 
 
+def parse_duration(text: str) -> int:
+    """Seconds in '90s', '30m', '24h', '7d' or a plain number of seconds."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 90s, 30m, 24h, 7d)")
+    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def cmd_bundle_download(client: KeyplaneClient, args: argparse.Namespace) -> int:
+    if args.legacy:
+        legacy = client.get_legacy_public_key()
+        out = args.out or Path("keyplane.pub")
+        out.write_text(legacy.public_key_pem)
+        message = f"wrote the legacy public key (sha256:{legacy.fingerprint}) to {out}"
+    else:
+        bundle = client.get_init_bundle()
+        out = args.out or Path("keyplane-init.dat")
+        out.write_bytes(bundle.SerializeToString())
+        body = load_bundle(out.read_bytes())
+        servers = ", ".join(f"{s.name} {s.bootstrap_listen}" for s in body.body.servers)
+        message = f"wrote {out}: roots {', '.join(body.root_fingerprints)}; servers {servers}"
+    if args.json:
+        _print_json({"file": str(out)})
+    else:
+        print(message)
+    return 0
+
+
+def cmd_tokens_create(client: KeyplaneClient, args: argparse.Namespace) -> int:
+    token = client.create_enrollment_token(args.uses, args.ttl, args.role)
+    if args.json:
+        _print_json(
+            {
+                "token": token.token,
+                "token_id": token.token_id,
+                "role": token.role,
+                "uses": token.uses,
+                "expires": _time(token.expire_time),
+            }
+        )
+    else:
+        print(token.token)
+    return 0
+
+
+def _cert_json(cert: certificate_service_pb2.CertificateRecord) -> dict[str, Any]:
+    return {
+        "serial": cert.serial,
+        "subject": cert.subject,
+        "fingerprint": cert.fingerprint,
+        "issuer_fingerprint": cert.issuer_fingerprint,
+        "component": cert.component,
+        "issued": _time(cert.issue_time),
+        "not_after": _time(cert.not_after),
+        "revoked": _time(cert.revoke_time, cert.HasField("revoke_time")),
+        "revoke_reason": cert.revoke_reason or None,
+    }
+
+
+def cmd_certs_list(client: KeyplaneClient, args: argparse.Namespace) -> int:
+    found = [_cert_json(c) for c in client.list_certificates(args.component or "", args.limit)]
+    if args.json:
+        _print_json(found)
+        return 0
+    header = ["SERIAL", "COMPONENT", "SUBJECT", "NOT AFTER", "REVOKED"]
+    rows = [
+        [
+            c["serial"],
+            c["component"],
+            c["subject"],
+            (c["not_after"] or "")[:19],
+            (c["revoked"] or "")[:19],
+        ]
+        for c in found
+    ]
+    print(_table(rows, header))
+    return 0
+
+
+def cmd_certs_revoke(client: KeyplaneClient, args: argparse.Namespace) -> int:
+    cert = _cert_json(client.revoke_certificate(args.serial, args.reason or ""))
+    if args.json:
+        _print_json(cert)
+    else:
+        print(f"revoked {cert['serial']} ({cert['subject']})")
+    return 0
+
+
 class CliError(Exception):
     """A problem with the command's own input; printed without a status name."""
 
@@ -551,6 +643,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fingerprint", help="require the trust state to be signed by this root")
     p.set_defaults(call=None, verify=True)
+
+    bundle = commands.add_parser("bundle", help="init bundles for new components")
+    verbs = bundle.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = verbs.add_parser(
+        "download",
+        parents=[common],
+        help="write the init bundle (root certificates, server addresses; never a secret)",
+    )
+    p.add_argument(
+        "--out", type=Path, help="default keyplane-init.dat (keyplane.pub with --legacy)"
+    )
+    p.add_argument(
+        "--legacy",
+        action="store_true",
+        help="the legacy root's public key file instead (needs EnableLegacyProtocol=true)",
+    )
+    p.set_defaults(call=cmd_bundle_download)
+
+    tokens = commands.add_parser("tokens", help="enrollment tokens")
+    verbs = tokens.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = verbs.add_parser(
+        "create", parents=[common], help="create a token (shown once, stored hashed)"
+    )
+    p.add_argument("--uses", type=int, default=1, help="enrollments it allows (default 1)")
+    p.add_argument(
+        "--ttl",
+        type=parse_duration,
+        default=86400,
+        help="how long it is valid: 90s, 30m, 24h, 7d (default 24h)",
+    )
+    p.add_argument("--role", choices=["agent", "zone-server"], default="agent")
+    p.set_defaults(call=cmd_tokens_create)
+
+    certificates = commands.add_parser("certs", help="issued certificates")
+    verbs = certificates.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = verbs.add_parser("list", parents=[common], help="issued certificates, newest first")
+    p.add_argument("--component", choices=["agent", "zone-server", "admin"])
+    p.add_argument("--limit", type=int, default=1000)
+    p.set_defaults(call=cmd_certs_list)
+    p = verbs.add_parser("revoke", parents=[common], help="revoke one certificate")
+    p.add_argument("serial", help="serial number in hex, as 'certs list' shows")
+    p.add_argument("--reason", help="why (kept in the audit log)")
+    p.set_defaults(call=cmd_certs_revoke)
+
+    agent.register(commands)
 
     for entry in entry_points(group=COMMAND_GROUP):
         entry.load()(commands)

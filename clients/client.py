@@ -12,7 +12,13 @@ from grpc_status import rpc_status
 
 from keyplane.clients.credentials import Credential
 from keyplane.v1 import (
+    bundle_service_pb2,
+    bundle_service_pb2_grpc,
+    certificate_service_pb2,
+    certificate_service_pb2_grpc,
     common_pb2,
+    enrollment_service_pb2,
+    enrollment_service_pb2_grpc,
     key_service_pb2,
     key_service_pb2_grpc,
     message_signing_service_pb2,
@@ -24,6 +30,8 @@ from keyplane.v1 import (
     trust_state_pb2,
     trust_state_service_pb2,
     trust_state_service_pb2_grpc,
+    zone_service_pb2,
+    zone_service_pb2_grpc,
 )
 
 DEFAULT_TIMEOUT = 60.0
@@ -121,6 +129,10 @@ class KeyplaneClient:
         self._settings = settings_service_pb2_grpc.SettingsServiceStub(channel)  # type: ignore[no-untyped-call]
         self._trust = trust_state_service_pb2_grpc.TrustStateServiceStub(channel)  # type: ignore[no-untyped-call]
         self._signing = message_signing_service_pb2_grpc.MessageSigningServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._bundles = bundle_service_pb2_grpc.BundleServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._certs = certificate_service_pb2_grpc.CertificateServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._enrollment = enrollment_service_pb2_grpc.EnrollmentServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._zones = zone_service_pb2_grpc.ZoneServiceStub(channel)  # type: ignore[no-untyped-call]
 
     @classmethod
     def connect(cls, address: str, credential: Credential) -> KeyplaneClient:
@@ -240,3 +252,83 @@ class KeyplaneClient:
             message_signing_service_pb2.SignMessageRequest(payload=payload),
         )
         return response.signed_message
+
+    def get_init_bundle(self) -> bundle_service_pb2.InitBundle:
+        response: bundle_service_pb2.GetInitBundleResponse = self._call(
+            self._bundles.GetInitBundle, bundle_service_pb2.GetInitBundleRequest()
+        )
+        return response.bundle
+
+    def get_legacy_public_key(self) -> bundle_service_pb2.GetLegacyPublicKeyResponse:
+        response: bundle_service_pb2.GetLegacyPublicKeyResponse = self._call(
+            self._bundles.GetLegacyPublicKey, bundle_service_pb2.GetLegacyPublicKeyRequest()
+        )
+        return response
+
+    def create_enrollment_token(
+        self, uses: int = 1, ttl_seconds: int = 86400, role: str = "agent"
+    ) -> certificate_service_pb2.CreateEnrollmentTokenResponse:
+        response: certificate_service_pb2.CreateEnrollmentTokenResponse = self._call(
+            self._certs.CreateEnrollmentToken,
+            certificate_service_pb2.CreateEnrollmentTokenRequest(
+                uses=uses, ttl_seconds=ttl_seconds, role=role
+            ),
+        )
+        return response
+
+    def list_certificates(
+        self, component: str = "", page_size: int = 0
+    ) -> list[certificate_service_pb2.CertificateRecord]:
+        response: certificate_service_pb2.ListCertificatesResponse = self._call(
+            self._certs.ListCertificates,
+            certificate_service_pb2.ListCertificatesRequest(
+                component=component, page_size=page_size
+            ),
+        )
+        return list(response.certificates)
+
+    def revoke_certificate(
+        self, serial: str, reason: str = ""
+    ) -> certificate_service_pb2.CertificateRecord:
+        response: certificate_service_pb2.RevokeCertificateResponse = self._call(
+            self._certs.RevokeCertificate,
+            certificate_service_pb2.RevokeCertificateRequest(serial=serial, reason=reason),
+        )
+        return response.certificate
+
+    def enroll(self, csr: bytes, token: str) -> enrollment_service_pb2.IssuedCertificate:
+        response: enrollment_service_pb2.EnrollResponse = self._call(
+            self._enrollment.Enroll, enrollment_service_pb2.EnrollRequest(csr=csr, token=token)
+        )
+        return response.certificate
+
+    def renew(self, csr: bytes) -> enrollment_service_pb2.IssuedCertificate:
+        response: enrollment_service_pb2.RenewResponse = self._call(
+            self._enrollment.Renew, enrollment_service_pb2.RenewRequest(csr=csr)
+        )
+        return response.certificate
+
+    def enroll_zone_server(
+        self, request: zone_service_pb2.EnrollZoneServerRequest
+    ) -> zone_service_pb2.EnrollZoneServerResponse:
+        response: zone_service_pb2.EnrollZoneServerResponse = self._call(
+            self._zones.EnrollZoneServer, request
+        )
+        return response
+
+    def renew_zone_server(
+        self, request: zone_service_pb2.RenewZoneServerRequest
+    ) -> zone_service_pb2.RenewZoneServerResponse:
+        response: zone_service_pb2.RenewZoneServerResponse = self._call(
+            self._zones.RenewZoneServer, request
+        )
+        return response
+
+    def report_issued_certificates(
+        self, certificates: list[zone_service_pb2.IssuedCertificateReport]
+    ) -> int:
+        response: zone_service_pb2.ReportIssuedCertificatesResponse = self._call(
+            self._zones.ReportIssuedCertificates,
+            zone_service_pb2.ReportIssuedCertificatesRequest(certificates=certificates),
+        )
+        return response.recorded
