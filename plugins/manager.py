@@ -94,8 +94,10 @@ class KeyBackends:
     def for_uri(self, uri: str) -> KeyBackend:
         return self.backend(scheme_of(uri))
 
-    def generate_key(self, backend: str, label: str, algorithm: KeyAlgorithm) -> GeneratedKey:
-        return self.backend(backend).generate_key(label, algorithm)
+    def generate_key(
+        self, backend: str, label: str, algorithm: KeyAlgorithm | str
+    ) -> GeneratedKey:
+        return self.backend(backend).generate_key(label, KeyAlgorithm.parse(str(algorithm)))
 
     def private_key(self, uri: str) -> BackendPrivateKey:
         return self.for_uri(uri).private_key(uri)
@@ -125,5 +127,11 @@ class KeyBackends:
     def close(self) -> None:
         with self._lock:
             backends, self._backends = list(self._backends.values()), {}
+        failures: list[BaseException] = []
         for backend in backends:
-            backend.close()
+            try:
+                backend.close()
+            except Exception as exc:  # close the rest before reporting it
+                failures.append(exc)
+        if failures:
+            raise failures[0]

@@ -128,6 +128,8 @@ def _read_password(options: Mapping[str, object]) -> bytes | None:
     if file_name:
         try:
             value = Path(str(file_name)).read_text().strip()
+        except UnicodeDecodeError:
+            raise BackendConfigError("software backend: password_file is not text") from None
         except OSError as exc:
             raise BackendConfigError(
                 f"software backend: cannot read password_file ({exc.strerror})"
