@@ -42,10 +42,10 @@ lint: install
 	@# mypy cannot follow setuptools' editable finder for our mapped package dirs, so it
 	@# checks a tree of links that has the import layout (keyplane/server -> server, ...).
 	@rm -rf build/typecheck && mkdir -p build/typecheck/keyplane
-	@for d in server plugins clients; do ln -s ../../../$$d build/typecheck/keyplane/$$d; done
+	@for d in server plugins clients zone; do ln -s ../../../$$d build/typecheck/keyplane/$$d; done
 	@ln -s ../../../gen/keyplane/v1 build/typecheck/keyplane/v1
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml \
-	    -p keyplane.server -p keyplane.plugins -p keyplane.clients
+	    -p keyplane.server -p keyplane.plugins -p keyplane.clients -p keyplane.zone
 
 proto: $(BIN)/python
 	$(BIN)/python -c 'import runpy; runpy.run_path("setup.py", run_name="keyplane_generate_only")'

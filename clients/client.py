@@ -332,3 +332,9 @@ class KeyplaneClient:
             zone_service_pb2.ReportIssuedCertificatesRequest(certificates=certificates),
         )
         return response.recorded
+
+    def redeem_enrollment_token(self, token: str, subject: str) -> None:
+        self._call(
+            self._zones.RedeemEnrollmentToken,
+            zone_service_pb2.RedeemEnrollmentTokenRequest(token=token, subject=subject),
+        )

@@ -57,6 +57,7 @@ ACCESS: dict[str, Access] = {
     "/keyplane.v1.ZoneService/EnrollZoneServer": Access.PUBLIC,
     "/keyplane.v1.ZoneService/RenewZoneServer": Access.ZONE,
     "/keyplane.v1.ZoneService/ReportIssuedCertificates": Access.ZONE,
+    "/keyplane.v1.ZoneService/RedeemEnrollmentToken": Access.ZONE,
     # Signed documents, verified by the component against the roots it pins.
     "/keyplane.v1.TrustStateService/GetTrustState": Access.PUBLIC,
     "/keyplane.v1.TrustStateService/WatchTrustState": Access.PUBLIC,

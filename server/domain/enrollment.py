@@ -412,6 +412,18 @@ class Enrollment:
             self.hierarchy.trust.publish(SERVER_ACTOR)
         return chain, issued
 
+    def redeem_token(self, identity: Identity, token: str, subject: str) -> None:
+        """Spend one use of an agent token presented to a zone server."""
+        if "zone-server" not in identity.roles:
+            raise PermissionDenied("only zone servers redeem tokens")
+        digest = self._check_token(token, "agent")
+        if not digest:
+            return  # open enrollment
+        with self.store.transaction(self.clock.now()) as tx:
+            if not tx.consume_token(digest, "agent"):
+                raise Unauthenticated("the enrollment token is unknown, spent or expired")
+            tx.audit(identity.actor, "token.redeem", digest[:16], subject=subject[:200])
+
     def record_reported(self, identity: Identity, reports: list[tuple[bytes, str]]) -> int:
         if "zone-server" not in identity.roles:
             raise PermissionDenied("only zone servers report issued certificates")

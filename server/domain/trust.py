@@ -109,6 +109,13 @@ class TrustStatePublisher:
         body.revoked_key_fingerprints.extend(sorted(revoked_keys))
         body.revoked_serials.extend(self.store.revoked_serials(now))
         body.client_settings.update(self.settings.client_values())
+        values = self.settings.values()
+        body.zone_settings.update(
+            {
+                n: values[n]
+                for n in ("PKIClientTLSKeyValidityHours", "PKIClientTLSKeyRenewalWindowHours")
+            }
+        )
         return body
 
     @staticmethod

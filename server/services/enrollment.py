@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Protocol
 
 from keyplane.server.domain.enrollment import Enrollment, Issued
+from keyplane.server.domain.identity import Identity
 from keyplane.server.services import convert
 from keyplane.server.services.root_keys import Context, actor, caller
 from keyplane.v1 import (
@@ -31,10 +33,18 @@ def issued(value: Issued) -> enrollment_service_pb2.IssuedCertificate:
     )
 
 
+class ClientIssuer(Protocol):
+    """What EnrollmentService needs: the server's Enrollment, or a zone server's issuer."""
+
+    def enroll(self, csr_data: bytes, token: str) -> Issued: ...
+
+    def renew(self, identity: Identity, csr_data: bytes) -> Issued: ...
+
+
 class EnrollmentServicer(enrollment_service_pb2_grpc.EnrollmentServiceServicer):
     """Enroll (token) and Renew (mutual TLS)."""
 
-    def __init__(self, enrollment: Enrollment) -> None:
+    def __init__(self, enrollment: ClientIssuer) -> None:
         self._enrollment = enrollment
 
     async def Enroll(
@@ -84,6 +94,14 @@ class ZoneServicer(zone_service_pb2_grpc.ZoneServiceServicer):
         return zone_service_pb2.RenewZoneServerResponse(
             intermediate_chain_pem=chain, tls_certificate=issued(tls)
         )
+
+    async def RedeemEnrollmentToken(
+        self, request: zone_service_pb2.RedeemEnrollmentTokenRequest, context: Context
+    ) -> zone_service_pb2.RedeemEnrollmentTokenResponse:
+        await asyncio.to_thread(
+            self._enrollment.redeem_token, caller(), request.token, request.subject
+        )
+        return zone_service_pb2.RedeemEnrollmentTokenResponse()
 
     async def ReportIssuedCertificates(
         self, request: zone_service_pb2.ReportIssuedCertificatesRequest, context: Context

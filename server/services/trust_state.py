@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Protocol
 
-from keyplane.server.domain.trust import TrustStatePublisher
 from keyplane.server.services.root_keys import Context
 from keyplane.v1 import trust_state_pb2, trust_state_service_pb2_grpc
 from keyplane.v1 import trust_state_service_pb2 as pb
@@ -42,10 +42,16 @@ def _version_of(signed: bytes) -> int:
     return trust_state_pb2.TrustStateBody.FromString(body).version
 
 
+class TrustStateSource(Protocol):
+    """Where versions come from: the server's publisher, or a zone server's relay."""
+
+    def versions_since(self, since: int) -> list[bytes]: ...
+
+
 class TrustStateServicer(trust_state_service_pb2_grpc.TrustStateServiceServicer):
     """Serves versions from the publisher; watchers are woken by the notifier."""
 
-    def __init__(self, publisher: TrustStatePublisher, notifier: VersionNotifier) -> None:
+    def __init__(self, publisher: TrustStateSource, notifier: VersionNotifier) -> None:
         self._publisher = publisher
         self._notifier = notifier
 

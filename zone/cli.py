@@ -1,0 +1,101 @@
+"""`keyplane zone serve`: registered into the keyplane CLI by entry point."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import tomllib
+from pathlib import Path
+
+from keyplane.clients.bundle import BundleError
+from keyplane.clients.client import KeyplaneClientError
+from keyplane.plugins.errors import BackendError
+from keyplane.server.errors import ConfigError
+from keyplane.zone.runtime import ZoneError, ZoneOptions, ZoneServer
+
+ZONE_HELP = """\
+Run a zone server. The first start enrolls with the server named in the init bundle
+(--bundle, --token of role zone-server): the zone server makes its intermediate key
+here (the private key never leaves it) and the server's root certifies it. Then it
+enrolls and renews its own clients locally, relays the trust state to them, reports
+the certificates it issues, and renews its intermediate when the server's newest root
+changes. Later starts reuse the data dir and need neither --bundle nor --token.
+"""
+
+
+def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    zone = commands.add_parser("zone", help="run a zone server (a relay close to clients)")
+    verbs = zone.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = verbs.add_parser(
+        "serve",
+        help="run a zone server",
+        description=ZONE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data-dir", type=Path, required=True, help="the zone server's data dir")
+    p.add_argument("--bundle", type=Path, help="init bundle (first start)")
+    p.add_argument("--token", help="enrollment token of role zone-server (first start)")
+    p.add_argument("--fingerprint", help="expected root fingerprint; a mismatch stops it")
+    p.add_argument("--name", default="zone", help="the zone server's name (default zone)")
+    p.add_argument("--listen", default="127.0.0.1:0", help="mutual-TLS listener HOST:PORT")
+    p.add_argument(
+        "--bootstrap-listen",
+        default="127.0.0.1:0",
+        help="bootstrap listener HOST:PORT (0: a free port, kept across restarts)",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="TOML with [backends.*] and intermediate_backend (default software)",
+    )
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=run_zone)
+
+
+def run_zone(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    backends: dict[str, dict[str, object]] = {"software": {}}
+    backend = "software"
+    if args.config:
+        try:
+            raw = tomllib.loads(args.config.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            print(f"keyplane zone serve: cannot read {args.config}: {exc}", file=sys.stderr)
+            return 2
+        backends.update({k: dict(v) for k, v in raw.get("backends", {}).items()})
+        backend = str(raw.get("intermediate_backend", "software"))
+    options = ZoneOptions(
+        args.data_dir, args.name, args.listen, args.bootstrap_listen, backend, backends
+    )
+    try:
+        zone = ZoneServer(options)
+        bundle = args.bundle.read_bytes() if args.bundle else None
+        zone.prepare(bundle, args.fingerprint, args.token)
+    except (ZoneError, BundleError, BackendError, ConfigError, OSError) as exc:
+        print(f"keyplane zone serve: cannot start: {exc}", file=sys.stderr)
+        return 2
+    except KeyplaneClientError as exc:
+        print(
+            f"keyplane zone serve: cannot enroll: {exc.code.name}: {exc.message}", file=sys.stderr
+        )
+        return 1
+    return asyncio.run(_serve(zone))
+
+
+async def _serve(zone: ZoneServer) -> int:
+    await zone.start()
+    print(f"zone server {zone.options.name} listening on {zone.listen} (mutual TLS)", flush=True)
+    print(f"bootstrap listener on {zone.bootstrap} (server TLS)", flush=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await zone.stop()
+    return 0

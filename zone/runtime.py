@@ -1,0 +1,539 @@
+"""The zone server: enrolls with its server, signs its clients' certificates with its
+own intermediate, relays the trust state, reports what it issued, and renews its
+intermediate when the server's newest root changes or the intermediate nears expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import logging
+import random
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from keyplane.clients.bundle import Bundle, load_bundle
+from keyplane.clients.client import (
+    CHANNEL_OPTIONS,
+    KeyplaneClient,
+    KeyplaneClientError,
+    bootstrap_channel_for,
+    channel_for,
+)
+from keyplane.clients.credentials import Credential
+from keyplane.clients.trust import TrustState, follow, key_fingerprint
+from keyplane.plugins.keys import BackendPrivateKey, KeyAlgorithm
+from keyplane.plugins.manager import KeyBackends
+from keyplane.server.config import format_address, parse_address
+from keyplane.server.domain import certs
+from keyplane.server.domain.clock import Clock, SystemClock
+from keyplane.server.domain.enrollment import Issued, check_csr
+from keyplane.server.domain.identity import Identity
+from keyplane.server.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from keyplane.server.interceptor import KeyplaneInterceptor
+from keyplane.server.services.enrollment import EnrollmentServicer
+from keyplane.server.services.trust_state import TrustStateServicer, VersionNotifier
+from keyplane.v1 import (
+    enrollment_service_pb2_grpc,
+    trust_state_pb2,
+    trust_state_service_pb2_grpc,
+    zone_service_pb2,
+)
+from keyplane.zone.state import ZoneStore
+
+log = logging.getLogger(__name__)
+
+REPORT_SECONDS = 1.0
+RENEW_CHECK_SECONDS = 5.0
+# Renew the intermediate when less than this share of its lifetime is left.
+RENEW_AT_REMAINING = 0.1
+
+
+class ZoneError(Exception):
+    """The zone server cannot start; the message says why."""
+
+
+def free_port(host: str) -> int:
+    """A free TCP port on `host` (for a listener asked for on port 0)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def _csr(key: BackendPrivateKey, name: str) -> bytes:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
+    )
+    algorithm = KeyAlgorithm.EC_P384 if key.key_size == 384 else KeyAlgorithm.EC_P256
+    return builder.sign(key, algorithm.signature_hash).public_bytes(serialization.Encoding.PEM)
+
+
+def _root_set(state: TrustState) -> str:
+    return ",".join(sorted(state.root_fingerprints))
+
+
+@dataclass(frozen=True)
+class ZoneOptions:
+    """What `keyplane zone serve` was given."""
+
+    data_dir: Path
+    name: str
+    listen: str
+    bootstrap_listen: str
+    backend: str = "software"
+    backends: dict[str, dict[str, object]] | None = None
+
+
+class ZoneServer:
+    """One zone server process."""
+
+    def __init__(self, options: ZoneOptions, clock: Clock | None = None) -> None:
+        self.options = options
+        self.clock = clock or SystemClock()
+        options.data_dir.mkdir(parents=True, exist_ok=True)
+        options.data_dir.chmod(0o700)
+        configured = options.backends or {"software": {}}
+        configured.setdefault("software", {})
+        self.backends = KeyBackends(configured, options.data_dir)
+        self.store = ZoneStore(options.data_dir / "zone.db")
+        self._lock = threading.RLock()
+        self._trust: TrustState | None = None
+        self._notify: Callable[[int], None] = lambda version: None
+        self._stopping = threading.Event()
+        self._server: grpc.aio.Server | None = None
+        self._threads: list[threading.Thread] = []
+        self.listen = ""
+        self.bootstrap = ""
+
+    # -- enrollment ----------------------------------------------------------------------
+
+    @property
+    def enrolled(self) -> bool:
+        return self.store.get("tls_chain_pem") is not None
+
+    def _bundle(self) -> Bundle:
+        data = self.store.get("bundle")
+        if data is None:
+            raise ZoneError("the zone server has no init bundle")
+        return load_bundle(bytes.fromhex(data))
+
+    def enroll_with_server(self, bundle_data: bytes, fingerprint: str | None, token: str) -> None:
+        """First start: make both keys here and have the server certify them."""
+        bundle = load_bundle(bundle_data, fingerprint)
+        server = bundle.server()
+        intermediate = self.backends.generate_key(
+            self.options.backend, f"{self.options.name} zone intermediate", KeyAlgorithm.EC_P256
+        )
+        tls = self.backends.generate_key(
+            "software", f"{self.options.name} TLS", KeyAlgorithm.EC_P256
+        )
+        request = zone_service_pb2.EnrollZoneServerRequest(
+            token=token,
+            intermediate_csr=_csr(self.backends.private_key(intermediate.uri), self.options.name),
+            tls_csr=_csr(self.backends.private_key(tls.uri), self.options.name),
+            name=self.options.name,
+            listen=self.listen,
+            bootstrap_listen=self.bootstrap,
+        )
+        with KeyplaneClient(
+            bootstrap_channel_for(server.bootstrap_listen, bundle.roots_pem())
+        ) as c:
+            response = c.enroll_zone_server(request)
+        self.store.put(
+            {
+                "bundle": bundle_data.hex(),
+                "server_listen": server.listen,
+                "server_bootstrap": server.bootstrap_listen,
+                "intermediate_uri": intermediate.uri,
+                "intermediate_chain_pem": response.intermediate_chain_pem,
+                "tls_uri": tls.uri,
+                "tls_chain_pem": response.tls_certificate.certificate_chain_pem,
+                "roots_pem": response.tls_certificate.roots_pem,
+                "listen": self.listen,
+                "bootstrap_listen": self.bootstrap,
+            }
+        )
+        log.info("enrolled zone server %s with %s", self.options.name, server.name)
+
+    def _credential(self) -> Credential:
+        uri = self.store.get("tls_uri") or ""
+        roots = (
+            self._trust.roots_pem() if self._trust else (self.store.get("roots_pem") or "").encode()
+        )
+        return Credential(
+            (self.store.get("tls_chain_pem") or "").encode(),
+            self.backends.tls_private_key_pem(uri),
+            roots,
+            self.options.data_dir,
+        )
+
+    def _server_client(self) -> KeyplaneClient:
+        return KeyplaneClient(
+            channel_for(self.store.get("server_listen") or "", self._credential()), timeout=30
+        )
+
+    # -- the trust state -----------------------------------------------------------------
+
+    def _load_trust(self) -> None:
+        latest = self.store.latest_trust_version()
+        if latest is not None:
+            signed = trust_state_pb2.SignedTrustState.FromString(latest[2])
+            body = trust_state_pb2.TrustStateBody.FromString(signed.body)
+            self._trust = TrustState(body, signed)
+
+    def _accept(self, batch: list[trust_state_pb2.SignedTrustState]) -> None:
+        with self._lock:
+            state = self._trust
+            for signed in batch:
+                state = follow(state, [signed], self._bundle().root_fingerprints)
+                self.store.add_trust_version(
+                    state.version, _root_set(state), signed.SerializeToString()
+                )
+            self._trust = state
+        if state is not None:
+            self._notify(state.version)
+
+    def versions_since(self, since: int) -> list[bytes]:
+        """What a client holding `since` needs: root-set changes, then the latest."""
+        latest = self.store.latest_trust_version()
+        if latest is None or latest[0] <= since:
+            return []
+        if since <= 0:
+            return [latest[2]]
+        held = self.store.trust_version(since)
+        previous = held[1] if held else None
+        chain = []
+        for version, root_set, signed in self.store.trust_versions_after(since):
+            if version == latest[0]:
+                break
+            if root_set != previous:
+                chain.append(signed)
+            previous = root_set
+        chain.append(latest[2])
+        return chain
+
+    def _follow_loop(self) -> None:
+        """Watch the server's trust state for as long as the zone runs; reconnect on error."""
+        delay = 0.2
+        while not self._stopping.is_set():
+            try:
+                with self._server_client() as client:
+                    held = self._trust.version if self._trust else 0
+                    watch = client.watch_trust_state(held)
+                    self._watch = watch
+                    for batch in watch:
+                        self._accept(batch)
+                        delay = 0.2
+                        self._maybe_renew()
+                        if self._stopping.is_set():
+                            break
+            except Exception as exc:  # reconnect on any failure, never die
+                if not self._stopping.is_set():
+                    log.warning("trust-state watch failed (%s); retrying in %.1f s", exc, delay)
+            self._stopping.wait(delay * (0.5 + random.random()))  # noqa: S311 - jitter
+            delay = min(delay * 2, 10.0)
+
+    # -- the intermediate ----------------------------------------------------------------
+
+    def _intermediate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificates(
+            (self.store.get("intermediate_chain_pem") or "").encode()
+        )[0]
+
+    def _needs_renewal(self) -> str | None:
+        trust = self._trust
+        if trust is None:
+            return None
+        cert = self._intermediate()
+        newest = trust.body.roots[-1] if trust.body.roots else None
+        roots = trust.root_certificates
+        if newest is not None:
+            try:
+                cert.verify_directly_issued_by(roots[newest.fingerprint])
+            except Exception:
+                return "the server's newest root did not issue the intermediate"
+        now = self.clock.now()
+        lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+        if cert.not_valid_after_utc - now < lifetime * RENEW_AT_REMAINING:
+            return "the intermediate nears expiry"
+        return None
+
+    def _maybe_renew(self) -> None:
+        with self._lock:
+            reason = self._needs_renewal()
+            if reason is None:
+                return
+            log.info("renewing the zone intermediate: %s", reason)
+            intermediate = self.backends.generate_key(
+                self.options.backend, f"{self.options.name} zone intermediate", KeyAlgorithm.EC_P256
+            )
+            tls = self.backends.generate_key(
+                "software", f"{self.options.name} TLS", KeyAlgorithm.EC_P256
+            )
+            request = zone_service_pb2.RenewZoneServerRequest(
+                intermediate_csr=_csr(
+                    self.backends.private_key(intermediate.uri), self.options.name
+                ),
+                tls_csr=_csr(self.backends.private_key(tls.uri), self.options.name),
+            )
+            with self._server_client() as client:
+                response = client.renew_zone_server(request)
+            self.store.put(
+                {
+                    "intermediate_uri": intermediate.uri,
+                    "intermediate_chain_pem": response.intermediate_chain_pem,
+                    "tls_uri": tls.uri,
+                    "tls_chain_pem": response.tls_certificate.certificate_chain_pem,
+                    "roots_pem": response.tls_certificate.roots_pem,
+                }
+            )
+
+    def _renew_loop(self) -> None:
+        while not self._stopping.wait(RENEW_CHECK_SECONDS):
+            try:
+                self._maybe_renew()
+            except Exception as exc:
+                log.warning("zone intermediate renewal failed (%s); will retry", exc)
+
+    # -- issuing -------------------------------------------------------------------------
+
+    def _settings_hours(self, name: str, default: int) -> datetime.timedelta:
+        trust = self._trust
+        value = trust.body.zone_settings.get(name) if trust else None
+        return datetime.timedelta(hours=int(value) if value else default)
+
+    def _issue(self, key: object, common_name: str) -> Issued:
+        with self._lock:
+            chain_pem = self.store.get("intermediate_chain_pem") or ""
+            issuer_cert = x509.load_pem_x509_certificates(chain_pem.encode())[0]
+            issuer_key = self.backends.private_key(self.store.get("intermediate_uri") or "")
+            roots_pem = (self._trust.roots_pem() if self._trust else b"").decode()
+        now = self.clock.now()
+        validity = self._settings_hours("PKIClientTLSKeyValidityHours", 168)
+        window = self._settings_hours("PKIClientTLSKeyRenewalWindowHours", 4)
+        cert = certs.build_client_certificate(
+            issuer_key,
+            issuer_cert,
+            key,
+            common_name,
+            "agent",
+            now,
+            validity,  # type: ignore[arg-type]
+        )
+        self.store.queue_report(certs.serial_hex(cert), certs.to_der(cert), "agent")
+        jitter = random.uniform(0, window.total_seconds() / 2)  # noqa: S311 - spreading load
+        not_after = cert.not_valid_after_utc
+        return Issued(
+            chain_pem=certs.to_pem(cert) + certs.to_pem(issuer_cert),
+            roots_pem=roots_pem,
+            serial=certs.serial_hex(cert),
+            not_after=not_after,
+            renew_after=not_after - window + datetime.timedelta(seconds=jitter),
+        )
+
+    def enroll_client(self, csr_data: bytes, token: str) -> Issued:
+        _, key, common_name = check_csr(csr_data)
+        try:
+            with self._server_client() as client:
+                client.redeem_enrollment_token(token, common_name)
+        except KeyplaneClientError as exc:
+            if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                raise Unauthenticated(exc.message) from None
+            raise Unavailable(
+                f"the zone server cannot reach its server to check the token ({exc.code.name})"
+            ) from None
+        return self._issue(key, common_name)
+
+    def renew_client(self, identity: Identity, csr_data: bytes) -> Issued:
+        _, key, common_name = check_csr(csr_data)
+        if "agent" not in identity.roles:
+            raise PermissionDenied("only agents renew certificates here")
+        if common_name != identity.common_name:
+            raise InvalidArgument(
+                f"the CSR's common name {common_name!r} differs from the certificate's "
+                f"{identity.common_name!r}; renew keeps the same name"
+            )
+        current = key_fingerprint(identity.certificate)
+        if hasattr(key, "public_bytes"):
+            der = key.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            if hashlib.sha256(der).hexdigest() == current:
+                raise InvalidArgument("renewal needs a new key; the CSR reuses the current one")
+        return self._issue(key, common_name)
+
+    def check_client_certificate(self, cert: x509.Certificate) -> str | None:
+        trust = self._trust
+        if trust is None:
+            return "the zone server has no trust state yet"
+        if cert.not_valid_after_utc < self.clock.now():
+            return "it has expired"
+        if certs.serial_hex(cert) in trust.body.revoked_serials:
+            return "it was revoked"
+        revoked = set(trust.body.revoked_key_fingerprints)
+        for entry in trust.body.intermediates:
+            if entry.fingerprint in revoked:
+                continue
+            issuer = x509.load_der_x509_certificate(entry.certificate_der)
+            try:
+                cert.verify_directly_issued_by(issuer)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return None
+        return "its issuer is not a trusted intermediate"
+
+    def _report_loop(self) -> None:
+        while not self._stopping.wait(REPORT_SECONDS):
+            pending = self.store.pending_reports()
+            if not pending:
+                continue
+            try:
+                with self._server_client() as client:
+                    client.report_issued_certificates(
+                        [
+                            zone_service_pb2.IssuedCertificateReport(certificate_der=d, component=c)
+                            for _, d, c in pending
+                        ]
+                    )
+                self.store.reported([s for s, _, _ in pending])
+            except Exception as exc:
+                log.warning("reporting issued certificates failed (%s); will retry", exc)
+
+    # -- serving -------------------------------------------------------------------------
+
+    def _tls_version(self) -> tuple[str, str]:
+        roots = ",".join(self._trust.root_fingerprints) if self._trust else ""
+        return self.store.get("tls_chain_pem") or "", roots
+
+    def _credentials(self, require_client_auth: bool) -> grpc.ServerCredentials:
+        served = {"version": self._tls_version()}
+
+        def configuration() -> grpc.ServerCertificateConfiguration:
+            credential = self._credential()
+            return grpc.ssl_server_certificate_configuration(
+                [(credential.private_key_pem, credential.certificate_chain_pem)],
+                root_certificates=credential.root_certificates_pem,
+            )
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            try:
+                version = self._tls_version()
+                if version == served["version"]:
+                    return None
+                served["version"] = version
+                return configuration()
+            except Exception:
+                log.exception("could not refresh the zone server's TLS configuration")
+                return None
+
+        return grpc.dynamic_ssl_server_credentials(
+            configuration(), fetch, require_client_authentication=require_client_auth
+        )
+
+    def prepare(
+        self, bundle_data: bytes | None, fingerprint: str | None, token: str | None
+    ) -> None:
+        """Pick ports, enroll on first start, and fetch the trust state once."""
+        host, port = parse_address(self.options.listen, "--listen")
+        boot_host, boot_port = parse_address(self.options.bootstrap_listen, "--bootstrap-listen")
+        if self.enrolled:
+            self.listen = self.store.get("listen") or ""
+            self.bootstrap = self.store.get("bootstrap_listen") or ""
+        else:
+            if bundle_data is None or not token:
+                raise ZoneError("first start: give --bundle FILE and --token TOKEN to enroll")
+            self.listen = format_address(host, port or free_port(host))
+            self.bootstrap = format_address(boot_host, boot_port or free_port(boot_host))
+            self.enroll_with_server(bundle_data, fingerprint, token)
+        self._load_trust()
+        try:
+            with self._server_client() as client:
+                held = self._trust.version if self._trust else 0
+                self._accept(client.get_trust_state(held))
+        except KeyplaneClientError as exc:
+            if self._trust is None:
+                raise ZoneError(f"cannot fetch the trust state from the server: {exc}") from None
+            log.warning(
+                "server unreachable at start (%s); relaying trust state v%d",
+                exc.code.name,
+                self._trust.version,
+            )
+        self._maybe_renew_quietly()
+
+    def _maybe_renew_quietly(self) -> None:
+        try:
+            self._maybe_renew()
+        except Exception as exc:
+            log.warning("zone intermediate renewal failed (%s); will retry", exc)
+
+    async def start(self) -> None:
+        server = grpc.aio.server(
+            interceptors=[KeyplaneInterceptor(self.check_client_certificate)],
+            options=CHANNEL_OPTIONS,
+        )
+        notifier = VersionNotifier()
+        if self._trust is not None:
+            notifier.published(self._trust.version)
+        loop = asyncio.get_running_loop()
+        self._notify = lambda v: loop.call_soon_threadsafe(notifier.published, v)
+        enrollment_service_pb2_grpc.add_EnrollmentServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            EnrollmentServicer(ZoneClientIssuer(self)), server
+        )
+        trust_state_service_pb2_grpc.add_TrustStateServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            TrustStateServicer(self, notifier), server
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        server.add_secure_port(self.listen, self._credentials(True))
+        server.add_secure_port(self.bootstrap, self._credentials(False))
+        await server.start()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        for target in (self._follow_loop, self._report_loop, self._renew_loop):
+            thread = threading.Thread(target=target, daemon=True, name=target.__name__)
+            thread.start()
+            self._threads.append(thread)
+
+    async def wait(self) -> None:
+        assert self._server is not None  # noqa: S101
+        await self._server.wait_for_termination()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        watch = getattr(self, "_watch", None)
+        if watch is not None:
+            watch.cancel()
+        if self._server is not None:
+            await self._server.stop(2.0)
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join, 10)
+        self.store.close()
+        self.backends.close()
+
+
+class ZoneClientIssuer:
+    """What EnrollmentService calls on a zone server."""
+
+    def __init__(self, zone: ZoneServer) -> None:
+        self._zone = zone
+
+    def enroll(self, csr_data: bytes, token: str) -> Issued:
+        return self._zone.enroll_client(csr_data, token)
+
+    def renew(self, identity: Identity, csr_data: bytes) -> Issued:
+        return self._zone.renew_client(identity, csr_data)

@@ -1,0 +1,111 @@
+"""The zone server's own small database (`zone.db`): its enrollment, the trust-state
+versions it relays, and the certificates it issued but has not reported yet."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+_SCHEMA = """
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS trust_versions (
+    version INTEGER PRIMARY KEY,
+    root_set TEXT NOT NULL,
+    signed BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending_reports (
+    serial TEXT PRIMARY KEY,
+    der BLOB NOT NULL,
+    component TEXT NOT NULL
+);
+COMMIT;
+"""
+
+
+class ZoneStore:
+    """zone.db: WAL, synchronous=FULL, one connection behind a lock."""
+
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def get(self, name: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return str(row[0]) if row else None
+
+    def put(self, values: dict[str, str]) -> None:
+        """Write several values in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for name, value in values.items():
+                    self._db.execute(
+                        "INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) "
+                        "DO UPDATE SET value = excluded.value",
+                        (name, value),
+                    )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def add_trust_version(self, version: int, root_set: str, signed: bytes) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO trust_versions (version, root_set, signed) VALUES (?, ?, ?)",
+                (version, root_set, signed),
+            )
+
+    def trust_versions_after(self, version: int) -> list[tuple[int, str, bytes]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT version, root_set, signed FROM trust_versions WHERE version > ? "
+                "ORDER BY version",
+                (version,),
+            ).fetchall()
+        return [(int(v), str(r), bytes(s)) for v, r, s in rows]
+
+    def trust_version(self, version: int) -> tuple[int, str, bytes] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT version, root_set, signed FROM trust_versions WHERE version = ?",
+                (version,),
+            ).fetchone()
+        return (int(row[0]), str(row[1]), bytes(row[2])) if row else None
+
+    def latest_trust_version(self) -> tuple[int, str, bytes] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT version, root_set, signed FROM trust_versions ORDER BY version DESC LIMIT 1"
+            ).fetchone()
+        return (int(row[0]), str(row[1]), bytes(row[2])) if row else None
+
+    def queue_report(self, serial: str, der: bytes, component: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO pending_reports (serial, der, component) VALUES (?, ?, ?)",
+                (serial, der, component),
+            )
+
+    def pending_reports(self, limit: int = 500) -> list[tuple[str, bytes, str]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT serial, der, component FROM pending_reports LIMIT ?", (limit,)
+            ).fetchall()
+        return [(str(s), bytes(d), str(c)) for s, d, c in rows]
+
+    def reported(self, serials: list[str]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "DELETE FROM pending_reports WHERE serial = ?", [(s,) for s in serials]
+            )
