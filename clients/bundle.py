@@ -81,9 +81,9 @@ def load_bundle(data: bytes, fingerprint: str | None = None) -> Bundle:
     else:
         signers = roots
     for signature in bundle.signatures:
-        cert = signers.get(signature.root_fingerprint)
-        if cert is not None and verify_signature(
-            cert.public_key(), signature.signature, BUNDLE_CONTEXT + bundle.body
+        signer = signers.get(signature.root_fingerprint)
+        if signer is not None and verify_signature(
+            signer.public_key(), signature.signature, BUNDLE_CONTEXT + bundle.body
         ):
             return Bundle(body, roots)
     raise BundleError("the init bundle's signature does not verify (damaged or forged)")

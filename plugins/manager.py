@@ -94,9 +94,7 @@ class KeyBackends:
     def for_uri(self, uri: str) -> KeyBackend:
         return self.backend(scheme_of(uri))
 
-    def generate_key(
-        self, backend: str, label: str, algorithm: KeyAlgorithm | str
-    ) -> GeneratedKey:
+    def generate_key(self, backend: str, label: str, algorithm: KeyAlgorithm | str) -> GeneratedKey:
         return self.backend(backend).generate_key(label, KeyAlgorithm.parse(str(algorithm)))
 
     def private_key(self, uri: str) -> BackendPrivateKey:

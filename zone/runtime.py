@@ -36,7 +36,7 @@ from keyplane.plugins.manager import KeyBackends
 from keyplane.server.config import format_address, parse_address
 from keyplane.server.domain import certs
 from keyplane.server.domain.clock import Clock, SystemClock
-from keyplane.server.domain.enrollment import Issued, check_csr
+from keyplane.server.domain.enrollment import Issued, SubjectKey, check_csr
 from keyplane.server.domain.identity import Identity
 from keyplane.server.errors import (
     InvalidArgument,
@@ -317,7 +317,7 @@ class ZoneServer:
         value = trust.body.zone_settings.get(name) if trust else None
         return datetime.timedelta(hours=int(value) if value else default)
 
-    def _issue(self, key: object, common_name: str) -> Issued:
+    def _issue(self, key: SubjectKey, common_name: str) -> Issued:
         with self._lock:
             chain_pem = self.store.get("intermediate_chain_pem") or ""
             issuer_cert = x509.load_pem_x509_certificates(chain_pem.encode())[0]
@@ -333,7 +333,7 @@ class ZoneServer:
             common_name,
             "agent",
             now,
-            validity,  # type: ignore[arg-type]
+            validity,
         )
         self.store.queue_report(certs.serial_hex(cert), certs.to_der(cert), "agent")
         jitter = random.uniform(0, window.total_seconds() / 2)  # noqa: S311 - spreading load
@@ -490,7 +490,11 @@ class ZoneServer:
         if self._trust is not None:
             notifier.published(self._trust.version)
         loop = asyncio.get_running_loop()
-        self._notify = lambda v: loop.call_soon_threadsafe(notifier.published, v)
+
+        def wake_watchers(version: int) -> None:
+            loop.call_soon_threadsafe(notifier.published, version)
+
+        self._notify = wake_watchers
         enrollment_service_pb2_grpc.add_EnrollmentServiceServicer_to_server(  # type: ignore[no-untyped-call]
             EnrollmentServicer(ZoneClientIssuer(self)), server
         )
