@@ -197,6 +197,9 @@ class ZoneServer:
             self._trust = TrustState(body, signed)
 
     def _accept(self, batch: list[trust_state_pb2.SignedTrustState]) -> None:
+        """Verify and keep new versions; renew the intermediate if a new root calls for it,
+        and only then tell this zone's watchers, so that a client that renews because of
+        the new version gets a certificate from the new chain."""
         with self._lock:
             state = self._trust
             for signed in batch:
@@ -205,6 +208,7 @@ class ZoneServer:
                     state.version, _root_set(state), signed.SerializeToString()
                 )
             self._trust = state
+        self._maybe_renew_quietly()
         if state is not None:
             self._notify(state.version)
 
@@ -239,7 +243,6 @@ class ZoneServer:
                     for batch in watch:
                         self._accept(batch)
                         delay = 0.2
-                        self._maybe_renew()
                         if self._stopping.is_set():
                             break
             except Exception as exc:  # reconnect on any failure, never die
