@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -77,6 +78,8 @@ SERVICE_NAMES = tuple(
     )
     for service in module.DESCRIPTOR.services_by_name.values()
 )
+# How often each process looks for trust-state versions that other workers published.
+VERSION_POLL_SECONDS = 0.1
 # Room for a 4 MiB payload to sign plus its envelope.
 MAX_MESSAGE_BYTES = MAX_PAYLOAD + 64 * 1024
 
@@ -94,16 +97,19 @@ class Endpoints:
 class KeyplaneServer:
     """Owns the store, the backends, the hierarchy and the gRPC server of one process."""
 
-    def __init__(self, config: ServerConfig, clock: Clock | None = None) -> None:
+    def __init__(self, config: ServerConfig, clock: Clock | None = None, worker: int = 0) -> None:
         self.config = config
         self.clock = clock or SystemClock()
+        # Worker 0 initialises, runs the rotation scheduler and writes the endpoint note;
+        # further workers (keyplane serve --workers N) only serve.
+        self.worker = worker
         self._store: StateStore | None = None
         self._backends: KeyBackends | None = None
         self._server: grpc.aio.Server | None = None
         self.hierarchy: Hierarchy | None = None
         self.endpoints: Endpoints | None = None
         self.report: StartReport | None = None
-        self._scheduler: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def open(self) -> StartReport:
         """Open the data dir and its key backends, initialising them on first start."""
@@ -112,7 +118,10 @@ class KeyplaneServer:
         self._backends = KeyBackends(self.config.backends, self.config.data_dir)
         self._store = StateStore(self.config.data_dir / "keyplane.db")
         self.hierarchy = Hierarchy(self.config, self._store, self._backends, self.clock)
-        self.report = self.hierarchy.start()
+        if self.worker == 0:
+            self.report = self.hierarchy.start()
+        else:
+            self.report = StartReport((), self.hierarchy.issuing_root())
         return self.report
 
     def _credentials(self, require_client_auth: bool) -> grpc.ServerCredentials:
@@ -158,17 +167,21 @@ class KeyplaneServer:
             await asyncio.to_thread(self.open)
         assert self.hierarchy is not None  # noqa: S101
         hierarchy = self.hierarchy
+        loop = asyncio.get_running_loop()
+        # Enough threads that concurrent requests share a group commit.
+        loop.set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="keyplane"))
         server = grpc.aio.server(
             interceptors=[KeyplaneInterceptor(self._still_valid)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # Several worker processes may listen on one port (--workers).
+                ("grpc.so_reuseport", 1),
             ],
         )
         enrollment = Enrollment(hierarchy)
         notifier = VersionNotifier()
         notifier.published(hierarchy.trust.latest_version())
-        loop = asyncio.get_running_loop()
 
         def wake_watchers(version: int) -> None:
             loop.call_soon_threadsafe(notifier.published, version)
@@ -231,11 +244,25 @@ class KeyplaneServer:
             format_address(connect_host, bound),
             format_address(connect_boot, boot_bound),
         )
-        self.hierarchy.admin_dir.write_endpoint(
-            self.endpoints.connect_listen, self.endpoints.connect_bootstrap, self.config.fqdn
-        )
-        self._scheduler = asyncio.create_task(self._rotation_loop())
+        self._tasks.append(asyncio.create_task(self._follow_versions(notifier)))
+        if self.worker == 0:
+            self.hierarchy.admin_dir.write_endpoint(
+                self.endpoints.connect_listen, self.endpoints.connect_bootstrap, self.config.fqdn
+            )
+            self._tasks.append(asyncio.create_task(self._rotation_loop()))
         return self.endpoints
+
+    async def _follow_versions(self, notifier: VersionNotifier) -> None:
+        """Wake this process's watchers for versions other workers published."""
+        assert self.hierarchy is not None  # noqa: S101
+        while True:
+            await asyncio.sleep(VERSION_POLL_SECONDS)
+            try:
+                latest = await asyncio.to_thread(self.hierarchy.trust.latest_version)
+            except Exception:
+                log.exception("could not read the trust-state version")
+                continue
+            notifier.published(latest)
 
     async def _rotation_loop(self) -> None:
         """Renew subordinates as they enter their renewal window; the DB is the truth."""
@@ -255,9 +282,9 @@ class KeyplaneServer:
         await self._server.wait_for_termination()
 
     async def stop(self, grace: float | None = 5.0) -> None:
-        if self._scheduler is not None:
-            self._scheduler.cancel()
-            self._scheduler = None
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import multiprocessing
+import os
 import signal
+import socket
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 from keyplane.plugins.errors import BackendError
 from keyplane.server.app import KeyplaneServer
-from keyplane.server.config import load_config
+from keyplane.server.config import ServerConfig, format_address, load_config
 from keyplane.server.errors import ConfigError
 
 log = logging.getLogger("keyplane.server")
@@ -42,6 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--bootstrap-listen", help="server-TLS bootstrap listener HOST:PORT (default: next port)"
     )
     parser.add_argument("--fqdn", help="the server's name, used in root names (default: host's)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="serving processes sharing the ports (SO_REUSEPORT) over one state DB; "
+        "default 1 (config: workers)",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.set_defaults(func=run_serve)
 
@@ -62,11 +73,115 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"keyplane serve: configuration error: {exc}", file=sys.stderr)
         return 2
+    workers = args.workers if args.workers is not None else config.workers
+    if workers < 1 or workers > 64:
+        print("keyplane serve: --workers must be between 1 and 64", file=sys.stderr)
+        return 2
     try:
-        return asyncio.run(_serve(KeyplaneServer(config)))
+        if workers == 1:
+            return asyncio.run(_serve(KeyplaneServer(config)))
+        return _supervise(config, args, workers)
     except (BackendError, ConfigError) as exc:
         print(f"keyplane serve: cannot start: {exc}", file=sys.stderr)
         return 1
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def _supervise(config: ServerConfig, args: argparse.Namespace, workers: int) -> int:
+    """Initialise once here, then run `workers` serving processes on the same ports and
+    restart any that dies; SIGTERM or SIGINT stops them all."""
+    host, port = config.listen_address
+    boot_host, boot_port = config.bootstrap_address
+    listen = format_address(host, port or _free_port(host))
+    bootstrap = format_address(boot_host, boot_port or _free_port(boot_host))
+    config = replace(config, listen=listen, bootstrap_listen=bootstrap)
+    first = KeyplaneServer(config)
+    report = first.open()
+    first.close()
+    if report.created:
+        print(f"initialised {config.data_dir}: created {', '.join(report.created)}")
+    context = multiprocessing.get_context("spawn")
+    worker_args = (
+        args.config,
+        str(config.data_dir),
+        listen,
+        bootstrap,
+        config.fqdn,
+        args.log_level,
+    )
+    processes: dict[int, multiprocessing.process.BaseProcess] = {}
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    endpoint = config.data_dir / "admin" / "endpoint.json"
+    endpoint.unlink(missing_ok=True)
+    for index in range(workers):
+        processes[index] = context.Process(target=_worker_main, args=(*worker_args, index))
+        processes[index].start()
+    while not endpoint.exists() and not stopping:
+        if not processes[0].is_alive():
+            print("keyplane serve: worker 0 failed to start", file=sys.stderr)
+            stopping = True
+        time.sleep(0.05)
+    root = report.issuing_root
+    print(f"keyplane server listening on {listen} (mutual TLS, {workers} workers)", flush=True)
+    print(f"bootstrap listener on {bootstrap} (server TLS)", flush=True)
+    print(f"issuing root: {root.name} sha256:{root.fingerprint}", flush=True)
+    print(f"admin credential: {config.data_dir / 'admin'}", flush=True)
+    while not stopping:
+        time.sleep(0.2)
+        for index, process in list(processes.items()):
+            if not process.is_alive() and not stopping:
+                log.error("worker %d exited (code %s); restarting it", index, process.exitcode)
+                processes[index] = context.Process(target=_worker_main, args=(*worker_args, index))
+                processes[index].start()
+    for process in processes.values():
+        if process.is_alive() and process.pid is not None:
+            os.kill(process.pid, signal.SIGTERM)
+    for process in processes.values():
+        process.join(timeout=30)
+    return 0
+
+
+def _worker_main(
+    config_path: Path | None,
+    data_dir: str,
+    listen: str,
+    bootstrap: str,
+    fqdn: str,
+    log_level: str,
+    index: int,
+) -> None:
+    logging.basicConfig(
+        level=getattr(logging, str(log_level).upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s",
+    )
+    config = load_config(
+        config_path, data_dir=Path(data_dir), listen=listen, bootstrap_listen=bootstrap, fqdn=fqdn
+    )
+    asyncio.run(_serve_worker(KeyplaneServer(config, worker=index)))
+
+
+async def _serve_worker(server: KeyplaneServer) -> None:
+    await asyncio.to_thread(server.open)
+    await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await server.stop(grace=5.0)
 
 
 async def _serve(server: KeyplaneServer) -> int:

@@ -73,6 +73,7 @@ class ServerConfig:
         default_factory=lambda: MappingProxyType({"software": MappingProxyType({})})
     )
     rotation_check_seconds: float = 60.0
+    workers: int = 1
     # Testing only: the crash point (server/domain/faults.py) at which to SIGKILL itself.
     kill_at: str = ""
 
@@ -126,6 +127,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         "key_backends",
         "backends",
         "rotation_check_seconds",
+        "workers",
         "testing",
     }
     _known(raw, top, "the config file")
@@ -146,6 +148,11 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         if not isinstance(seconds, int | float) or seconds <= 0:
             raise ConfigError("rotation_check_seconds must be a positive number")
         values["rotation_check_seconds"] = float(seconds)
+    if "workers" in raw:
+        workers = raw["workers"]
+        if not isinstance(workers, int) or not 1 <= workers <= 64:
+            raise ConfigError("workers must be a whole number from 1 to 64")
+        values["workers"] = workers
     testing = dict(raw.get("testing", {}))
     _known(testing, {"kill_at"}, "[testing]")
     if "kill_at" in testing:

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import json
+import os
+import queue
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 
@@ -249,6 +256,9 @@ class Transaction:
     def __init__(self, db: sqlite3.Connection, now: datetime.datetime) -> None:
         self._db = db
         self.now = now
+        # Set by writes that change what cached reads return (keys, settings,
+        # revocations, trust states); the commit then bumps the generation.
+        self.changes_hierarchy = False
 
     def audit(self, actor: str, action: str, target: str, **details: object) -> None:
         self._db.execute(
@@ -263,6 +273,7 @@ class Transaction:
         return int(row[0]) + 1 if row else 0
 
     def insert_key(self, record: KeyRecord) -> None:
+        self.changes_hierarchy = True
         self._db.execute(
             f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES ({', '.join('?' * 16)})",  # noqa: S608
             (
@@ -313,6 +324,7 @@ class Transaction:
         )
 
     def upsert_zone_server(self, name: str, listen: str, bootstrap_listen: str) -> None:
+        self.changes_hierarchy = True
         self._db.execute(
             "INSERT INTO zone_servers (name, listen, bootstrap_listen, registered_at, "
             "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
@@ -331,6 +343,7 @@ class Transaction:
         return True
 
     def revoke_certificate(self, serial: str, by: str, reason: str) -> None:
+        self.changes_hierarchy = True
         self._db.execute(
             "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
             (_ts(self.now), reason, serial),
@@ -342,6 +355,7 @@ class Transaction:
         )
 
     def insert_trust_state(self, record: TrustStateRecord) -> None:
+        self.changes_hierarchy = True
         self._db.execute(
             "INSERT INTO trust_states (version, content_digest, root_set, signed, created_at) "
             "VALUES (?, ?, ?, ?, ?)",
@@ -355,6 +369,7 @@ class Transaction:
         )
 
     def set_setting(self, name: str, value: str, scope: str, by: str) -> None:
+        self.changes_hierarchy = True
         self._db.execute(
             "INSERT INTO settings (name, value, scope, updated_at, updated_by) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value, "
@@ -363,14 +378,17 @@ class Transaction:
         )
 
     def mark_key_destroyed(self, fingerprint: str) -> None:
+        self.changes_hierarchy = True
         self._db.execute(
             "UPDATE keys SET destroyed_at = ? WHERE fingerprint = ?", (_ts(self.now), fingerprint)
         )
 
     def set_key_state(self, fingerprint: str, state: str) -> None:
+        self.changes_hierarchy = True
         self._db.execute("UPDATE keys SET state = ? WHERE fingerprint = ?", (state, fingerprint))
 
     def revoke_key(self, fingerprint: str, kind: str, by: str, reason: str) -> None:
+        self.changes_hierarchy = True
         self._db.execute(
             "UPDATE keys SET state = 'revoked', revoked_at = ?, revoked_by = ?, "
             "revoke_reason = ? WHERE fingerprint = ?",
@@ -401,6 +419,7 @@ class Transaction:
         )
 
     def revoke_certificates_issued_by(self, issuer_fingerprint: str, by: str, reason: str) -> int:
+        self.changes_hierarchy = True
         serials = [
             r[0]
             for r in self._db.execute(
@@ -422,6 +441,86 @@ class Transaction:
         return len(serials)
 
 
+class _GroupCommitter:
+    """One thread that commits queued work in batches: many requests, one fsync."""
+
+    MAX_BATCH = 256
+
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+        self._queue: queue.Queue[
+            tuple[datetime.datetime, Callable[[Transaction], object], Future[object]] | None
+        ] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def submit(self, now: datetime.datetime, work: Callable[[Transaction], T]) -> T:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="keyplane-group-commit", daemon=True
+                )
+                self._thread.start()
+        future: Future[object] = Future()
+        self._queue.put((now, work, future))
+        return future.result()  # type: ignore[return-value]
+
+    def stop(self) -> None:
+        with self._start_lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                batch.append(item)
+            self._commit(batch)
+
+    def _commit(
+        self,
+        batch: list[tuple[datetime.datetime, Callable[[Transaction], object], Future[object]]],
+    ) -> None:
+        results: list[tuple[Future[object], object, BaseException | None]] = []
+        try:
+            with self._store.transaction(batch[0][0]) as tx:
+                db = tx._db
+                for now, work, future in batch:
+                    tx.now = now
+                    db.execute("SAVEPOINT item")
+                    try:
+                        value = work(tx)
+                    except Exception as exc:
+                        db.execute("ROLLBACK TO item")
+                        db.execute("RELEASE item")
+                        results.append((future, None, exc))
+                    else:
+                        db.execute("RELEASE item")
+                        results.append((future, value, None))
+        except BaseException as exc:  # the commit itself failed: nobody's work is stored
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for future, value, error in results:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
+
+
 class StateStore:
     """The repository over keyplane.db. One connection, serialised by a lock."""
 
@@ -429,6 +528,15 @@ class StateStore:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._cache: dict[tuple[object, ...], tuple[int, object]] = {}
+        # Reads use a connection per thread (WAL lets them run beside a commit); writes
+        # use the one write connection, serialised by the lock.
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._committer = _GroupCommitter(self)
+        self._lock_file = os.open(
+            path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
+        )
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -440,30 +548,104 @@ class StateStore:
                 "BEGIN IMMEDIATE;"
                 + _SCHEMA
                 + "INSERT OR IGNORE INTO meta (name, value) "
-                + f"VALUES ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
+                + f"VALUES ('schema_version', '{SCHEMA_VERSION}'); "
+                + "INSERT OR IGNORE INTO meta (name, value) VALUES ('generation', '0'); COMMIT;"
             )
 
+    def group_commit(self, now: datetime.datetime, work: Callable[[Transaction], T]) -> T:
+        """Run `work` in a transaction shared with other callers' work, committed (and
+        fsynced) once for all of them; returns after the commit, so nothing is lost.
+
+        Each caller's work runs inside its own savepoint: if it raises, only its writes
+        are rolled back and the exception is raised to that caller alone.
+        """
+        return self._committer.submit(now, work)
+
     def close(self) -> None:
+        self._committer.stop()
         with self._lock:
+            for reader in self._readers:
+                reader.close()
+            self._readers.clear()
             self._db.close()
+            os.close(self._lock_file)
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        reader = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            reader.execute("PRAGMA busy_timeout=10000")
+            self._local.reader = reader
+            with self._lock:
+                self._readers.append(reader)
+        yield reader
 
     @contextlib.contextmanager
     def transaction(self, now: datetime.datetime) -> Iterator[Transaction]:
         """A write transaction; it commits only if the block (audit included) succeeds."""
-        with self._lock:
+        with self._lock, self._write_lock():
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield Transaction(self._db, now)
+                tx = Transaction(self._db, now)
+                yield tx
+                if tx.changes_hierarchy:
+                    self._db.execute(
+                        "UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
+                        "WHERE name = 'generation'"
+                    )
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
 
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        """Writers of all processes queue on a file lock, which wakes the next one at once,
+        instead of on SQLite's busy handler, which sleeps and retries."""
+        fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Within the block, cached reads on this thread use one generation read at its
+        start: one query per request instead of one per cached read."""
+        self._local.generation = self._read_generation()
+        try:
+            yield
+        finally:
+            self._local.generation = None
+
+    def generation(self) -> int:
+        """Grows with every committed change to keys, settings, revocations or the trust
+        state, by any process sharing this DB: what cached reads are keyed on."""
+        pinned = getattr(self._local, "generation", None)
+        if pinned is not None:
+            return int(pinned)
+        return self._read_generation()
+
+    def _read_generation(self) -> int:
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE name = 'generation'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _cached(self, key: tuple[object, ...], read: Callable[[], T]) -> T:
+        generation = self.generation()
+        hit = self._cache.get(key)  # dict reads and writes are atomic; no lock needed
+        if hit is not None and hit[0] == generation:
+            return hit[1]  # type: ignore[return-value]
+        value = read()
+        self._cache[key] = (generation, value)
+        return value
+
     # -- reads --------------------------------------------------------------------------
 
     def _keys(self, where: str, args: tuple[object, ...]) -> list[KeyRecord]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 f"SELECT {_KEY_COLUMNS} FROM keys WHERE {where} "  # noqa: S608
                 "ORDER BY created_at, number",
                 args,
@@ -471,25 +653,30 @@ class StateStore:
         return [_key(r) for r in rows]
 
     def key(self, fingerprint: str) -> KeyRecord | None:
-        found = self._keys("fingerprint = ?", (fingerprint,))
+        found = self._cached(
+            ("key", fingerprint), lambda: self._keys("fingerprint = ?", (fingerprint,))
+        )
         return found[0] if found else None
 
     def key_destroyed(self, fingerprint: str) -> bool:
-        with self._lock:
-            row = self._db.execute(
+        with self._read() as db:
+            row = db.execute(
                 "SELECT destroyed_at FROM keys WHERE fingerprint = ?", (fingerprint,)
             ).fetchone()
         return bool(row and row[0])
 
     def keys(self, kind: str, states: tuple[str, ...] | None = None) -> list[KeyRecord]:
         if states is None:
-            return self._keys("kind = ?", (kind,))
+            return self._cached(("keys", kind), lambda: self._keys("kind = ?", (kind,)))
         marks = ", ".join("?" * len(states))
-        return self._keys(f"kind = ? AND state IN ({marks})", (kind, *states))
+        return self._cached(
+            ("keys", kind, states),
+            lambda: self._keys(f"kind = ? AND state IN ({marks})", (kind, *states)),
+        )
 
     def certificate(self, serial: str) -> CertificateRecord | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._read() as db:
+            row = db.execute(
                 f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = ?",  # noqa: S608
                 (serial,),
             ).fetchone()
@@ -497,8 +684,8 @@ class StateStore:
 
     def certificates(self, role: str | None = None, limit: int = 1000) -> list[CertificateRecord]:
         where, args = ("WHERE role = ?", (role,)) if role else ("", ())
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 f"SELECT {_CERT_COLUMNS} FROM certificates {where} "  # noqa: S608
                 "ORDER BY issued_at DESC, serial LIMIT ?",
                 (*args, limit),
@@ -506,23 +693,23 @@ class StateStore:
         return [_cert(r) for r in rows]
 
     def zone_servers(self) -> list[ZoneServerRecord]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 "SELECT name, listen, bootstrap_listen, registered_at FROM zone_servers "
                 "ORDER BY name"
             ).fetchall()
         return [ZoneServerRecord(str(n), str(li), str(b), _dt(r)) for n, li, b, r in rows]
 
     def token_uses_left(self, token_hash: str) -> int | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._read() as db:
+            row = db.execute(
                 "SELECT uses_left FROM enrollment_tokens WHERE token_hash = ?", (token_hash,)
             ).fetchone()
         return int(row[0]) if row else None
 
     def _trust_states(self, where: str, args: tuple[object, ...]) -> list[TrustStateRecord]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 "SELECT version, content_digest, root_set, signed, created_at "  # noqa: S608
                 f"FROM trust_states {where}",
                 args,
@@ -532,7 +719,9 @@ class StateStore:
         ]
 
     def latest_trust_state(self) -> TrustStateRecord | None:
-        found = self._trust_states("ORDER BY version DESC LIMIT 1", ())
+        found = self._cached(
+            ("latest_trust",), lambda: self._trust_states("ORDER BY version DESC LIMIT 1", ())
+        )
         return found[0] if found else None
 
     def trust_state(self, version: int) -> TrustStateRecord | None:
@@ -544,25 +733,32 @@ class StateStore:
 
     def revoked_serials(self, now: datetime.datetime) -> list[str]:
         """Serials of revoked certificates that have not expired yet."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL "
-                "AND not_after > ? ORDER BY serial",
-                (_ts(now),),
-            ).fetchall()
-        return [str(r[0]) for r in rows]
+
+        def read() -> list[tuple[str, datetime.datetime]]:
+            with self._read() as db:
+                rows = db.execute(
+                    "SELECT serial, not_after FROM certificates WHERE revoked_at IS NOT NULL "
+                    "ORDER BY serial"
+                ).fetchall()
+            return [(str(s), _dt(na)) for s, na in rows]
+
+        return [s for s, not_after in self._cached(("revoked",), read) if not_after > now]
 
     def settings(self) -> dict[str, tuple[str, datetime.datetime, str]]:
         """Stored settings: name -> (value, updated at, updated by)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT name, value, updated_at, updated_by FROM settings"
-            ).fetchall()
-        return {str(n): (str(v), _dt(at), str(by)) for n, v, at, by in rows}
+
+        def read() -> dict[str, tuple[str, datetime.datetime, str]]:
+            with self._read() as db:
+                rows = db.execute(
+                    "SELECT name, value, updated_at, updated_by FROM settings"
+                ).fetchall()
+            return {str(n): (str(v), _dt(at), str(by)) for n, v, at, by in rows}
+
+        return dict(self._cached(("settings",), read))
 
     def audit_log(self, limit: int = 1000) -> list[AuditRecord]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 "SELECT id, at, actor, action, target, details FROM audit ORDER BY id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
@@ -579,6 +775,6 @@ class StateStore:
         ]
 
     def revocation_sequence(self) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT max(seq) FROM revocations").fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT max(seq) FROM revocations").fetchone()
         return int(row[0] or 0)

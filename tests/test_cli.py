@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -248,3 +250,27 @@ def test_keys_settings_trust_state_sign_and_verify_through_the_cli(
         data_dir=tmp_path / "no-credentials",
     )
     assert wrong_pin.returncode == 1 and "pinned fingerprint" in wrong_pin.stderr
+
+
+def test_several_workers_share_the_ports_and_the_state(tmp_path: Path) -> None:
+    process = ServerProcess(tmp_path / "data", "--workers", "2")
+    try:
+        data = process.data_dir
+        created = cli_json(data, "roots", "create")
+        # Whichever worker answers, it sees the same state (the DB is the truth).
+        for _ in range(6):
+            listing = cli_json(data, "roots", "list")
+            assert isinstance(listing, dict) and isinstance(created, dict)
+            assert created["fingerprint"] in {r["fingerprint"] for r in listing["active"]}
+        workers = [
+            int(pid)
+            for pid in subprocess.run(
+                ["pgrep", "-P", str(process.proc.pid)], capture_output=True, text=True
+            ).stdout.split()
+        ]
+        assert len(workers) >= 2
+        os.kill(workers[-1], signal.SIGKILL)
+        # The supervisor restarts the killed worker; the service stays up meanwhile.
+        assert cli_json(data, "keys", "list")
+    finally:
+        assert process.stop() == 0

@@ -29,7 +29,7 @@ from keyplane.server.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from keyplane.server.store import CertificateRecord, KeyRecord
+from keyplane.server.store import CertificateRecord, KeyRecord, Transaction
 from keyplane.v1 import bundle_service_pb2, trust_state_pb2
 
 MAX_CSR_BYTES = 64 * 1024
@@ -239,7 +239,8 @@ class Enrollment:
             certificate_pem=certs.to_pem(cert),
             issued_at=now,
         )
-        with self.store.transaction(now) as tx:
+
+        def record_issue(tx: Transaction) -> None:
             if token_digest and not tx.consume_token(token_digest, _token_role(role)):
                 raise Unauthenticated("the enrollment token is unknown, spent or expired")
             tx.insert_certificate(record)
@@ -251,6 +252,9 @@ class Enrollment:
                 role=role,
                 issuer=issuer.fingerprint,
             )
+
+        # Committed with other requests' certificates in one fsync; returns once durable.
+        self.store.group_commit(now, record_issue)
         return Issued(
             chain_pem=record.certificate_pem + (issuer.certificate_pem or ""),
             roots_pem=self.hierarchy.trusted_roots_pem().decode(),
@@ -261,9 +265,10 @@ class Enrollment:
 
     def enroll(self, csr_data: bytes, token: str) -> Issued:
         _, key, common_name = check_csr(csr_data)
-        digest = self._check_token(token, "agent")
-        actor = f"enrollment ({common_name})"
-        return self._issue(actor, key, common_name, "agent", digest or None)
+        with self.store.snapshot():
+            digest = self._check_token(token, "agent")
+            actor = f"enrollment ({common_name})"
+            return self._issue(actor, key, common_name, "agent", digest or None)
 
     def renew(self, identity: Identity, csr_data: bytes) -> Issued:
         _, key, common_name = check_csr(csr_data)
@@ -279,7 +284,8 @@ class Enrollment:
             )
         if _fingerprint(key) == _fingerprint(identity.certificate.public_key()):  # type: ignore[arg-type]
             raise InvalidArgument("renewal needs a new key; the CSR reuses the current one")
-        return self._issue(identity.actor, key, common_name, role, None)
+        with self.store.snapshot():
+            return self._issue(identity.actor, key, common_name, role, None)
 
     # -- certificates --------------------------------------------------------------------
 
