@@ -115,6 +115,14 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
+_INIT_SCRIPT = (
+    "BEGIN IMMEDIATE;"
+    + _SCHEMA
+    + "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema_version', '1');"
+    + "INSERT OR IGNORE INTO meta (name, value) VALUES ('generation', '0'); COMMIT;"
+)
+
+
 def _ts(value: datetime.datetime | None) -> str | None:
     return value.astimezone(datetime.UTC).isoformat() if value is not None else None
 
@@ -544,13 +552,7 @@ class StateStore:
         self._db.execute("PRAGMA busy_timeout=10000")
         with self._lock:
             # One transaction: a crash mid-way leaves no half-made schema.
-            self._db.executescript(
-                "BEGIN IMMEDIATE;"
-                + _SCHEMA
-                + "INSERT OR IGNORE INTO meta (name, value) "
-                + f"VALUES ('schema_version', '{SCHEMA_VERSION}'); "
-                + "INSERT OR IGNORE INTO meta (name, value) VALUES ('generation', '0'); COMMIT;"
-            )
+            self._db.executescript(_INIT_SCRIPT)
 
     def group_commit(self, now: datetime.datetime, work: Callable[[Transaction], T]) -> T:
         """Run `work` in a transaction shared with other callers' work, committed (and
