@@ -115,7 +115,8 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
-_INIT_SCRIPT = (
+# Run once per open; schema_version '1' is SCHEMA_VERSION.
+_INIT_SCRIPT = (  # noqa: S608 - constant text, nothing interpolated
     "BEGIN IMMEDIATE;"
     + _SCHEMA
     + "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema_version', '1');"
