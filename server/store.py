@@ -116,8 +116,8 @@ CREATE TABLE IF NOT EXISTS audit (
 
 
 # Run once per open; schema_version '1' is SCHEMA_VERSION.
-_INIT_SCRIPT = (  # noqa: S608 - constant text, nothing interpolated
-    "BEGIN IMMEDIATE;"
+_INIT_SCRIPT = (
+    "BEGIN IMMEDIATE;"  # noqa: S608 - constant text, nothing interpolated
     + _SCHEMA
     + "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema_version', '1');"
     + "INSERT OR IGNORE INTO meta (name, value) VALUES ('generation', '0'); COMMIT;"
