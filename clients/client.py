@@ -79,6 +79,9 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # A watch stream on a connection that died silently is noticed within ~80 s.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
 ]
 
 

@@ -177,6 +177,8 @@ class KeyplaneServer:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 # Several worker processes may listen on one port (--workers).
                 ("grpc.so_reuseport", 1),
+                # Clients ping every 60 s while they watch; allow it.
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
             ],
         )
         enrollment = Enrollment(hierarchy)
