@@ -34,10 +34,21 @@ from typing import Any
 
 from keyplane.plugins.errors import UnsupportedAlgorithmError
 from keyplane.plugins.keys import KeyAlgorithm
-from keyplane.server.domain.faults import POINTS
 from keyplane.server.errors import ConfigError
 
 DEFAULT_LISTEN = "127.0.0.1:7443"
+# Steps of root and subordinate rotation at which a test may have the server SIGKILL
+# itself ([testing] kill_at; see server/domain/faults.py).
+KILL_POINTS = (
+    "root.generated",
+    "root.recorded",
+    "revoke.recorded",
+    "subordinate.generated",
+    "subordinate.prepared",
+    "subordinate.published",
+    "subordinate.activated",
+    "trust.signed",
+)
 KEY_KINDS = ("root", "legacy_root", "server_tls", "intermediate_tls", "message_signing")
 # The legacy root never lives in an HSM: it is pinned to the software backend.
 PINNED_KINDS = MappingProxyType({"legacy_root": "software"})
@@ -156,8 +167,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
     testing = dict(raw.get("testing", {}))
     _known(testing, {"kill_at"}, "[testing]")
     if "kill_at" in testing:
-        if testing["kill_at"] not in POINTS:
-            raise ConfigError(f"[testing] kill_at must be one of: {', '.join(POINTS)}")
+        if testing["kill_at"] not in KILL_POINTS:
+            raise ConfigError(f"[testing] kill_at must be one of: {', '.join(KILL_POINTS)}")
         values["kill_at"] = str(testing["kill_at"])
     backends: dict[str, Mapping[str, object]] = {"software": MappingProxyType({})}
     for name, options in dict(raw.get("backends", {})).items():

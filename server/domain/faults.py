@@ -11,16 +11,10 @@ import os
 import signal
 from dataclasses import dataclass
 
-POINTS = (
-    "root.generated",
-    "root.recorded",
-    "revoke.recorded",
-    "subordinate.generated",
-    "subordinate.prepared",
-    "subordinate.published",
-    "subordinate.activated",
-    "trust.signed",
-)
+from keyplane.server.config import KILL_POINTS
+
+# The crash points, named in configuration ([testing] kill_at).
+POINTS = KILL_POINTS
 
 
 @dataclass(frozen=True)
