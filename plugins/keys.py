@@ -12,10 +12,10 @@ import enum
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Self
 
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.padding import AsymmetricPadding
 
 from keyplane.plugins.errors import KeyOperationError, UnsupportedAlgorithmError
@@ -81,7 +81,7 @@ def algorithm_of(public_key: object) -> KeyAlgorithm:
     raise UnsupportedAlgorithmError(f"unsupported public key type {type(public_key).__name__}")
 
 
-def fingerprint(public_key: PublicKey) -> str:
+def fingerprint(public_key: PublicKey | ed25519.Ed25519PublicKey) -> str:
     """SHA-256 of the DER SubjectPublicKeyInfo, lowercase hex: the id of every key."""
     der = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -116,7 +116,27 @@ def _refuse_export() -> NoReturn:
     raise KeyOperationError("private key material never leaves its backend")
 
 
-class BackendECKey(ec.EllipticCurvePrivateKey):
+class _HeldKey:
+    """What both backend key classes share: no export, and copies are the same key."""
+
+    uri: str
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        _refuse_export()
+
+    def __copy__(self) -> Self:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        return self
+
+
+class BackendECKey(_HeldKey, ec.EllipticCurvePrivateKey):
     """An EC private key held by a backend: signs through it, never exports."""
 
     def __init__(self, public_key: ec.EllipticCurvePublicKey, signer: DigestSigner, uri: str):
@@ -147,25 +167,11 @@ class BackendECKey(ec.EllipticCurvePrivateKey):
     def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
         _refuse_export()
 
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _refuse_export()
-
-    def __copy__(self) -> BackendECKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> BackendECKey:
-        return self
-
     def __repr__(self) -> str:
         return f"<BackendECKey {self.uri} {self.curve.name}>"
 
 
-class BackendRSAKey(rsa.RSAPrivateKey):
+class BackendRSAKey(_HeldKey, rsa.RSAPrivateKey):
     """An RSA private key held by a backend: signs through it, never exports or decrypts."""
 
     def __init__(self, public_key: rsa.RSAPublicKey, signer: DigestSigner, uri: str):
@@ -198,20 +204,6 @@ class BackendRSAKey(rsa.RSAPrivateKey):
 
     def private_numbers(self) -> rsa.RSAPrivateNumbers:
         _refuse_export()
-
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _refuse_export()
-
-    def __copy__(self) -> BackendRSAKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> BackendRSAKey:
-        return self
 
     def __repr__(self) -> str:
         return f"<BackendRSAKey {self.uri} {self.key_size}>"

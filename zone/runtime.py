@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import hashlib
 import logging
 import random
 import socket
@@ -31,7 +30,7 @@ from keyplane.clients.client import (
 )
 from keyplane.clients.credentials import Credential
 from keyplane.clients.trust import TrustState, follow, key_fingerprint
-from keyplane.plugins.keys import BackendPrivateKey, KeyAlgorithm
+from keyplane.plugins.keys import BackendPrivateKey, KeyAlgorithm, fingerprint
 from keyplane.plugins.manager import KeyBackends
 from keyplane.server.config import format_address, parse_address
 from keyplane.server.domain import certs
@@ -371,13 +370,8 @@ class ZoneServer:
                 f"the CSR's common name {common_name!r} differs from the certificate's "
                 f"{identity.common_name!r}; renew keeps the same name"
             )
-        current = key_fingerprint(identity.certificate)
-        if hasattr(key, "public_bytes"):
-            der = key.public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-            if hashlib.sha256(der).hexdigest() == current:
-                raise InvalidArgument("renewal needs a new key; the CSR reuses the current one")
+        if fingerprint(key) == key_fingerprint(identity.certificate):
+            raise InvalidArgument("renewal needs a new key; the CSR reuses the current one")
         return self._issue(key, common_name)
 
     def check_client_certificate(self, cert: x509.Certificate) -> str | None:

@@ -12,11 +12,13 @@ import ipaddress
 import secrets
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from keyplane.plugins.keys import BackendPrivateKey, PublicKey, algorithm_of
+from keyplane.plugins.keys import BackendPrivateKey, PublicKey, algorithm_of, fingerprint
+from keyplane.server.store import CertificateRecord
 
 # What a component's certificate may certify: any key keyplane accepts in a CSR.
 SubjectKey = PublicKey | ed25519.Ed25519PublicKey
@@ -109,9 +111,13 @@ def _leaf(
     public_key: SubjectKey,
     now: datetime.datetime,
     validity: datetime.timedelta,
+    ca: bool = False,
 ) -> x509.CertificateBuilder:
+    """What every certificate under a root shares: validity within the issuer's, serial,
+    basic constraints (CA with pathLen 0 for an intermediate), key usage, SKI and AKI."""
     not_after = min(now + validity, issuer_cert.not_valid_after_utc)
     is_rsa = isinstance(public_key, rsa.RSAPublicKey)
+    usage = _key_usage(signature=True, cert_sign=ca, encipher=is_rsa and not ca)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -120,8 +126,8 @@ def _leaf(
         .serial_number(new_serial())
         .not_valid_before(now - BACKDATE)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(signature=True, cert_sign=False, encipher=is_rsa), critical=True)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(usage, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
@@ -195,22 +201,8 @@ def build_intermediate_certificate(
     validity: datetime.timedelta,
 ) -> x509.Certificate:
     """An intermediate CA (pathLen 0) that signs client TLS certificates."""
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name, "intermediate"))
-        .issuer_name(issuer_cert.subject)
-        .public_key(public_key)
-        .serial_number(new_serial())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(min(now + validity, issuer_cert.not_valid_after_utc))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(signature=True, cert_sign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-            critical=False,
-        )
-    )
+    subject = _name(common_name, "intermediate")
+    builder = _leaf(issuer_key, issuer_cert, subject, public_key, now, validity, ca=True)
     return builder.sign(issuer_key, algorithm_of(issuer_key.public_key()).signature_hash)
 
 
@@ -223,24 +215,37 @@ def build_message_signing_certificate(
     validity: datetime.timedelta,
 ) -> x509.Certificate:
     """A message-signing certificate: digitalSignature only, keyplane's own EKU."""
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name, "message-signing"))
-        .issuer_name(issuer_cert.subject)
-        .public_key(public_key)
-        .serial_number(new_serial())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(min(now + validity, issuer_cert.not_valid_after_utc))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(signature=True, cert_sign=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([MESSAGE_SIGNING_EKU]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-            critical=False,
-        )
+    subject = _name(common_name, "message-signing")
+    builder = _leaf(issuer_key, issuer_cert, subject, public_key, now, validity).add_extension(
+        x509.ExtendedKeyUsage([MESSAGE_SIGNING_EKU]), critical=False
     )
     return builder.sign(issuer_key, algorithm_of(issuer_key.public_key()).signature_hash)
+
+
+def issued_by(cert: x509.Certificate, issuer_pem: str | None) -> bool:
+    """Whether the certificate in `issuer_pem` signed `cert`."""
+    try:
+        cert.verify_directly_issued_by(load_pem(issuer_pem or ""))
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def record_of(
+    cert: x509.Certificate, role: str, issuer_fingerprint: str, issued_at: datetime.datetime
+) -> CertificateRecord:
+    """The state DB's record of a certificate keyplane (or a zone server) issued."""
+    return CertificateRecord(
+        serial=serial_hex(cert),
+        fingerprint=fingerprint(cert.public_key()),  # type: ignore[arg-type]
+        subject=cert.subject.rfc4514_string(),
+        role=role,
+        issuer_fingerprint=issuer_fingerprint,
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        certificate_pem=to_pem(cert),
+        issued_at=issued_at,
+    )
 
 
 def roles_of(cert: x509.Certificate) -> frozenset[str]:

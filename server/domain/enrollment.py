@@ -228,17 +228,7 @@ class Enrollment:
             names=names,
             server_auth=role == "zone-server",
         )
-        record = CertificateRecord(
-            serial=certs.serial_hex(cert),
-            fingerprint=_fingerprint(key),
-            subject=cert.subject.rfc4514_string(),
-            role=role,
-            issuer_fingerprint=issuer.fingerprint,
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-            certificate_pem=certs.to_pem(cert),
-            issued_at=now,
-        )
+        record = certs.record_of(cert, role, issuer.fingerprint, now)
 
         def record_issue(tx: Transaction) -> None:
             if token_digest and not tx.consume_token(token_digest, _token_role(role)):
@@ -282,7 +272,7 @@ class Enrollment:
                 f"the CSR's common name {common_name!r} differs from the certificate's "
                 f"{identity.common_name!r}; renew keeps the same name"
             )
-        if _fingerprint(key) == _fingerprint(identity.certificate.public_key()):  # type: ignore[arg-type]
+        if fingerprint(key) == fingerprint(identity.certificate.public_key()):  # type: ignore[arg-type]
             raise InvalidArgument("renewal needs a new key; the CSR reuses the current one")
         with self.store.snapshot():
             return self._issue(identity.actor, key, common_name, role, None)
@@ -446,23 +436,15 @@ class Enrollment:
                     cert = x509.load_der_x509_certificate(der)
                 except ValueError:
                     raise InvalidArgument("a reported certificate does not parse") from None
-                issuer = next((k for k in intermediates if _issued_by(cert, k)), None)
+                issuer = next(
+                    (k for k in intermediates if certs.issued_by(cert, k.certificate_pem)), None
+                )
                 if issuer is None:
                     raise InvalidArgument(
                         "a reported certificate was not issued by this zone server's intermediate"
                     )
                 added = tx.insert_certificate_if_new(
-                    CertificateRecord(
-                        serial=certs.serial_hex(cert),
-                        fingerprint=_fingerprint(cert.public_key()),  # type: ignore[arg-type]
-                        subject=cert.subject.rfc4514_string(),
-                        role=component or "agent",
-                        issuer_fingerprint=issuer.fingerprint,
-                        not_before=cert.not_valid_before_utc,
-                        not_after=cert.not_valid_after_utc,
-                        certificate_pem=certs.to_pem(cert),
-                        issued_at=now,
-                    )
+                    certs.record_of(cert, component or "agent", issuer.fingerprint, now)
                 )
                 recorded += int(added)
             if recorded:
@@ -522,18 +504,3 @@ class Enrollment:
 
 def _token_role(role: str) -> str:
     return "zone-server" if role == "zone-server" else "agent"
-
-
-def _fingerprint(key: SubjectKey) -> str:
-    der = key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(der).hexdigest()
-
-
-def _issued_by(cert: x509.Certificate, record: KeyRecord) -> bool:
-    try:
-        cert.verify_directly_issued_by(certs.load_pem(record.certificate_pem or ""))
-    except Exception:
-        return False
-    return True

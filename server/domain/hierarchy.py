@@ -38,7 +38,7 @@ from keyplane.server.errors import (
     NotFound,
     RootLimitReached,
 )
-from keyplane.server.store import CertificateRecord, KeyRecord, StateStore
+from keyplane.server.store import KeyRecord, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -557,17 +557,7 @@ class Hierarchy:
             now,
             ADMIN_CREDENTIAL_VALIDITY,
         )
-        record = CertificateRecord(
-            serial=certs.serial_hex(cert),
-            fingerprint=fingerprint(key.public_key()),
-            subject=cert.subject.rfc4514_string(),
-            role=ADMIN_ROLE,
-            issuer_fingerprint=issuer.fingerprint,
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-            certificate_pem=certs.to_pem(cert),
-            issued_at=now,
-        )
+        record = certs.record_of(cert, ADMIN_ROLE, issuer.fingerprint, now)
         with self.store.transaction(now) as tx:
             tx.insert_certificate(record)
             tx.audit(actor, "admin_credential.issue", record.serial, issuer=issuer.fingerprint)
@@ -626,7 +616,7 @@ class Hierarchy:
                 (
                     k
                     for k in self.store.keys("zone_intermediate", ("active", "retired"))
-                    if _issued_by(cert, k)
+                    if certs.issued_by(cert, k.certificate_pem)
                 ),
                 None,
             )
@@ -640,11 +630,3 @@ class Hierarchy:
 
     def public_key_of(self, record: KeyRecord) -> PublicKey:
         return self.backends.public_key(record.key_uri)
-
-
-def _issued_by(cert: x509.Certificate, record: KeyRecord) -> bool:
-    try:
-        cert.verify_directly_issued_by(certs.load_pem(record.certificate_pem or ""))
-    except Exception:
-        return False
-    return True
