@@ -464,6 +464,11 @@ class _GroupCommitter:
         self._start_lock = threading.Lock()
 
     def submit(self, now: datetime.datetime, work: Callable[[Transaction], T]) -> T:
+        return self.submit_pending(now, work).result()  # type: ignore[return-value]
+
+    def submit_pending(
+        self, now: datetime.datetime, work: Callable[[Transaction], object]
+    ) -> Future[object]:
         with self._start_lock:
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -472,7 +477,7 @@ class _GroupCommitter:
                 self._thread.start()
         future: Future[object] = Future()
         self._queue.put((now, work, future))
-        return future.result()  # type: ignore[return-value]
+        return future
 
     def stop(self) -> None:
         with self._start_lock:
@@ -563,6 +568,12 @@ class StateStore:
         are rolled back and the exception is raised to that caller alone.
         """
         return self._committer.submit(now, work)
+
+    def group_commit_pending(
+        self, now: datetime.datetime, work: Callable[[Transaction], object]
+    ) -> Future[object]:
+        """Like group_commit, without waiting: the future completes after the fsync."""
+        return self._committer.submit_pending(now, work)
 
     def close(self) -> None:
         self._committer.stop()

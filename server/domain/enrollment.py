@@ -10,6 +10,7 @@ import datetime
 import hashlib
 import re
 import secrets
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -214,6 +215,21 @@ class Enrollment:
         token_digest: str | None,
         names: list[str] | None = None,
     ) -> Issued:
+        issued, pending = self._issue_pending(actor, key, common_name, role, token_digest, names)
+        pending.result()
+        return issued
+
+    def _issue_pending(
+        self,
+        actor: str,
+        key: SubjectKey,
+        common_name: str,
+        role: str,
+        token_digest: str | None,
+        names: list[str] | None = None,
+    ) -> tuple[Issued, Future[object]]:
+        """Build and sign now; the record commits with others (the future completes once
+        it is durable, or fails, e.g. when the token was spent meanwhile)."""
         issuer = self.hierarchy.active_key("intermediate_tls")
         now = self.clock.now()
         validity, _ = self.hierarchy.settings.rotation("ClientTLS")
@@ -243,24 +259,34 @@ class Enrollment:
                 issuer=issuer.fingerprint,
             )
 
-        # Committed with other requests' certificates in one fsync; returns once durable.
-        self.store.group_commit(now, record_issue)
+        # Committed with other requests' certificates in one fsync; complete once durable.
+        pending = self.store.group_commit_pending(now, record_issue)
         return Issued(
             chain_pem=record.certificate_pem + (issuer.certificate_pem or ""),
             roots_pem=self.hierarchy.trusted_roots_pem().decode(),
             serial=record.serial,
             not_after=record.not_after,
             renew_after=self._renew_after(record.not_after),
-        )
+        ), pending
 
     def enroll(self, csr_data: bytes, token: str) -> Issued:
+        issued, pending = self.enroll_pending(csr_data, token)
+        pending.result()
+        return issued
+
+    def enroll_pending(self, csr_data: bytes, token: str) -> tuple[Issued, Future[object]]:
         _, key, common_name = check_csr(csr_data)
         with self.store.snapshot():
             digest = self._check_token(token, "agent")
             actor = f"enrollment ({common_name})"
-            return self._issue(actor, key, common_name, "agent", digest or None)
+            return self._issue_pending(actor, key, common_name, "agent", digest or None)
 
     def renew(self, identity: Identity, csr_data: bytes) -> Issued:
+        issued, pending = self.renew_pending(identity, csr_data)
+        pending.result()
+        return issued
+
+    def renew_pending(self, identity: Identity, csr_data: bytes) -> tuple[Issued, Future[object]]:
         _, key, common_name = check_csr(csr_data)
         role = "agent"
         if role not in identity.roles:
@@ -275,7 +301,7 @@ class Enrollment:
         if fingerprint(key) == fingerprint(identity.certificate.public_key()):  # type: ignore[arg-type]
             raise InvalidArgument("renewal needs a new key; the CSR reuses the current one")
         with self.store.snapshot():
-            return self._issue(identity.actor, key, common_name, role, None)
+            return self._issue_pending(identity.actor, key, common_name, role, None)
 
     # -- certificates --------------------------------------------------------------------
 

@@ -50,13 +50,22 @@ class EnrollmentServicer(enrollment_service_pb2_grpc.EnrollmentServiceServicer):
     async def Enroll(
         self, request: enrollment_service_pb2.EnrollRequest, context: Context
     ) -> enrollment_service_pb2.EnrollResponse:
-        value = await asyncio.to_thread(self._enrollment.enroll, request.csr, request.token)
+        if isinstance(self._enrollment, Enrollment):
+            # The crypto runs here; only the durable commit is waited for off the loop.
+            value, pending = self._enrollment.enroll_pending(request.csr, request.token)
+            await asyncio.wrap_future(pending)
+        else:
+            value = await asyncio.to_thread(self._enrollment.enroll, request.csr, request.token)
         return enrollment_service_pb2.EnrollResponse(certificate=issued(value))
 
     async def Renew(
         self, request: enrollment_service_pb2.RenewRequest, context: Context
     ) -> enrollment_service_pb2.RenewResponse:
-        value = await asyncio.to_thread(self._enrollment.renew, caller(), request.csr)
+        if isinstance(self._enrollment, Enrollment):
+            value, pending = self._enrollment.renew_pending(caller(), request.csr)
+            await asyncio.wrap_future(pending)
+        else:
+            value = await asyncio.to_thread(self._enrollment.renew, caller(), request.csr)
         return enrollment_service_pb2.RenewResponse(certificate=issued(value))
 
 
