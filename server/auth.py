@@ -81,18 +81,26 @@ CertificateCheck = Callable[[x509.Certificate], str | None]
 
 
 def authorize(
-    method: str, peer_pem: bytes | None, still_valid: CertificateCheck
+    method: str,
+    peer_pem: bytes | None,
+    still_valid: CertificateCheck,
+    known: Identity | None = None,
 ) -> Identity | None:
-    """The caller's identity if it may call `method`; raises the status-carrying error if not."""
+    """The caller's identity if it may call `method`; raises the status-carrying error if not.
+
+    `known` is the identity already parsed from the same `peer_pem`, if any.
+    """
     access = ACCESS.get(method)
     if access is Access.PUBLIC:
-        return identity_from_pem(peer_pem) if peer_pem else None
+        if not peer_pem:
+            return None
+        return known or identity_from_pem(peer_pem)
     if peer_pem is None:
         raise Unauthenticated(
             "this call needs a client certificate from this server's hierarchy; call the "
             "mutual-TLS listener with a credential (e.g. the admin credential)"
         )
-    identity = identity_from_pem(peer_pem)
+    identity = known or identity_from_pem(peer_pem)
     problem = still_valid(identity.certificate)
     if problem is not None:
         raise PermissionDenied(f"the client certificate is refused: {problem}")

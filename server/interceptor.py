@@ -28,6 +28,8 @@ from keyplane.server.errors import KeyplaneError
 log = logging.getLogger(__name__)
 DOMAIN = "keyplane.dev"
 
+IDENTITY_CACHE_SIZE = 10_000
+
 current_identity: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
     "current_identity", default=None
 )
@@ -80,6 +82,9 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, still_valid: CertificateCheck) -> None:
         self._still_valid = still_valid
+        # Parsing the peer's PEM certificate on every call is the costliest part of
+        # admission; a connection presents the same bytes each time.
+        self._identities: dict[bytes, Identity] = {}
 
     async def intercept_service(
         self,
@@ -115,7 +120,13 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
         )
 
     async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        identity = authorize(method, _peer_certificate(context), self._still_valid)
+        pem = _peer_certificate(context)
+        known = self._identities.get(pem) if pem is not None else None
+        identity = authorize(method, pem, self._still_valid, known)
+        if identity is not None and pem is not None and known is None:
+            if len(self._identities) > IDENTITY_CACHE_SIZE:
+                self._identities.clear()
+            self._identities[pem] = identity
         current_identity.set(identity)
 
     async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:

@@ -43,6 +43,7 @@ from keyplane.server.store import KeyRecord, StateStore
 log = logging.getLogger(__name__)
 
 MAX_ACTIVE_ROOTS = 2
+ACCEPTED_CACHE_SIZE = 100_000
 LEGACY_ROOT_NAME = "legacy-root"
 SERVER_ACTOR = "keyplane-server"
 ADMIN_ROLE = "admin"
@@ -126,6 +127,7 @@ class Hierarchy:
         )
         self.admin_dir = AdminCredentialDir(config.data_dir / "admin")
         self._lock = threading.RLock()
+        self._accepted: dict[str, int] = {}
 
     @property
     def lock(self) -> threading.RLock:
@@ -604,6 +606,21 @@ class Hierarchy:
         if cert.not_valid_after_utc < now:
             return "it has expired"
         serial = certs.serial_hex(cert)
+        # A certificate found good stays good until the hierarchy changes (a revocation
+        # bumps the generation); only then is it looked up again.
+        generation = self.store.generation()
+        if self._accepted.get(serial) == generation:
+            return None
+        problem = self._check_client_certificate(cert, serial, now)
+        if problem is None:
+            if len(self._accepted) > ACCEPTED_CACHE_SIZE:
+                self._accepted.clear()
+            self._accepted[serial] = generation
+        return problem
+
+    def _check_client_certificate(
+        self, cert: x509.Certificate, serial: str, now: datetime.datetime
+    ) -> str | None:
         record = self.store.certificate(serial)
         if record is not None:
             if record.revoked_at is not None:

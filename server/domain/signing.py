@@ -31,6 +31,8 @@ class MessageSigner:
 
     def __init__(self, hierarchy: Hierarchy) -> None:
         self.hierarchy = hierarchy
+        # Certificate chains are immutable per key: parse them once.
+        self._chains: dict[str, list[bytes]] = {}
 
     def sign(self, payload: bytes) -> pb.SignedMessage:
         if len(payload) > MAX_PAYLOAD:
@@ -38,12 +40,14 @@ class MessageSigner:
                 f"the payload is {len(payload)} bytes; sign at most {MAX_PAYLOAD} bytes "
                 "(4 MiB), or sign a digest of a larger file"
             )
-        record = self.hierarchy.active_key("message_signing")
-        issuer = self.hierarchy.store.key(record.issuer_fingerprint or "")
+        with self.hierarchy.store.snapshot():
+            record = self.hierarchy.active_key("message_signing")
+            issuer = self.hierarchy.store.key(record.issuer_fingerprint or "")
+            version = self.hierarchy.trust.latest_version()
         content = pb.MessageSignatureContent(
             payload_sha256=hashlib.sha256(payload).digest(),
             payload_size=len(payload),
-            trust_state_version=self.hierarchy.trust.latest_version(),
+            trust_state_version=version,
             signer_fingerprint=record.fingerprint,
         )
         content.signed_at.FromDatetime(self.hierarchy.clock.now())
@@ -51,12 +55,16 @@ class MessageSigner:
         key = self.hierarchy.backends.private_key(record.key_uri)
         algorithm = KeyAlgorithm(record.algorithm)
         signature = sign_with(key, algorithm, MESSAGE_CONTEXT + content_bytes)
-        chain = [certs.load_pem(record.certificate_pem or "")]
-        if issuer is not None:
-            chain.append(certs.load_pem(issuer.certificate_pem or ""))
+        chain = self._chains.get(record.fingerprint)
+        if chain is None:
+            pems = [record.certificate_pem or ""]
+            if issuer is not None:
+                pems.append(issuer.certificate_pem or "")
+            chain = [certs.to_der(certs.load_pem(pem)) for pem in pems]
+            self._chains[record.fingerprint] = chain
         return pb.SignedMessage(
             content=content_bytes,
             signature=signature,
             algorithm=signature_algorithm_name(algorithm),
-            certificate_chain=[certs.to_der(c) for c in chain],
+            certificate_chain=chain,
         )
