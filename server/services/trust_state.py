@@ -12,6 +12,7 @@ from keyplane.v1 import trust_state_service_pb2 as pb
 
 # Watchers also look at the DB this often, in case another worker published.
 POLL_SECONDS = 2.0
+ANSWER_CACHE_SIZE = 1000
 
 
 class VersionNotifier:
@@ -54,8 +55,27 @@ class TrustStateServicer(trust_state_service_pb2_grpc.TrustStateServiceServicer)
     def __init__(self, publisher: TrustStateSource, notifier: VersionNotifier) -> None:
         self._publisher = publisher
         self._notifier = notifier
+        # When a version commits, every watcher asks for the same answer at once: compute
+        # it once per (held version, latest known version) and share it.
+        self._answers: dict[
+            tuple[int, int], asyncio.Task[list[trust_state_pb2.SignedTrustState]]
+        ] = {}
 
     async def _versions(self, since: int) -> list[trust_state_pb2.SignedTrustState]:
+        key = (since, self._notifier.version)
+        task = self._answers.get(key)
+        if task is None:
+            if len(self._answers) > ANSWER_CACHE_SIZE:
+                self._answers.clear()
+            task = asyncio.ensure_future(self._load(since))
+            self._answers[key] = task
+        try:
+            return await asyncio.shield(task)
+        except Exception:
+            self._answers.pop(key, None)
+            raise
+
+    async def _load(self, since: int) -> list[trust_state_pb2.SignedTrustState]:
         raw = await asyncio.to_thread(self._publisher.versions_since, since)
         return [trust_state_pb2.SignedTrustState.FromString(b) for b in raw]
 
