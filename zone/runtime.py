@@ -62,6 +62,18 @@ RENEW_CHECK_SECONDS = 5.0
 RENEW_AT_REMAINING = 0.1
 
 
+VERDICT_CACHE_SIZE = 100_000
+
+
+@dataclass(frozen=True)
+class _TrustView:
+    """What admission needs from one trust-state version, parsed once."""
+
+    version: int
+    revoked_serials: frozenset[str]
+    intermediates: tuple[x509.Certificate, ...]
+
+
 class ZoneError(Exception):
     """The zone server cannot start; the message says why."""
 
@@ -112,6 +124,8 @@ class ZoneServer:
         self.store = ZoneStore(options.data_dir / "zone.db")
         self._lock = threading.RLock()
         self._trust: TrustState | None = None
+        self._verdicts: dict[str, int] = {}
+        self._view: _TrustView | None = None
         self._notify: Callable[[int], None] = lambda version: None
         self._stopping = threading.Event()
         self._server: grpc.aio.Server | None = None
@@ -380,19 +394,39 @@ class ZoneServer:
             return "the zone server has no trust state yet"
         if cert.not_valid_after_utc < self.clock.now():
             return "it has expired"
-        if certs.serial_hex(cert) in trust.body.revoked_serials:
+        serial = certs.serial_hex(cert)
+        view = self._trust_view(trust)
+        if serial in view.revoked_serials:
             return "it was revoked"
-        revoked = set(trust.body.revoked_key_fingerprints)
-        for entry in trust.body.intermediates:
-            if entry.fingerprint in revoked:
-                continue
-            issuer = x509.load_der_x509_certificate(entry.certificate_der)
+        # A good verdict holds until the next trust-state version.
+        if self._verdicts.get(serial) == trust.version:
+            return None
+        for issuer in view.intermediates:
             try:
                 cert.verify_directly_issued_by(issuer)
             except (ValueError, TypeError, InvalidSignature):
                 continue
+            if len(self._verdicts) > VERDICT_CACHE_SIZE:
+                self._verdicts.clear()
+            self._verdicts[serial] = trust.version
             return None
         return "its issuer is not a trusted intermediate"
+
+    def _trust_view(self, trust: TrustState) -> _TrustView:
+        view = self._view
+        if view is None or view.version != trust.version:
+            revoked = set(trust.body.revoked_key_fingerprints)
+            view = _TrustView(
+                trust.version,
+                frozenset(trust.body.revoked_serials),
+                tuple(
+                    x509.load_der_x509_certificate(entry.certificate_der)
+                    for entry in trust.body.intermediates
+                    if entry.fingerprint not in revoked
+                ),
+            )
+            self._view = view
+        return view
 
     def _report_loop(self) -> None:
         while not self._stopping.wait(REPORT_SECONDS):

@@ -3,8 +3,10 @@ versions it relays, and the certificates it issued but has not reported yet."""
 
 from __future__ import annotations
 
+import queue
 import sqlite3
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 _SCHEMA = """
@@ -29,6 +31,8 @@ class ZoneStore:
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
+        self._reports: queue.Queue[tuple[str, bytes, str, Future[None]]] = queue.Queue()
+        self._writer: threading.Thread | None = None
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -91,11 +95,47 @@ class ZoneStore:
         return (int(row[0]), str(row[1]), bytes(row[2])) if row else None
 
     def queue_report(self, serial: str, der: bytes, component: str) -> None:
+        """Record an issued certificate for reporting; returns once it is durable.
+
+        Concurrent callers share one transaction and one fsync (a writer thread takes
+        whatever has queued up meanwhile)."""
+        future: Future[None] = Future()
+        self._reports.put((serial, der, component, future))
         with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO pending_reports (serial, der, component) VALUES (?, ?, ?)",
-                (serial, der, component),
-            )
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_reports, name="zone-report-writer", daemon=True
+                )
+                self._writer.start()
+        future.result()
+
+    def _write_reports(self) -> None:
+        while True:
+            batch = [self._reports.get()]
+            while len(batch) < 512:
+                try:
+                    batch.append(self._reports.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                with self._lock:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        self._db.executemany(
+                            "INSERT OR IGNORE INTO pending_reports (serial, der, component) "
+                            "VALUES (?, ?, ?)",
+                            [(serial, der, component) for serial, der, component, _ in batch],
+                        )
+                    except BaseException:
+                        self._db.execute("ROLLBACK")
+                        raise
+                    self._db.execute("COMMIT")
+            except Exception as exc:
+                for *_, future in batch:
+                    future.set_exception(exc)
+                continue
+            for *_, future in batch:
+                future.set_result(None)
 
     def pending_reports(self, limit: int = 500) -> list[tuple[str, bytes, str]]:
         with self._lock:
