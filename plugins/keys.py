@@ -102,11 +102,16 @@ class GeneratedKey:
 DigestSigner = Callable[[bytes, hashes.HashAlgorithm, AsymmetricPadding | None], bytes]
 
 
+_HASHLIB_NAMES = frozenset({"sha224", "sha256", "sha384", "sha512"})
+
+
 def _digest(
     data: bytes, algorithm: hashes.HashAlgorithm | utils.Prehashed
 ) -> tuple[bytes, hashes.HashAlgorithm]:
     if isinstance(algorithm, utils.Prehashed):
         return data, algorithm._algorithm
+    if algorithm.name in _HASHLIB_NAMES:  # hashlib is quicker than a Hash for short inputs
+        return hashlib.new(algorithm.name, data).digest(), algorithm
     h = hashes.Hash(algorithm)
     h.update(data)
     return h.finalize(), algorithm

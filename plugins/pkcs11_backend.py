@@ -7,6 +7,7 @@ URI, and never appears in a log or an error message.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+@functools.cache
 def _import_pkcs11() -> Any:
     """python-pkcs11, imported only when a pkcs11 backend is opened."""
     try:
@@ -167,6 +169,22 @@ def _read_pin(options: Mapping[str, object]) -> str:
 
 
 # --- the backend ---------------------------------------------------------------------------
+
+
+@functools.cache
+def _lost_session_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean the session (or its login) is gone: reopen and retry once."""
+    pkcs11 = _import_pkcs11()
+    return (
+        pkcs11.SessionClosed,
+        pkcs11.SessionHandleInvalid,
+        pkcs11.ObjectHandleInvalid,
+        pkcs11.KeyHandleInvalid,
+        pkcs11.UserNotLoggedIn,
+        pkcs11.DeviceRemoved,
+        pkcs11.TokenNotPresent,
+        _PrivateKeyHidden,
+    )
 
 
 class _PrivateKeyHidden(Exception):  # an internal signal, never raised to callers
@@ -298,16 +316,7 @@ class Pkcs11Backend(KeyBackend):
     def _run(self, what: str, operation: Callable[[p11types.Session], T]) -> T:
         """Run `operation` on the session; on a lost session, reopen and retry once."""
         pkcs11 = _import_pkcs11()
-        lost = (
-            pkcs11.SessionClosed,
-            pkcs11.SessionHandleInvalid,
-            pkcs11.ObjectHandleInvalid,
-            pkcs11.KeyHandleInvalid,
-            pkcs11.UserNotLoggedIn,
-            pkcs11.DeviceRemoved,
-            pkcs11.TokenNotPresent,
-            _PrivateKeyHidden,
-        )
+        lost = _lost_session_errors()
         with self._lock:
             try:
                 try:
@@ -443,6 +452,10 @@ class Pkcs11Backend(KeyBackend):
             return self._public_key_of(locator, handles, uri)
 
         public_key = self._run("looking up a key", lookup)
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
+            return backend_private_key(
+                public_key, self._ecdsa_signer(locator, uri, public_key), uri
+            )
 
         def sign_digest(
             digest: bytes, hash_algorithm: hashes.HashAlgorithm, pad: AsymmetricPadding | None
@@ -450,6 +463,36 @@ class Pkcs11Backend(KeyBackend):
             return self._sign(locator, uri, public_key, digest, hash_algorithm, pad)
 
         return backend_private_key(public_key, sign_digest, uri)
+
+    def _ecdsa_signer(
+        self, locator: _Locator, uri: str, public_key: ec.EllipticCurvePublicKey
+    ) -> Callable[[bytes, hashes.HashAlgorithm, AsymmetricPadding | None], bytes]:
+        """The ECDSA path, decided once per key rather than on every signature: SoftHSM
+        has no ECDSA_SHA256, so the wrapper hashes and the token signs the digest, cut to
+        the order's length as ECDSA does (P-256 and P-384 orders are whole bytes)."""
+        mechanism = _import_pkcs11().Mechanism.ECDSA
+        size = (public_key.key_size + 7) // 8
+        what = f"signing with {uri}"
+
+        def sign_digest(
+            digest: bytes, hash_algorithm: hashes.HashAlgorithm, pad: AsymmetricPadding | None
+        ) -> bytes:
+            if len(digest) != hash_algorithm.digest_size:
+                raise KeyOperationError(
+                    f"a {hash_algorithm.name} digest is {hash_algorithm.digest_size} bytes, "
+                    f"not {len(digest)}"
+                )
+            data = digest[:size]
+
+            def sign(session: p11types.Session) -> bytes:
+                private = self._key_handles(session, locator, uri, need_private=True).private
+                assert private is not None  # noqa: S101
+                signature: bytes = private.sign(data, mechanism=mechanism)
+                return signature
+
+            return _ecdsa_der(self._run(what, sign))
+
+        return sign_digest
 
     def public_key(self, uri: str) -> PublicKey:
         locator = self._locator(uri)
