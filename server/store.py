@@ -66,6 +66,8 @@ CREATE TABLE IF NOT EXISTS certificates (
     revoke_reason TEXT
 );
 CREATE INDEX IF NOT EXISTS certificates_issuer ON certificates (issuer_fingerprint);
+CREATE INDEX IF NOT EXISTS certificates_issued ON certificates (issued_at);
+CREATE INDEX IF NOT EXISTS certificates_role_issued ON certificates (role, issued_at);
 CREATE TABLE IF NOT EXISTS revocations (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     target_kind TEXT NOT NULL,
@@ -543,10 +545,11 @@ class StateStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._cache: dict[tuple[object, ...], tuple[int, object]] = {}
-        # Reads use a connection per thread (WAL lets them run beside a commit); writes
-        # use the one write connection, serialised by the lock.
+        # Reads use pooled connections (WAL lets them run beside a commit); writes use
+        # the one write connection, serialised by the lock.
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
+        self._idle_readers: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
         self._committer = _GroupCommitter(self)
         self._lock_file = os.open(
             path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
@@ -586,14 +589,19 @@ class StateStore:
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        reader = getattr(self._local, "reader", None)
-        if reader is None:
+        """A read connection from the pool (made when none is free, returned after use):
+        as many as reads run at once, however many threads come and go."""
+        try:
+            reader = self._idle_readers.get_nowait()
+        except queue.Empty:
             reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             reader.execute("PRAGMA busy_timeout=10000")
-            self._local.reader = reader
             with self._lock:
                 self._readers.append(reader)
-        yield reader
+        try:
+            yield reader
+        finally:
+            self._idle_readers.put(reader)
 
     @contextlib.contextmanager
     def transaction(self, now: datetime.datetime) -> Iterator[Transaction]:

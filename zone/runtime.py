@@ -125,6 +125,8 @@ class ZoneServer:
         self._lock = threading.RLock()
         self._trust: TrustState | None = None
         self._verdicts: dict[str, int] = {}
+        self._shared: tuple[tuple[bytes, bytes], KeyplaneClient] | None = None
+        self._issuer_cache: tuple[x509.Certificate, BackendPrivateKey] | None = None
         self._view: _TrustView | None = None
         self._notify: Callable[[int], None] = lambda version: None
         self._stopping = threading.Event()
@@ -199,6 +201,33 @@ class ZoneServer:
         return KeyplaneClient(
             channel_for(self.store.get("server_listen") or "", self._credential()), timeout=30
         )
+
+    def _shared_client(self) -> KeyplaneClient:
+        """One long-lived channel to the server for the per-request calls (token
+        redemption, reports); replaced when the zone's certificate or roots change."""
+        credential = self._credential()
+        key = (credential.certificate_chain_pem, credential.root_certificates_pem)
+        with self._lock:
+            if self._shared is None or self._shared[0] != key:
+                old = self._shared
+                client = KeyplaneClient(
+                    channel_for(self.store.get("server_listen") or "", credential), timeout=30
+                )
+                self._shared = (key, client)
+                if old is not None:
+                    old[1].close()
+            return self._shared[1]
+
+    def _issuer(self) -> tuple[x509.Certificate, BackendPrivateKey]:
+        """The intermediate's certificate and key, read once per intermediate."""
+        with self._lock:
+            if self._issuer_cache is None:
+                chain_pem = self.store.get("intermediate_chain_pem") or ""
+                self._issuer_cache = (
+                    x509.load_pem_x509_certificates(chain_pem.encode())[0],
+                    self.backends.private_key(self.store.get("intermediate_uri") or ""),
+                )
+            return self._issuer_cache
 
     # -- the trust state -----------------------------------------------------------------
 
@@ -318,6 +347,7 @@ class ZoneServer:
                     "roots_pem": response.tls_certificate.roots_pem,
                 }
             )
+            self._issuer_cache = None
 
     def _renew_loop(self) -> None:
         while not self._stopping.wait(RENEW_CHECK_SECONDS):
@@ -334,11 +364,8 @@ class ZoneServer:
         return datetime.timedelta(hours=int(value) if value else default)
 
     def _issue(self, key: SubjectKey, common_name: str) -> Issued:
-        with self._lock:
-            chain_pem = self.store.get("intermediate_chain_pem") or ""
-            issuer_cert = x509.load_pem_x509_certificates(chain_pem.encode())[0]
-            issuer_key = self.backends.private_key(self.store.get("intermediate_uri") or "")
-            roots_pem = (self._trust.roots_pem() if self._trust else b"").decode()
+        issuer_cert, issuer_key = self._issuer()
+        roots_pem = (self._trust.roots_pem() if self._trust else b"").decode()
         now = self.clock.now()
         validity = self._settings_hours("PKIClientTLSKeyValidityHours", 168)
         window = self._settings_hours("PKIClientTLSKeyRenewalWindowHours", 4)
@@ -365,8 +392,7 @@ class ZoneServer:
     def enroll_client(self, csr_data: bytes, token: str) -> Issued:
         _, key, common_name = check_csr(csr_data)
         try:
-            with self._server_client() as client:
-                client.redeem_enrollment_token(token, common_name)
+            self._shared_client().redeem_enrollment_token(token, common_name)
         except KeyplaneClientError as exc:
             if exc.code == grpc.StatusCode.UNAUTHENTICATED:
                 raise Unauthenticated(exc.message) from None
@@ -434,13 +460,12 @@ class ZoneServer:
             if not pending:
                 continue
             try:
-                with self._server_client() as client:
-                    client.report_issued_certificates(
-                        [
-                            zone_service_pb2.IssuedCertificateReport(certificate_der=d, component=c)
-                            for _, d, c in pending
-                        ]
-                    )
+                self._shared_client().report_issued_certificates(
+                    [
+                        zone_service_pb2.IssuedCertificateReport(certificate_der=d, component=c)
+                        for _, d, c in pending
+                    ]
+                )
                 self.store.reported([s for s, _, _ in pending])
             except Exception as exc:
                 log.warning("reporting issued certificates failed (%s); will retry", exc)
@@ -557,6 +582,8 @@ class ZoneServer:
             await self._server.stop(2.0)
         for thread in self._threads:
             await asyncio.to_thread(thread.join, 10)
+        if self._shared is not None:
+            self._shared[1].close()
         self.store.close()
         self.backends.close()
 
