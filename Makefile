@@ -3,6 +3,7 @@
 #   make test   the same set-up plus SoftHSM, then the whole suite
 #   make lint   ruff + mypy
 #   make proto  regenerate keyplane.v1 from proto/
+#   make bench  benchmarks against cfssl and the crypto ceiling (bench/README.md)
 #   make clean  remove the venv, generated code and local data
 
 PYTHON ?= python3
@@ -13,7 +14,7 @@ DATA_DIR ?= var
 LISTEN ?= 127.0.0.1:7443
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint proto system-test-deps clean
+.PHONY: install run test lint proto system-test-deps bench bench-deps clean
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -46,6 +47,13 @@ lint: install
 	@ln -s ../../../gen/keyplane/v1 build/typecheck/keyplane/v1
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml \
 	    -p keyplane.server -p keyplane.plugins -p keyplane.clients -p keyplane.zone
+
+# Benchmarks: one table, medians, ratios; BENCH_QUICK=1 for a short try (bench/README.md).
+bench-deps:
+	@scripts/system-packages.sh cfssl=golang-cfssl softhsm2-util=softhsm2
+
+bench: install bench-deps
+	$(BIN)/python -m bench.run
 
 proto: $(BIN)/python
 	$(BIN)/python -c 'import runpy; runpy.run_path("setup.py", run_name="keyplane_generate_only")'

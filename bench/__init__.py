@@ -1,0 +1,1 @@
+"""keyplane's benchmarks: `make bench` (python -m bench.run). See bench/README.md."""
