@@ -157,7 +157,7 @@ def run(ctx: Context) -> RowResult:
     children: list[tuple[Any, Connection]] = []
     runs: list[dict[str, Any]] = []
     try:
-        server = ServerProcess(ctx.scratch("b5") / "server", *settings.serve_args)
+        server = ServerProcess(ctx.scratch("b5") / "server", *settings.throughput_serve_args)
         started.append(server)
         admin = server.admin()
         token = admin.create_enrollment_token(uses=repeats).token

@@ -56,7 +56,7 @@ class Settings:
     b5_processes: int
     b6_certificates: int
     serve_args: tuple[str, ...]
-    # B1 and B2 measure throughput: the server runs one worker process per core.
+    # B1, B2 and B5 measure throughput: the server runs one worker process per core.
     throughput_serve_args: tuple[str, ...]
     keep: bool
 

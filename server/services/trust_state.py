@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from keyplane.server.services.root_keys import Context
@@ -43,6 +44,15 @@ def _version_of(signed: bytes) -> int:
     return trust_state_pb2.TrustStateBody.FromString(body).version
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """What a holder of one version is sent: the versions, the message, the newest number."""
+
+    versions: list[trust_state_pb2.SignedTrustState]
+    response: pb.WatchTrustStateResponse
+    latest: int
+
+
 class TrustStateSource(Protocol):
     """Where versions come from: the server's publisher, or a zone server's relay."""
 
@@ -56,12 +66,10 @@ class TrustStateServicer(trust_state_service_pb2_grpc.TrustStateServiceServicer)
         self._publisher = publisher
         self._notifier = notifier
         # When a version commits, every watcher asks for the same answer at once: compute
-        # it once per (held version, latest known version) and share it.
-        self._answers: dict[
-            tuple[int, int], asyncio.Task[list[trust_state_pb2.SignedTrustState]]
-        ] = {}
+        # it once per (held version, latest known version) and share it, message and all.
+        self._answers: dict[tuple[int, int], asyncio.Task[_Answer]] = {}
 
-    async def _versions(self, since: int) -> list[trust_state_pb2.SignedTrustState]:
+    async def _answer(self, since: int) -> _Answer:
         key = (since, self._notifier.version)
         task = self._answers.get(key)
         if task is None:
@@ -75,22 +83,25 @@ class TrustStateServicer(trust_state_service_pb2_grpc.TrustStateServiceServicer)
             self._answers.pop(key, None)
             raise
 
-    async def _load(self, since: int) -> list[trust_state_pb2.SignedTrustState]:
+    async def _load(self, since: int) -> _Answer:
         raw = await asyncio.to_thread(self._publisher.versions_since, since)
-        return [trust_state_pb2.SignedTrustState.FromString(b) for b in raw]
+        versions = [trust_state_pb2.SignedTrustState.FromString(b) for b in raw]
+        latest = _version_of(raw[-1]) if raw else since
+        return _Answer(versions, pb.WatchTrustStateResponse(versions=versions), latest)
 
     async def GetTrustState(
         self, request: pb.GetTrustStateRequest, context: Context
     ) -> pb.GetTrustStateResponse:
-        return pb.GetTrustStateResponse(versions=await self._versions(request.since_version))
+        answer = await self._answer(request.since_version)
+        return pb.GetTrustStateResponse(versions=answer.versions)
 
     async def WatchTrustState(
         self, request: pb.WatchTrustStateRequest, context: Context
     ) -> AsyncIterator[pb.WatchTrustStateResponse]:
         since = request.since_version
         while True:
-            versions = await self._versions(since)
-            if versions:
-                yield pb.WatchTrustStateResponse(versions=versions)
-                since = _version_of(versions[-1].SerializeToString())
+            answer = await self._answer(since)
+            if answer.versions:
+                yield answer.response
+                since = answer.latest
             await self._notifier.wait_newer(since, POLL_SECONDS)
