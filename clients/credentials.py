@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,10 @@ DEFAULT_SERVER = "127.0.0.1:7443"
 CREDENTIAL_FILE = "admin.pem"
 CA_FILE = "ca.pem"
 ENDPOINT_FILE = "endpoint.json"
+
+
+# The start of a PEM private-key block (PKCS#8, EC or RSA), which follows the chain.
+_KEY_BLOCK = re.compile(rb"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----")
 
 
 class CredentialError(Exception):
@@ -59,10 +64,10 @@ def load_credential(directory: Path) -> Credential:
         raise CredentialError(
             f"cannot read the credential in {directory}: permission denied"
         ) from None
-    marker = b"-----BEGIN PRIVATE KEY-----"
-    cut = combined.find(marker)
-    if cut < 0:
+    key_block = _KEY_BLOCK.search(combined)
+    if key_block is None:
         raise CredentialError(f"{directory / CREDENTIAL_FILE} holds no private key")
+    cut = key_block.start()
     return Credential(combined[:cut], combined[cut:], roots, directory)
 
 

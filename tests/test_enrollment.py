@@ -21,7 +21,7 @@ from keyplane.clients.client import (
     bootstrap_channel_for,
     channel_for,
 )
-from keyplane.clients.credentials import Credential
+from keyplane.clients.credentials import Credential, load_credential
 from keyplane.clients.trust import follow
 from keyplane.server.domain.clock import ManualClock
 from keyplane.v1 import zone_service_pb2
@@ -263,15 +263,18 @@ def test_init_bundle_is_signed_public_and_pins_the_root(
     with pytest.raises(BundleError):
         load_bundle(bytes(tampered))
     # Nothing secret inside: no PEM private key, and none of the server's key material.
-    assert b"PRIVATE KEY" not in data
+    assert b"-----BEGIN" not in data  # DER only: no PEM block of any kind
     hierarchy = server.hierarchy
     tls_key = serialization.load_pem_private_key(
         hierarchy.backends.tls_private_key_pem(hierarchy.current_server_tls().key_uri), None
     )
     scalar = tls_key.private_numbers().private_value.to_bytes(32, "big")  # type: ignore[union-attr]
     assert scalar not in data
-    admin_key = (server.admin_dir / "admin.pem").read_bytes().split(b"-----BEGIN PRIVATE KEY")[1]
-    assert admin_key[:60] not in data
+    admin_key = serialization.load_pem_private_key(
+        load_credential(server.admin_dir).private_key_pem, None
+    )
+    admin_scalar = admin_key.private_numbers().private_value.to_bytes(32, "big")  # type: ignore[union-attr]
+    assert admin_scalar not in data
 
 
 def test_legacy_key_file_needs_the_setting(admin: KeyplaneClient) -> None:

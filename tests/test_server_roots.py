@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from keyplane.clients.client import KeyplaneClient, KeyplaneClientError
+from keyplane.clients.credentials import load_credential
 from keyplane.v1 import common_pb2
 from keyplane.v1 import root_key_service_pb2 as pb
 from tests.serverkit import FQDN, RunningServer, running_server
@@ -204,8 +205,7 @@ def test_revoke_rotates_and_destroys_the_private_key(
 def test_revoked_root_no_longer_authenticates_its_credentials(
     server: RunningServer, client: KeyplaneClient
 ) -> None:
-    old_credential = (server.admin_dir / "admin.pem").read_bytes()
-    old_ca = (server.admin_dir / "ca.pem").read_bytes()
+    old_credential = load_credential(server.admin_dir)
     old = client.list_root_keys().active[0]
     client.create_root_key()
     client.revoke_root_key(old.fingerprint, "compromised", True)
@@ -213,8 +213,11 @@ def test_revoked_root_no_longer_authenticates_its_credentials(
     with server.admin_client() as fresh:
         assert len(fresh.list_root_keys().active) == 1
     # The credential issued by the revoked root does not.
-    cut = old_credential.find(b"-----BEGIN PRIVATE KEY-----")
-    creds = grpc.ssl_channel_credentials(old_ca, old_credential[cut:], old_credential[:cut])
+    creds = grpc.ssl_channel_credentials(
+        old_credential.root_certificates_pem,
+        old_credential.private_key_pem,
+        old_credential.certificate_chain_pem,
+    )
     with grpc.secure_channel(server.listen, creds) as channel:
         stale = KeyplaneClient(channel, timeout=10)
         with pytest.raises(KeyplaneClientError) as caught:
