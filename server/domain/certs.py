@@ -8,16 +8,18 @@ a minute, so that `openssl verify` and `cryptography.x509.verification` accept t
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import secrets
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keyplane.plugins.keys import BackendPrivateKey, PublicKey, algorithm_of, fingerprint
+from keyplane.server.domain import der
 from keyplane.server.store import CertificateRecord
 
 # What a component's certificate may certify: any key keyplane accepts in a CSR.
@@ -178,6 +180,27 @@ def build_client_certificate(
 ) -> x509.Certificate:
     """A TLS client certificate (clientAuth, and serverAuth for a zone server) carrying
     its role as a URI SAN, and `names` as DNS or IP SANs."""
+    template = ClientTemplate.for_issuer(issuer_key, issuer_cert)
+    if template is not None:
+        return template.issue(public_key, common_name, role, now, validity, names, server_auth)
+    return build_client_certificate_slowly(
+        issuer_key, issuer_cert, public_key, common_name, role, now, validity, names, server_auth
+    )
+
+
+def build_client_certificate_slowly(
+    issuer_key: BackendPrivateKey,
+    issuer_cert: x509.Certificate,
+    public_key: SubjectKey,
+    common_name: str,
+    role: str,
+    now: datetime.datetime,
+    validity: datetime.timedelta,
+    names: list[str] | None = None,
+    server_auth: bool = False,
+) -> x509.Certificate:
+    """build_client_certificate through cryptography's CertificateBuilder: for issuers
+    the template does not cover, and the reference the template is tested against."""
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
     if server_auth:
         usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
@@ -190,6 +213,149 @@ def build_client_certificate(
     )
     algorithm = algorithm_of(issuer_key.public_key())
     return builder.sign(issuer_key, algorithm.signature_hash)
+
+
+_OID_ORGANIZATION = der.oid("2.5.4.10")
+_OID_UNIT = der.oid("2.5.4.11")
+_OID_COMMON_NAME = der.oid("2.5.4.3")
+_BASIC_CONSTRAINTS_LEAF = der.extension(der.oid("2.5.29.19"), der.sequence(), critical=True)
+_KEY_USAGE_SIGN = der.extension(der.oid("2.5.29.15"), b"\x03\x02\x07\x80", critical=True)
+# digitalSignature and keyEncipherment (bits 0 and 2), for RSA subject keys.
+_KEY_USAGE_SIGN_ENCIPHER = der.extension(der.oid("2.5.29.15"), b"\x03\x02\x05\xa0", critical=True)
+_OID_SKI = der.oid("2.5.29.14")
+_OID_AKI = der.oid("2.5.29.35")
+_OID_EKU = der.oid("2.5.29.37")
+_OID_SAN = der.oid("2.5.29.17")
+_CLIENT_AUTH = der.oid(ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string)
+_SERVER_AUTH = der.oid(ExtendedKeyUsageOID.SERVER_AUTH.dotted_string)
+_VERSION_3 = der.tlv(0xA0, der.integer(2))
+_ECDSA_WITH = {
+    "sha256": der.sequence(der.oid("1.2.840.10045.4.3.2")),
+    "sha384": der.sequence(der.oid("1.2.840.10045.4.3.3")),
+}
+_RSA_WITH = {
+    "sha256": der.sequence(der.oid("1.2.840.113549.1.1.11"), b"\x05\x00"),
+    "sha384": der.sequence(der.oid("1.2.840.113549.1.1.12"), b"\x05\x00"),
+}
+_HASHES: dict[str, hashes.HashAlgorithm] = {"sha256": hashes.SHA256(), "sha384": hashes.SHA384()}
+
+
+def _name_der(common_name: str, unit: str) -> bytes:
+    """O=keyplane, OU=unit, CN=common_name as UTF8Strings, as _name() encodes."""
+
+    def rdn(attribute: bytes, value: str) -> bytes:
+        return der.tlv(der.SET, der.sequence(attribute, der.tlv(der.UTF8_STRING, value.encode())))
+
+    return der.sequence(
+        rdn(_OID_ORGANIZATION, ORGANIZATION),
+        rdn(_OID_UNIT, unit),
+        rdn(_OID_COMMON_NAME, common_name),
+    )
+
+
+# Templates by (issuer key object, issuer certificate); a template holds its key, so the
+# key's id cannot be reused while the entry exists.
+_TEMPLATES: dict[tuple[int, x509.Certificate], ClientTemplate] = {}
+
+
+def _general_name(name: str) -> bytes:
+    try:
+        return der.tlv(0x87, ipaddress.ip_address(name).packed)
+    except ValueError:
+        pass
+    try:
+        return der.tlv(0x82, name.encode("ascii"))
+    except UnicodeEncodeError:
+        raise ValueError(f"{name!r} is not an ASCII (A-label) DNS name") from None
+
+
+class ClientTemplate:
+    """A client certificate's fixed parts for one issuer, DER-encoded once: issuer name,
+    signature algorithm, AKI, basic constraints. `issue` adds the rest and signs."""
+
+    def __init__(self, issuer_key: BackendPrivateKey, issuer_cert: x509.Certificate) -> None:
+        issuer_public = issuer_key.public_key()
+        hash_algorithm = algorithm_of(issuer_public).signature_hash
+        self._hash = _HASHES[hash_algorithm.name]
+        if isinstance(issuer_public, ec.EllipticCurvePublicKey):
+            self._algorithm = _ECDSA_WITH[hash_algorithm.name]
+        else:
+            self._algorithm = _RSA_WITH[hash_algorithm.name]
+        self.issuer_key = issuer_key
+        self._issuer_name = der.subject_of(issuer_cert.public_bytes(serialization.Encoding.DER))
+        key_id = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public).key_identifier
+        assert key_id is not None  # noqa: S101 - always set by from_issuer_public_key
+        self._aki = der.extension(_OID_AKI, der.sequence(der.tlv(0x80, key_id)))
+        self._issuer_not_after = issuer_cert.not_valid_after_utc
+
+    @classmethod
+    def for_issuer(
+        cls, issuer_key: BackendPrivateKey, issuer_cert: x509.Certificate
+    ) -> ClientTemplate | None:
+        """The template for this issuer (made once), or None for issuer keys it does not
+        cover (anything but EC P-256/P-384 and RSA with PKCS#1 v1.5)."""
+        key = (id(issuer_key), issuer_cert)
+        found = _TEMPLATES.get(key)
+        if found is not None and found.issuer_key is issuer_key:
+            return found
+        if not isinstance(issuer_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            return None
+        try:
+            template = cls(issuer_key, issuer_cert)
+        except (KeyError, ValueError, TypeError):
+            return None
+        if len(_TEMPLATES) >= 64:
+            _TEMPLATES.clear()
+        _TEMPLATES[key] = template
+        return template
+
+    def issue(
+        self,
+        public_key: SubjectKey,
+        common_name: str,
+        role: str,
+        now: datetime.datetime,
+        validity: datetime.timedelta,
+        names: list[str] | None,
+        server_auth: bool,
+    ) -> x509.Certificate:
+        spki = public_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        ski = hashlib.sha1(der.public_key_bits(spki)).digest()  # noqa: S324 - RFC 5280 key id
+        usages = (_SERVER_AUTH + _CLIENT_AUTH) if server_auth else _CLIENT_AUTH
+        san = der.tlv(0x86, (ROLE_URI_PREFIX + role).encode("ascii"))
+        san += b"".join(_general_name(n) for n in dict.fromkeys(names or []))
+        is_rsa = isinstance(public_key, rsa.RSAPublicKey)
+        not_before, not_after = now - BACKDATE, min(now + validity, self._issuer_not_after)
+        if not_after < not_before:  # as CertificateBuilder refuses it
+            raise ValueError("the issuer's certificate expires before the new one would start")
+        extensions = der.sequence(
+            _BASIC_CONSTRAINTS_LEAF,
+            _KEY_USAGE_SIGN_ENCIPHER if is_rsa else _KEY_USAGE_SIGN,
+            der.extension(_OID_SKI, der.tlv(der.OCTET_STRING, ski)),
+            self._aki,
+            der.extension(_OID_EKU, der.sequence(usages)),
+            der.extension(_OID_SAN, der.sequence(san)),
+        )
+        tbs = der.sequence(
+            _VERSION_3,
+            der.integer(new_serial()),
+            self._algorithm,
+            self._issuer_name,
+            der.sequence(der.time(not_before), der.time(not_after)),
+            _name_der(common_name, role),
+            spki,
+            der.tlv(0xA3, extensions),
+        )
+        key = self.issuer_key
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            signature = key.sign(tbs, ec.ECDSA(self._hash))
+        else:
+            signature = key.sign(tbs, padding.PKCS1v15(), self._hash)
+        return x509.load_der_x509_certificate(
+            der.sequence(tbs, self._algorithm, der.bit_string(signature))
+        )
 
 
 def build_intermediate_certificate(

@@ -1,0 +1,181 @@
+"""The client-certificate template against cryptography's CertificateBuilder: for every
+issuer and subject key type, role, SAN mix and validity edge, the template's
+TBSCertificate is byte for byte the builder's, and its signature verifies."""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509 import verification
+
+from keyplane.server.domain import certs, der
+
+NOW = datetime.datetime(2026, 11, 29, 7, 30, 15, 123456, tzinfo=datetime.UTC)
+WEEK = datetime.timedelta(days=7)
+SERIAL = 0x80 << 120 | 5  # the top bit set: encoded with a leading zero byte
+
+
+def _key(kind: str) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
+    if kind == "p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if kind == "p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if kind == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(scope="module")
+def issuers() -> dict[str, tuple[object, x509.Certificate]]:
+    found = {}
+    for kind in ("p256", "p384", "rsa"):
+        root_key = _key(kind)
+        root = certs.build_root_certificate(root_key, f"{kind} root", NOW)  # type: ignore[arg-type]
+        key = _key(kind)
+        cert = certs.build_intermediate_certificate(
+            root_key,  # type: ignore[arg-type]
+            root,
+            key.public_key(),  # type: ignore[arg-type]
+            f"{kind} intermediate",
+            NOW,
+            datetime.timedelta(days=30),
+        )
+        found[kind] = (key, cert)
+    return found
+
+
+def _both(
+    monkeypatch: pytest.MonkeyPatch, issuer: tuple[object, x509.Certificate], **kwargs: object
+) -> tuple[x509.Certificate, x509.Certificate]:
+    monkeypatch.setattr(certs, "new_serial", lambda: SERIAL)
+    key, cert = issuer
+    template = certs.ClientTemplate.for_issuer(key, cert)  # type: ignore[arg-type]
+    assert template is not None
+    fast = certs.build_client_certificate(key, cert, **kwargs)  # type: ignore[arg-type]
+    slow = certs.build_client_certificate_slowly(key, cert, **kwargs)  # type: ignore[arg-type]
+    return fast, slow
+
+
+@pytest.mark.parametrize(
+    ("issuer_kind", "subject_kind"),
+    list(itertools.product(("p256", "p384", "rsa"), ("p256", "p384", "rsa", "ed25519"))),
+)
+def test_template_matches_builder(
+    monkeypatch: pytest.MonkeyPatch,
+    issuers: dict[str, tuple[object, x509.Certificate]],
+    issuer_kind: str,
+    subject_kind: str,
+) -> None:
+    subject = _key(subject_kind).public_key()
+    for role, names, server_auth in (
+        ("agent", None, False),
+        ("zone-server", ["zone-1", "127.0.0.1", "::1", "zone-1", "zone-1.example.org"], True),
+    ):
+        fast, slow = _both(
+            monkeypatch,
+            issuers[issuer_kind],
+            public_key=subject,
+            common_name="node-7.a_b@c",
+            role=role,
+            now=NOW,
+            validity=WEEK,
+            names=names,
+            server_auth=server_auth,
+        )
+        assert fast.tbs_certificate_bytes == slow.tbs_certificate_bytes
+        assert fast.signature_algorithm_oid == slow.signature_algorithm_oid
+        fast.verify_directly_issued_by(issuers[issuer_kind][1])
+        assert fast.serial_number == SERIAL
+
+
+def test_validity_is_clamped_and_late_dates_use_generalized_time(
+    monkeypatch: pytest.MonkeyPatch, issuers: dict[str, tuple[object, x509.Certificate]]
+) -> None:
+    subject = _key("p256").public_key()
+    key, cert = issuers["p256"]
+    late = datetime.datetime(2049, 12, 31, 23, 59, 30, tzinfo=datetime.UTC)
+    late_root = certs.build_root_certificate(key, "late root", late)  # type: ignore[arg-type]
+    for issuer_cert, now, validity in (
+        (cert, NOW, datetime.timedelta(days=3650)),  # past the issuer's not-after: clamped
+        (late_root, late, WEEK),  # not-after in 2050: GeneralizedTime
+    ):
+        fast, slow = _both(
+            monkeypatch,
+            (key, issuer_cert),
+            public_key=subject,
+            common_name="n",
+            role="agent",
+            now=now,
+            validity=validity,
+        )
+        assert fast.tbs_certificate_bytes == slow.tbs_certificate_bytes
+        assert fast.not_valid_after_utc == min(now + validity, issuer_cert.not_valid_after_utc)
+    # An issuer that expires before the certificate would start: both refuse.
+    for build in (certs.build_client_certificate, certs.build_client_certificate_slowly):
+        with pytest.raises(ValueError, match=r"after|before"):
+            build(key, cert, subject, "n", "agent", late, WEEK)  # type: ignore[arg-type]
+
+
+def test_template_certificates_verify_with_openssl_and_cryptography(tmp_path: Path) -> None:
+    root_key = _key("p256")
+    root = certs.build_root_certificate(root_key, "r", NOW)  # type: ignore[arg-type]
+    mid_key = _key("p256")
+    mid = certs.build_intermediate_certificate(
+        root_key,  # type: ignore[arg-type]
+        root,
+        mid_key.public_key(),  # type: ignore[arg-type]
+        "m",
+        NOW,
+        datetime.timedelta(days=30),
+    )
+    leaf = certs.build_client_certificate(
+        mid_key,  # type: ignore[arg-type]
+        mid,
+        _key("p256").public_key(),  # type: ignore[arg-type]
+        "node-1",
+        "agent",
+        datetime.datetime.now(datetime.UTC),
+        WEEK,
+    )
+    (tmp_path / "root.pem").write_text(certs.to_pem(root))
+    (tmp_path / "mid.pem").write_text(certs.to_pem(mid))
+    (tmp_path / "leaf.pem").write_text(certs.to_pem(leaf))
+    result = subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-x509_strict",
+            "-purpose",
+            "sslclient",
+            "-CAfile",
+            str(tmp_path / "root.pem"),
+            "-untrusted",
+            str(tmp_path / "mid.pem"),
+            str(tmp_path / "leaf.pem"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    store = verification.Store([root])
+    verifier = verification.PolicyBuilder().store(store).build_client_verifier()
+    verified = verifier.verify(leaf, [mid])
+    assert verified.chain[-1] == root
+
+
+def test_der_reader_refuses_truncated_input() -> None:
+    encoded = der.sequence(der.integer(300), der.oid("1.2.840.10045.4.3.2"))
+    assert der.read(encoded) == (der.SEQUENCE, 2, len(encoded))
+    for cut in (1, 3, len(encoded) - 1):
+        with pytest.raises(ValueError, match="truncated"):
+            der.children(encoded[:cut], 2, len(encoded))
+    long = der.tlv(der.OCTET_STRING, b"x" * 300)
+    assert long[:4] == b"\x04\x82\x01\x2c"
+    assert der.read(long) == (der.OCTET_STRING, 4, 304)
