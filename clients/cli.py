@@ -38,6 +38,7 @@ from keyplane.clients.trust import load as load_trust_state
 from keyplane.clients.verify import MessageVerificationError, verify_message
 from keyplane.v1 import (
     certificate_service_pb2,
+    enrollment_service_pb2,
     key_service_pb2,
     message_signing_service_pb2,
     root_key_service_pb2,
@@ -46,6 +47,10 @@ from keyplane.v1 import (
 
 COMMAND_GROUP = "keyplane.commands"
 PROG = "keyplane"
+# The server's limits per SignMessages and EnrollBatch call.
+SIGN_BATCH = 1000
+SIGN_BATCH_BYTES = 4 * 1024 * 1024
+ENROLL_BATCH = 1000
 
 KEYS_HELP = """\
 Subordinate keys: the server's TLS key, the intermediate TLS key (signs client
@@ -365,23 +370,47 @@ def cmd_trust_state_show(client: KeyplaneClient, args: argparse.Namespace) -> in
 
 
 def cmd_sign(client: KeyplaneClient, args: argparse.Namespace) -> int:
-    payload = _read_payload(args.file)
-    signed = client.sign_message(payload)
-    out = args.out or args.file.with_name(args.file.name + ".sig")
-    out.write_bytes(signed.SerializeToString())
-    content = message_signing_service_pb2.MessageSignatureContent.FromString(signed.content)
-    if args.json:
-        _print_json(
+    files: list[Path] = args.file
+    if args.out and len(files) > 1:
+        raise CliError("--out names one signature file; with several files, leave it out")
+    signed: list[message_signing_service_pb2.SignedMessage] = []
+    if len(files) == 1:
+        signed.append(client.sign_message(_read_payload(files[0])))
+    else:
+        # SignMessages: up to 1,000 payloads and 4 MiB per call.
+        batch: list[bytes] = []
+        for path in files:
+            payload = _read_payload(path)
+            if batch and (
+                len(batch) == SIGN_BATCH or sum(map(len, batch)) + len(payload) > (SIGN_BATCH_BYTES)
+            ):
+                signed.extend(client.sign_messages(batch))
+                batch = []
+            batch.append(payload)
+        signed.extend(client.sign_messages(batch))
+    report = []
+    for path, one in zip(files, signed, strict=True):
+        out = args.out or path.with_name(path.name + ".sig")
+        out.write_bytes(one.SerializeToString())
+        content = message_signing_service_pb2.MessageSignatureContent.FromString(one.content)
+        report.append(
             {
+                "file": str(path),
                 "signature_file": str(out),
                 "signer_fingerprint": content.signer_fingerprint,
-                "algorithm": signed.algorithm,
+                "algorithm": one.algorithm,
                 "signed_at": _time(content.signed_at),
                 "trust_state_version": content.trust_state_version,
             }
         )
+    if args.json:
+        _print_json(report[0] if len(report) == 1 else report)
     else:
-        print(f"signed {args.file} -> {out} (key {content.signer_fingerprint[:16]}…)")
+        for entry in report:
+            print(
+                f"signed {entry['file']} -> {entry['signature_file']} "
+                f"(key {str(entry['signer_fingerprint'])[:16]}…)"
+            )
     return 0
 
 
@@ -506,6 +535,37 @@ def cmd_certs_list(client: KeyplaneClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs_issue(client: KeyplaneClient, args: argparse.Namespace) -> int:
+    files: list[Path] = args.csr
+    csrs = [_read_payload(path) for path in files]
+    if args.out_dir:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+    issued: list[enrollment_service_pb2.IssuedCertificate] = []
+    for start in range(0, len(csrs), ENROLL_BATCH):
+        issued.extend(client.enroll_batch(csrs[start : start + ENROLL_BATCH], args.token))
+    report = []
+    for path, cert in zip(files, issued, strict=True):
+        out = (args.out_dir or path.parent) / (path.stem + ".crt")
+        out.write_text(cert.certificate_chain_pem)
+        report.append(
+            {
+                "csr": str(path),
+                "certificate_file": str(out),
+                "serial": cert.serial,
+                "not_after": _time(cert.not_after),
+            }
+        )
+    roots = (args.out_dir or files[0].parent) / "roots.pem"
+    roots.write_text(issued[0].roots_pem)
+    if args.json:
+        _print_json({"certificates": report, "roots_file": str(roots)})
+    else:
+        for entry in report:
+            print(f"issued {entry['certificate_file']} (serial {entry['serial']})")
+        print(f"wrote the roots to trust servers by to {roots}")
+    return 0
+
+
 def cmd_certs_revoke(client: KeyplaneClient, args: argparse.Namespace) -> int:
     cert = _cert_json(client.revoke_certificate(args.serial, args.reason or ""))
     if args.json:
@@ -621,11 +681,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="also write the signed trust state to this file")
     p.set_defaults(call=cmd_trust_state_show)
 
-    p = commands.add_parser(
-        "sign", parents=[common], help="sign a file (at most 4 MiB) with the message-signing key"
+    sign_help = (
+        "sign files (each at most 4 MiB) with the message-signing key; several files "
+        "are signed in batches (SignMessages), up to 1,000 and 4 MiB per call"
     )
-    p.add_argument("file", type=Path)
-    p.add_argument("--out", type=Path, help="signature file (default FILE.sig)")
+    p = commands.add_parser("sign", parents=[common], help=sign_help, description=sign_help)
+    p.add_argument("file", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, help="signature file, for one FILE (default FILE.sig)")
     p.set_defaults(call=cmd_sign)
 
     p = commands.add_parser(
@@ -682,6 +744,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--component", choices=["agent", "zone-server", "admin"])
     p.add_argument("--limit", type=int, default=1000)
     p.set_defaults(call=cmd_certs_list)
+    issue_help = (
+        "issue agent certificates for CSR files in bulk (EnrollBatch, up to 1,000 per "
+        "call; all or nothing per call): writes STEM.crt (chain) per CSR and roots.pem"
+    )
+    p = verbs.add_parser("issue", parents=[common], help=issue_help, description=issue_help)
+    p.add_argument("csr", type=Path, nargs="+", help="PKCS#10 CSR files, PEM or DER")
+    p.add_argument(
+        "--token",
+        required=True,
+        help="an agent token with a use per CSR ('keyplane tokens create --uses N')",
+    )
+    p.add_argument("--out-dir", type=Path, help="where to write (default: beside each CSR)")
+    p.set_defaults(call=cmd_certs_issue)
     p = verbs.add_parser("revoke", parents=[common], help="revoke one certificate")
     p.add_argument("serial", help="serial number in hex, as 'certs list' shows")
     p.add_argument("--reason", help="why (kept in the audit log)")

@@ -256,6 +256,16 @@ class KeyplaneClient:
         )
         return response.signed_message
 
+    def sign_messages(
+        self, payloads: list[bytes]
+    ) -> list[message_signing_service_pb2.SignedMessage]:
+        """One detached signature per payload, in one call (at most 1,000, 4 MiB in all)."""
+        response: message_signing_service_pb2.SignMessagesResponse = self._call(
+            self._signing.SignMessages,
+            message_signing_service_pb2.SignMessagesRequest(payloads=payloads),
+        )
+        return list(response.signed_messages)
+
     def get_init_bundle(self) -> bundle_service_pb2.InitBundle:
         response: bundle_service_pb2.GetInitBundleResponse = self._call(
             self._bundles.GetInitBundle, bundle_service_pb2.GetInitBundleRequest()
@@ -304,6 +314,16 @@ class KeyplaneClient:
             self._enrollment.Enroll, enrollment_service_pb2.EnrollRequest(csr=csr, token=token)
         )
         return response.certificate
+
+    def enroll_batch(
+        self, csrs: list[bytes], token: str
+    ) -> list[enrollment_service_pb2.IssuedCertificate]:
+        """One certificate per CSR, in order; all or nothing (at most 1,000 CSRs)."""
+        response: enrollment_service_pb2.EnrollBatchResponse = self._call(
+            self._enrollment.EnrollBatch,
+            enrollment_service_pb2.EnrollBatchRequest(csrs=csrs, token=token),
+        )
+        return list(response.certificates)
 
     def renew(self, csr: bytes) -> enrollment_service_pb2.IssuedCertificate:
         response: enrollment_service_pb2.RenewResponse = self._call(

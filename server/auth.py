@@ -46,6 +46,7 @@ ACCESS: dict[str, Access] = {
     "/keyplane.v1.SettingsService/GetSetting": Access.ADMIN,
     "/keyplane.v1.SettingsService/UpdateSetting": Access.ADMIN,
     "/keyplane.v1.MessageSigningService/SignMessage": Access.ADMIN,
+    "/keyplane.v1.MessageSigningService/SignMessages": Access.ADMIN,
     "/keyplane.v1.BundleService/GetInitBundle": Access.ADMIN,
     "/keyplane.v1.BundleService/GetLegacyPublicKey": Access.ADMIN,
     "/keyplane.v1.CertificateService/ListCertificates": Access.ADMIN,
@@ -53,6 +54,7 @@ ACCESS: dict[str, Access] = {
     "/keyplane.v1.CertificateService/CreateEnrollmentToken": Access.ADMIN,
     # Enrollment carries its own credential (a token), checked by the domain.
     "/keyplane.v1.EnrollmentService/Enroll": Access.PUBLIC,
+    "/keyplane.v1.EnrollmentService/EnrollBatch": Access.PUBLIC,
     "/keyplane.v1.EnrollmentService/Renew": Access.AGENT,
     "/keyplane.v1.ZoneService/EnrollZoneServer": Access.PUBLIC,
     "/keyplane.v1.ZoneService/RenewZoneServer": Access.ZONE,

@@ -323,13 +323,14 @@ class Transaction:
             (token_hash, role, uses, uses, _ts(expires_at), _ts(self.now), by),
         )
 
-    def consume_token(self, token_hash: str, role: str) -> bool:
-        """Use the token once if it exists, has the role, is unexpired and has uses left."""
+    def consume_token(self, token_hash: str, role: str, uses: int = 1) -> bool:
+        """Use the token `uses` times if it exists, has the role, is unexpired and has
+        that many uses left; otherwise change nothing."""
         return (
             self._db.execute(
-                "UPDATE enrollment_tokens SET uses_left = uses_left - 1 WHERE token_hash = ? "
-                "AND role = ? AND uses_left > 0 AND expires_at > ?",
-                (token_hash, role, _ts(self.now)),
+                "UPDATE enrollment_tokens SET uses_left = uses_left - ? WHERE token_hash = ? "
+                "AND role = ? AND uses_left >= ? AND expires_at > ?",
+                (uses, token_hash, role, max(uses, 1), _ts(self.now)),
             ).rowcount
             == 1
         )
@@ -653,6 +654,12 @@ class StateStore:
         with self._read() as db:
             row = db.execute("SELECT value FROM meta WHERE name = 'generation'").fetchone()
         return int(row[0]) if row else 0
+
+    def memo(self, key: tuple[object, ...], compute: Callable[[], T]) -> T:
+        """`compute()`, remembered until the next committed change to keys, settings,
+        revocations or the trust state (by any process): for values derived from them
+        on every request. The value is shared; callers must not change it."""
+        return self._cached(("memo", *key), compute)
 
     def _cached(self, key: tuple[object, ...], read: Callable[[], T]) -> T:
         generation = self.generation()

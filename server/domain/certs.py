@@ -398,12 +398,17 @@ def issued_by(cert: x509.Certificate, issuer_pem: str | None) -> bool:
 
 
 def record_of(
-    cert: x509.Certificate, role: str, issuer_fingerprint: str, issued_at: datetime.datetime
+    cert: x509.Certificate,
+    role: str,
+    issuer_fingerprint: str,
+    issued_at: datetime.datetime,
+    public_key: SubjectKey | None = None,
 ) -> CertificateRecord:
-    """The state DB's record of a certificate keyplane (or a zone server) issued."""
+    """The state DB's record of a certificate keyplane (or a zone server) issued;
+    `public_key` is the certificate's, when the caller has it at hand."""
     return CertificateRecord(
         serial=serial_hex(cert),
-        fingerprint=fingerprint(cert.public_key()),  # type: ignore[arg-type]
+        fingerprint=fingerprint(public_key or cert.public_key()),  # type: ignore[arg-type]
         subject=cert.subject.rfc4514_string(),
         role=role,
         issuer_fingerprint=issuer_fingerprint,

@@ -10,6 +10,7 @@ import datetime
 import hashlib
 import re
 import secrets
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from keyplane.plugins.keys import KeyAlgorithm, algorithm_of, fingerprint
+from keyplane.plugins.keys import BackendPrivateKey, KeyAlgorithm, algorithm_of, fingerprint
 from keyplane.server.domain import certs
 from keyplane.server.domain.hierarchy import SERVER_ACTOR, Hierarchy, parse_reason
 from keyplane.server.domain.identity import Identity
@@ -37,6 +38,7 @@ MAX_CSR_BYTES = 64 * 1024
 TOKEN_PREFIX = "kpt_"  # noqa: S105 - a marker, not a secret
 ROLES = ("agent", "zone-server")
 MAX_TOKEN_USES = 1_000_000
+MAX_BATCH = 1000
 MAX_TOKEN_TTL = datetime.timedelta(days=365)
 BUNDLE_CONTEXT = b"keyplane-init-bundle-v1\0"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
@@ -44,6 +46,7 @@ _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
 ZONE_INTERMEDIATE_VALIDITY_KIND = "IntermediateTLS"
+_RANDOM = secrets.SystemRandom()
 
 SubjectKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 
@@ -140,6 +143,14 @@ class Issued:
 
 
 @dataclass(frozen=True)
+class _ClientIssuer:
+    record: KeyRecord
+    key: BackendPrivateKey
+    certificate: x509.Certificate
+    roots_pem: str
+
+
+@dataclass(frozen=True)
 class Token:
     """A new enrollment token; the secret is returned once."""
 
@@ -185,8 +196,9 @@ class Enrollment:
             )
         return Token(token, digest[:16], role, uses, now + ttl)
 
-    def _check_token(self, token: str, role: str) -> str:
-        """The token's hash if it can be used; UNAUTHENTICATED otherwise. Spends nothing."""
+    def _check_token(self, token: str, role: str, needed: int = 1) -> str:
+        """The token's hash if it can be used `needed` times; UNAUTHENTICATED otherwise.
+        Spends nothing."""
         if not token:
             if role == "agent" and self.hierarchy.settings.flag("OpenEnrollment"):
                 return ""
@@ -195,6 +207,11 @@ class Enrollment:
         left = self.store.token_uses_left(digest)
         if left is None or left <= 0:
             raise Unauthenticated("the enrollment token is unknown, spent or expired")
+        if left < needed:
+            raise Unauthenticated(
+                f"the enrollment token has {left} uses left; this batch needs {needed} "
+                "(one per CSR)"
+            )
         return digest
 
     # -- client certificates -------------------------------------------------------------
@@ -203,8 +220,23 @@ class Enrollment:
         _, window = self.hierarchy.settings.rotation("ClientTLS")
         # Inside the renewal window, spread over its first half so a fleet does not
         # renew at once.
-        jitter = secrets.SystemRandom().uniform(0, window.total_seconds() / 2)
+        jitter = _RANDOM.uniform(0, window.total_seconds() / 2)
         return not_after - window + datetime.timedelta(seconds=jitter)
+
+    def _client_issuer(self) -> _ClientIssuer:
+        """The key that signs client certificates now, with what every answer carries;
+        worked out once per change to the hierarchy, not per request."""
+
+        def compute() -> _ClientIssuer:
+            record = self.hierarchy.active_key("intermediate_tls")
+            return _ClientIssuer(
+                record,
+                self.hierarchy.backends.private_key(record.key_uri),
+                certs.load_pem(record.certificate_pem or ""),
+                self.hierarchy.trusted_roots_pem().decode(),
+            )
+
+        return self.store.memo(("enrollment.client_issuer",), compute)
 
     def _issue(
         self,
@@ -230,12 +262,19 @@ class Enrollment:
     ) -> tuple[Issued, Future[object]]:
         """Build and sign now; the record commits with others (the future completes once
         it is durable, or fails, e.g. when the token was spent meanwhile)."""
-        issuer = self.hierarchy.active_key("intermediate_tls")
+        issued, record = self._build(key, common_name, role, names)
+        pending = self._record_pending(actor, role, token_digest, [record])
+        return issued, pending
+
+    def _build(
+        self, key: SubjectKey, common_name: str, role: str, names: list[str] | None = None
+    ) -> tuple[Issued, CertificateRecord]:
+        signer = self._client_issuer()
         now = self.clock.now()
         validity, _ = self.hierarchy.settings.rotation("ClientTLS")
         cert = certs.build_client_certificate(
-            self.hierarchy.backends.private_key(issuer.key_uri),
-            certs.load_pem(issuer.certificate_pem or ""),
+            signer.key,
+            signer.certificate,
             key,
             common_name,
             role,
@@ -244,30 +283,48 @@ class Enrollment:
             names=names,
             server_auth=role == "zone-server",
         )
-        record = certs.record_of(cert, role, issuer.fingerprint, now)
-
-        def record_issue(tx: Transaction) -> None:
-            if token_digest and not tx.consume_token(token_digest, _token_role(role)):
-                raise Unauthenticated("the enrollment token is unknown, spent or expired")
-            tx.insert_certificate(record)
-            tx.audit(
-                actor,
-                "certificate.issue",
-                record.serial,
-                subject=record.subject,
-                role=role,
-                issuer=issuer.fingerprint,
-            )
-
-        # Committed with other requests' certificates in one fsync; complete once durable.
-        pending = self.store.group_commit_pending(now, record_issue)
+        record = certs.record_of(cert, role, signer.record.fingerprint, now, public_key=key)
         return Issued(
-            chain_pem=record.certificate_pem + (issuer.certificate_pem or ""),
-            roots_pem=self.hierarchy.trusted_roots_pem().decode(),
+            chain_pem=record.certificate_pem + (signer.record.certificate_pem or ""),
+            roots_pem=signer.roots_pem,
             serial=record.serial,
             not_after=record.not_after,
             renew_after=self._renew_after(record.not_after),
-        ), pending
+        ), record
+
+    def _record_pending(
+        self,
+        actor: str,
+        role: str,
+        token_digest: str | None,
+        records: list[CertificateRecord],
+    ) -> Future[object]:
+        """Spend a token use per certificate (if a token was given) and record them, all
+        or nothing, committed with other requests' work in one fsync; the future
+        completes once that is durable."""
+
+        def record_issue(tx: Transaction) -> None:
+            if token_digest and not tx.consume_token(
+                token_digest, _token_role(role), uses=len(records)
+            ):
+                raise Unauthenticated(
+                    "the enrollment token is unknown, spent or expired"
+                    if len(records) == 1
+                    else f"the enrollment token is unknown or expired, or has fewer than "
+                    f"{len(records)} uses left (one per CSR)"
+                )
+            for record in records:
+                tx.insert_certificate(record)
+                tx.audit(
+                    actor,
+                    "certificate.issue",
+                    record.serial,
+                    subject=record.subject,
+                    role=role,
+                    issuer=record.issuer_fingerprint,
+                )
+
+        return self.store.group_commit_pending(records[0].issued_at, record_issue)
 
     def enroll(self, csr_data: bytes, token: str) -> Issued:
         issued, pending = self.enroll_pending(csr_data, token)
@@ -280,6 +337,31 @@ class Enrollment:
             digest = self._check_token(token, "agent")
             actor = f"enrollment ({common_name})"
             return self._issue_pending(actor, key, common_name, "agent", digest or None)
+
+    def enroll_batch_pending(
+        self, csrs: Sequence[bytes], token: str
+    ) -> tuple[list[Issued], Future[object]]:
+        """EnrollBatch: every CSR checked as Enroll checks it, then all issued and
+        recorded with one token use each, or none."""
+        if not csrs:
+            raise InvalidArgument("EnrollBatch needs at least one CSR")
+        if len(csrs) > MAX_BATCH:
+            raise InvalidArgument(
+                f"EnrollBatch takes at most {MAX_BATCH} CSRs; this request has {len(csrs)}"
+            )
+        checked = []
+        for index, data in enumerate(csrs):
+            try:
+                _, key, common_name = check_csr(data)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"csrs[{index}]: {exc}") from None
+            checked.append((key, common_name))
+        with self.store.snapshot():
+            digest = self._check_token(token, "agent", needed=len(checked))
+            built = [self._build(key, common_name, "agent") for key, common_name in checked]
+        actor = f"enrollment batch ({len(built)} CSRs)"
+        pending = self._record_pending(actor, "agent", digest or None, [r for _, r in built])
+        return [issued for issued, _ in built], pending
 
     def renew(self, identity: Identity, csr_data: bytes) -> Issued:
         issued, pending = self.renew_pending(identity, csr_data)

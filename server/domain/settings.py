@@ -154,11 +154,17 @@ class Settings:
             ) from None
 
     def values(self) -> dict[str, str]:
-        stored = self.store.settings()
-        return {n: stored[n][0] if n in stored else d.default for n, d in DEFINITIONS.items()}
+        return dict(self._values())
+
+    def _values(self) -> dict[str, str]:
+        def compute() -> dict[str, str]:
+            stored = self.store.settings()
+            return {n: stored[n][0] if n in stored else d.default for n, d in DEFINITIONS.items()}
+
+        return self.store.memo(("settings.values",), compute)
 
     def value(self, name: str) -> str:
-        return self.values()[self.definition(name).name]
+        return self._values()[self.definition(name).name]
 
     def hours(self, name: str) -> datetime.timedelta:
         return datetime.timedelta(hours=int(self.value(name)))
@@ -168,9 +174,12 @@ class Settings:
 
     def rotation(self, kind: str) -> tuple[datetime.timedelta, datetime.timedelta]:
         """(validity, renewal window) for a settings Kind such as "ServerTLS"."""
-        return (
-            self.hours(f"PKI{kind}KeyValidityHours"),
-            self.hours(f"PKI{kind}KeyRenewalWindowHours"),
+        return self.store.memo(
+            ("settings.rotation", kind),
+            lambda: (
+                self.hours(f"PKI{kind}KeyValidityHours"),
+                self.hours(f"PKI{kind}KeyRenewalWindowHours"),
+            ),
         )
 
     def client_values(self) -> dict[str, str]:

@@ -9,6 +9,7 @@ from typing import Protocol
 
 from keyplane.server.domain.enrollment import Enrollment, Issued
 from keyplane.server.domain.identity import Identity
+from keyplane.server.errors import FailedPrecondition
 from keyplane.server.services import convert
 from keyplane.server.services.root_keys import Context, actor, caller
 from keyplane.v1 import (
@@ -21,6 +22,9 @@ from keyplane.v1 import (
     zone_service_pb2,
     zone_service_pb2_grpc,
 )
+
+# Batches up to this size are signed on the event loop; larger ones in a thread.
+INLINE_BATCH = 4
 
 
 def issued(value: Issued) -> enrollment_service_pb2.IssuedCertificate:
@@ -57,6 +61,27 @@ class EnrollmentServicer(enrollment_service_pb2_grpc.EnrollmentServiceServicer):
         else:
             value = await asyncio.to_thread(self._enrollment.enroll, request.csr, request.token)
         return enrollment_service_pb2.EnrollResponse(certificate=issued(value))
+
+    async def EnrollBatch(
+        self, request: enrollment_service_pb2.EnrollBatchRequest, context: Context
+    ) -> enrollment_service_pb2.EnrollBatchResponse:
+        if not isinstance(self._enrollment, Enrollment):
+            raise FailedPrecondition(
+                "zone servers enroll one CSR per call; send EnrollBatch to the keyplane "
+                "server's bootstrap listener"
+            )
+        csrs = list(request.csrs)
+        if len(csrs) <= INLINE_BATCH:
+            values, pending = self._enrollment.enroll_batch_pending(csrs, request.token)
+        else:
+            # A big batch is milliseconds of signing: off the loop, so other calls go on.
+            values, pending = await asyncio.to_thread(
+                self._enrollment.enroll_batch_pending, csrs, request.token
+            )
+        await asyncio.wrap_future(pending)
+        return enrollment_service_pb2.EnrollBatchResponse(
+            certificates=[issued(value) for value in values]
+        )
 
     async def Renew(
         self, request: enrollment_service_pb2.RenewRequest, context: Context

@@ -10,6 +10,9 @@ from keyplane.v1 import message_signing_service_pb2 as pb
 from keyplane.v1 import message_signing_service_pb2_grpc
 
 INLINE_PAYLOAD = 64 * 1024
+# Batches of up to this many payloads are signed on the event loop; larger ones in a
+# thread, so other calls go on meanwhile.
+INLINE_BATCH = 16
 
 
 class MessageSigningServicer(message_signing_service_pb2_grpc.MessageSigningServiceServicer):
@@ -29,3 +32,17 @@ class MessageSigningServicer(message_signing_service_pb2_grpc.MessageSigningServ
         else:
             signed = await asyncio.to_thread(self._signer.sign, request.payload)
         return pb.SignMessageResponse(signed_message=signed)
+
+    async def SignMessages(
+        self, request: pb.SignMessagesRequest, context: Context
+    ) -> pb.SignMessagesResponse:
+        payloads = list(request.payloads)
+        if (
+            self._inline
+            and len(payloads) <= INLINE_BATCH
+            and sum(map(len, payloads)) <= (INLINE_PAYLOAD)
+        ):
+            signed = self._signer.sign_many(payloads)
+        else:
+            signed = await asyncio.to_thread(self._signer.sign_many, payloads)
+        return pb.SignMessagesResponse(signed_messages=signed)
