@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from bench import ceiling
-from bench.common import Context, Metric, RowResult, median, progress, spread
+from bench.common import Context, Metric, RowResult, env_int, median, progress, spread
 from bench.csrs import make_clients
 from bench.loadgen import CHANNEL_OPTIONS, HttpConnection, LoadResult, Operation, closed_loop
 from bench.procs import HOST, CfsslProcess, ServerProcess, cpu_seconds, stop_all
@@ -28,12 +28,21 @@ def channels_for(concurrency: int) -> int:
 
 
 async def keyplane_run(
-    server: ServerProcess, token: str, csrs: list[bytes], concurrency: int, ctx: Context
+    server: ServerProcess,
+    token: str,
+    csrs: list[bytes],
+    concurrency: int,
+    ctx: Context,
+    batch: int = 1,
 ) -> tuple[LoadResult, float]:
+    """`concurrency` CSRs in flight: unary Enroll calls (batch 1), or EnrollBatch calls of
+    `batch` CSRs each, one connection per call so that the workers share them."""
+    calls = max(1, concurrency // batch)
     creds = grpc.ssl_channel_credentials(root_certificates=server.roots_pem())
+    channel_count = channels_for(concurrency) if batch == 1 else calls
     channels = [
         grpc.aio.secure_channel(server.bootstrap, creds, options=CHANNEL_OPTIONS)
-        for _ in range(channels_for(concurrency))
+        for _ in range(channel_count)
     ]
     try:
         stubs = [enrollment_service_pb2_grpc.EnrollmentServiceStub(c) for c in channels]
@@ -43,18 +52,30 @@ async def keyplane_run(
         def worker(k: int) -> Operation:
             stub = stubs[k % len(stubs)]
 
-            async def op(i: int) -> None:
+            async def enroll(i: int) -> None:
                 request = enrollment_service_pb2.EnrollRequest(csr=csrs[i % len(csrs)], token=token)
                 response = await stub.Enroll(request, timeout=60)
                 if not response.certificate.serial:
                     raise RuntimeError("Enroll returned no certificate")
 
-            return op
+            async def enroll_batch(i: int) -> None:
+                first = (i * batch) % len(csrs)
+                request = enrollment_service_pb2.EnrollBatchRequest(
+                    csrs=[csrs[(first + j) % len(csrs)] for j in range(batch)], token=token
+                )
+                response = await stub.EnrollBatch(request, timeout=60)
+                if len(response.certificates) != batch:
+                    raise RuntimeError("EnrollBatch returned too few certificates")
+
+            return enroll if batch == 1 else enroll_batch
 
         pids = server.pids()
         cpu_before = cpu_seconds(pids)
         result = await closed_loop(
-            [worker(k) for k in range(concurrency)], ctx.settings.duration, warmup(ctx)
+            [worker(k) for k in range(calls)],
+            ctx.settings.duration,
+            warmup(ctx),
+            per_call=batch,
         )
         server_cpu = (cpu_seconds(pids) - cpu_before) / (ctx.settings.duration + warmup(ctx))
         return result, server_cpu
@@ -89,6 +110,11 @@ async def cfssl_run(
             await connection.close()
 
 
+def batch_size() -> int:
+    """CSRs per EnrollBatch call (BENCH_BATCH, default 16): 64 in flight = 4 calls."""
+    return max(1, min(64, env_int("BENCH_BATCH", 16)))
+
+
 def warmup(ctx: Context) -> float:
     return 0.5 if ctx.settings.quick else 1.0
 
@@ -119,6 +145,9 @@ def run(ctx: Context) -> RowResult:
     started: list[Any] = []
     results: dict[str, dict[int, list[LoadResult]]] = {"keyplane": {}, "cfssl": {}}
     server_cpu: dict[int, list[float]] = {}
+    batch = batch_size()
+    batched: list[LoadResult] = []
+    batched_cpu: list[float] = []
     try:
         server = ServerProcess(work / "server", *settings.throughput_serve_args)
         started.append(server)
@@ -133,6 +162,18 @@ def run(ctx: Context) -> RowResult:
                     kp, cpu = asyncio.run(keyplane_run(server, token, csrs, concurrency, ctx))
                 results["keyplane"].setdefault(concurrency, []).append(kp)
                 server_cpu.setdefault(concurrency, []).append(cpu)
+                if concurrency == max(CONCURRENCIES):
+                    with profiled(f"b1-enroll-batch{batch}", server.pid):
+                        kb, cpu = asyncio.run(
+                            keyplane_run(server, token, csrs, concurrency, ctx, batch)
+                        )
+                    batched.append(kb)
+                    batched_cpu.append(cpu)
+                    progress(
+                        f"B1 c={concurrency} run {rep + 1}/{settings.repeats}: keyplane "
+                        f"EnrollBatch x{batch} {kb.rate:.0f} certs/s (p99 per call "
+                        f"{kb.p99 * 1000:.1f} ms, errors {kb.errors})"
+                    )
                 cf = asyncio.run(cfssl_run(cfssl, bodies, concurrency, ctx))
                 results["cfssl"].setdefault(concurrency, []).append(cf)
                 progress(
@@ -153,6 +194,12 @@ def run(ctx: Context) -> RowResult:
         }
     row.details["keyplane_server_cpu_share"] = {
         f"c{c}": [round(v, 3) for v in values] for c, values in server_cpu.items()
+    }
+    row.details["keyplane_batch"] = {
+        "csrs_per_call": batch,
+        "calls_in_flight": max(1, max(CONCURRENCIES) // batch),
+        "runs": [r.summary() for r in batched],
+        "server_cpu_share": [round(v, 3) for v in batched_cpu],
     }
     for concurrency in CONCURRENCIES:
         kp_runs, cf_runs = results["keyplane"][concurrency], results["cfssl"][concurrency]
@@ -182,6 +229,16 @@ def run(ctx: Context) -> RowResult:
                     met=kp_rate >= 0.65 * ceiling_rate,
                 )
             )
+        if top:
+            batch_rate = median([r.rate for r in batched])
+            label = f"certs/s c={concurrency}, EnrollBatch x{batch}"
+            for reference, name, target, met in (
+                (cf_rate, "cfssl", ">= 1.0x cfssl", batch_rate >= cf_rate),
+                (ceiling_rate, "ceiling", ">= 0.65x ceiling", batch_rate >= 0.65 * ceiling_rate),
+            ):
+                row.metrics.append(
+                    Metric(label, "/s", batch_rate, reference, name, target=target, met=met)
+                )
         for q in ("p50", "p99"):
             row.metrics.append(
                 Metric(

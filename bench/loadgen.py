@@ -35,10 +35,13 @@ class LoadResult:
     errors: int = 0
     first_error: str = ""
     client_cpu_seconds: float = 0.0
+    # Items (certificates, signatures) per call: more than 1 for batch RPCs.
+    per_call: int = 1
 
     @property
     def rate(self) -> float:
-        return self.completed / self.seconds if self.seconds else 0.0
+        """Items per second."""
+        return self.completed * self.per_call / self.seconds if self.seconds else 0.0
 
     @property
     def p50(self) -> float:
@@ -51,6 +54,7 @@ class LoadResult:
     def summary(self) -> dict[str, Any]:
         return {
             "completed": self.completed,
+            "per_call": self.per_call,
             "seconds": round(self.seconds, 3),
             "rate": round(self.rate, 1),
             "p50_ms": round(self.p50 * 1000, 3),
@@ -69,10 +73,15 @@ def _cpu() -> float:
 
 
 async def closed_loop(
-    workers: list[Operation], duration: float, warmup: float, max_ops: int = 10_000_000
+    workers: list[Operation],
+    duration: float,
+    warmup: float,
+    max_ops: int = 10_000_000,
+    per_call: int = 1,
 ) -> LoadResult:
     """Run every worker in a loop; count what completes inside [warm-up, warm-up + duration].
-    Each call gets a sequence number (to pick its input). Stops at `max_ops` calls."""
+    Each call gets a sequence number (to pick its input) and carries `per_call` items.
+    Stops at `max_ops` calls."""
     sequence = 0
     latencies: list[float] = []
     errors = 0
@@ -114,6 +123,7 @@ async def closed_loop(
         errors=errors,
         first_error=first_error,
         client_cpu_seconds=cpu_after - cpu_before,
+        per_call=per_call,
     )
 
 
