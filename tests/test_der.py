@@ -179,3 +179,27 @@ def test_der_reader_refuses_truncated_input() -> None:
     long = der.tlv(der.OCTET_STRING, b"x" * 300)
     assert long[:4] == b"\x04\x82\x01\x2c"
     assert der.read(long) == (der.OCTET_STRING, 4, 304)
+
+
+@pytest.mark.parametrize("subject_kind", ["p256", "rsa", "ed25519"])
+def test_client_record_matches_the_record_of_the_parsed_certificate(
+    issuers: dict[str, tuple[object, x509.Certificate]], subject_kind: str
+) -> None:
+    key, cert = issuers["p384"]
+    public = _key(subject_kind).public_key()
+    for common_name, role in (("node-1", "agent"), ("zone a, b", "zone-server")):
+        record = certs.client_record(
+            key,  # type: ignore[arg-type]
+            cert,
+            "f" * 64,
+            public,  # type: ignore[arg-type]
+            common_name,
+            role,
+            NOW,
+            WEEK,
+            names=["zone-a"],
+            server_auth=role == "zone-server",
+        )
+        parsed = certs.load_pem(record.certificate_pem)
+        assert record == certs.record_of(parsed, role, "f" * 64, NOW)
+        assert parsed.subject.rfc4514_string() == record.subject

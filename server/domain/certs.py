@@ -7,10 +7,13 @@ a minute, so that `openssl verify` and `cryptography.x509.verification` accept t
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import ipaddress
+import re
 import secrets
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -319,6 +322,19 @@ class ClientTemplate:
         names: list[str] | None,
         server_auth: bool,
     ) -> x509.Certificate:
+        leaf = self.issue_leaf(public_key, common_name, role, now, validity, names, server_auth)
+        return x509.load_der_x509_certificate(leaf.der)
+
+    def issue_leaf(
+        self,
+        public_key: SubjectKey,
+        common_name: str,
+        role: str,
+        now: datetime.datetime,
+        validity: datetime.timedelta,
+        names: list[str] | None,
+        server_auth: bool,
+    ) -> ClientLeaf:
         spki = public_key.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
@@ -338,9 +354,10 @@ class ClientTemplate:
             der.extension(_OID_EKU, der.sequence(usages)),
             der.extension(_OID_SAN, der.sequence(san)),
         )
+        serial = new_serial()
         tbs = der.sequence(
             _VERSION_3,
-            der.integer(new_serial()),
+            der.integer(serial),
             self._algorithm,
             self._issuer_name,
             der.sequence(der.time(not_before), der.time(not_after)),
@@ -353,9 +370,84 @@ class ClientTemplate:
             signature = key.sign(tbs, ec.ECDSA(self._hash))
         else:
             signature = key.sign(tbs, padding.PKCS1v15(), self._hash)
-        return x509.load_der_x509_certificate(
-            der.sequence(tbs, self._algorithm, der.bit_string(signature))
+        return ClientLeaf(
+            der=der.sequence(tbs, self._algorithm, der.bit_string(signature)),
+            serial=serial,
+            not_before=not_before.replace(microsecond=0),
+            not_after=not_after.replace(microsecond=0),
+            subject=_subject_text(common_name, role),
+            fingerprint=hashlib.sha256(spki).hexdigest(),
         )
+
+
+@dataclass(frozen=True)
+class ClientLeaf:
+    """A client certificate the template made, with what its record needs, so the
+    record does not have to parse it back."""
+
+    der: bytes
+    serial: int
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    subject: str  # RFC 4514, as x509.Name.rfc4514_string() gives it
+    fingerprint: str  # of the subject key: SHA-256 of its SubjectPublicKeyInfo
+
+    def pem(self) -> str:
+        text = base64.b64encode(self.der).decode()
+        lines = "\n".join(text[i : i + 64] for i in range(0, len(text), 64))
+        return f"-----BEGIN CERTIFICATE-----\n{lines}\n-----END CERTIFICATE-----\n"
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9._@-]+")
+
+
+def _subject_text(common_name: str, unit: str) -> str:
+    """The RFC 4514 string of _name(common_name, unit); values with characters RFC 4514
+    escapes go through cryptography."""
+    if _PLAIN.fullmatch(common_name) and _PLAIN.fullmatch(unit):
+        return f"CN={common_name},OU={unit},O={ORGANIZATION}"
+    return _name(common_name, unit).rfc4514_string()
+
+
+def client_record(
+    issuer_key: BackendPrivateKey,
+    issuer_cert: x509.Certificate,
+    issuer_fingerprint: str,
+    public_key: SubjectKey,
+    common_name: str,
+    role: str,
+    now: datetime.datetime,
+    validity: datetime.timedelta,
+    names: list[str] | None = None,
+    server_auth: bool = False,
+) -> CertificateRecord:
+    """build_client_certificate, straight to the record the state DB keeps of it."""
+    template = ClientTemplate.for_issuer(issuer_key, issuer_cert)
+    if template is None:
+        cert = build_client_certificate_slowly(
+            issuer_key,
+            issuer_cert,
+            public_key,
+            common_name,
+            role,
+            now,
+            validity,
+            names,
+            server_auth,
+        )
+        return record_of(cert, role, issuer_fingerprint, now, public_key=public_key)
+    leaf = template.issue_leaf(public_key, common_name, role, now, validity, names, server_auth)
+    return CertificateRecord(
+        serial=f"{leaf.serial:032x}",
+        fingerprint=leaf.fingerprint,
+        subject=leaf.subject,
+        role=role,
+        issuer_fingerprint=issuer_fingerprint,
+        not_before=leaf.not_before,
+        not_after=leaf.not_after,
+        certificate_pem=leaf.pem(),
+        issued_at=now,
+    )
 
 
 def build_intermediate_certificate(

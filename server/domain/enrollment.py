@@ -106,7 +106,8 @@ def check_csr(data: bytes) -> tuple[x509.CertificateSigningRequest, SubjectKey, 
     key = check_public_key(csr)
     if not csr.is_signature_valid:
         raise InvalidArgument("the CSR's signature does not verify (proof of possession)")
-    names = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    subject = csr.subject  # built anew on every access: read it once
+    names = subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     if len(names) != 1:
         raise InvalidArgument("the CSR subject needs exactly one common name (CN)")
     common_name = str(names[0].value)
@@ -115,7 +116,7 @@ def check_csr(data: bytes) -> tuple[x509.CertificateSigningRequest, SubjectKey, 
             "the CSR common name must be 1-128 letters, digits, '.', '_', '@' or '-', "
             "starting with a letter or digit"
         )
-    if len(csr.subject) != 1:
+    if len(subject) != 1:
         raise InvalidArgument("the CSR subject may hold only a common name (CN)")
     try:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -272,9 +273,10 @@ class Enrollment:
         signer = self._client_issuer()
         now = self.clock.now()
         validity, _ = self.hierarchy.settings.rotation("ClientTLS")
-        cert = certs.build_client_certificate(
+        record = certs.client_record(
             signer.key,
             signer.certificate,
+            signer.record.fingerprint,
             key,
             common_name,
             role,
@@ -283,7 +285,6 @@ class Enrollment:
             names=names,
             server_auth=role == "zone-server",
         )
-        record = certs.record_of(cert, role, signer.record.fingerprint, now, public_key=key)
         return Issued(
             chain_pem=record.certificate_pem + (signer.record.certificate_pem or ""),
             roots_pem=signer.roots_pem,
