@@ -1,7 +1,8 @@
 """B4 re-enrollment storm: N simulated clients, enrolled through a zone server, all renew
-over mutual TLS (each with its own certificate and a new key, one channel per client
-identity from a bounded pool) after a root rotation. Total time from `CreateRootKey` to
-the last renewal.
+(each with its own certificate and a new key) after a root rotation: by default with
+RenewWithProof over a few shared connections; with BENCH_B4_RENEW=mtls with Renew over a
+new mutual-TLS connection per client. Total time from `CreateRootKey` to the last
+renewal.
 
 The row has a time budget (BENCH_B4_BUDGET). Key generation comes first; enrollment
 stops when half of the budget is spent; the storm stops at the end of the budget. When
@@ -11,6 +12,7 @@ rate, and the row says so, with the N measured."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -167,7 +169,7 @@ async def _storm(
                 server,
                 zone,
                 endpoint.listen,
-                boot[0],
+                boot,
                 roots_pem,
                 clients,
                 chains,
@@ -226,7 +228,7 @@ async def _rotate_and_renew(
     server: ServerProcess,
     zone: ZoneProcess,
     zone_listen: str,
-    boot: grpc.aio.Channel,
+    boot: list[grpc.aio.Channel],
     roots_pem: bytes,
     clients: list[ClientKeys],
     chains: list[bytes],
@@ -235,7 +237,7 @@ async def _rotate_and_renew(
     deadline: float,
 ) -> None:
     enrolled = [i for i, chain in enumerate(chains) if chain]
-    trust_stub = trust_state_service_pb2_grpc.TrustStateServiceStub(boot)
+    trust_stub = trust_state_service_pb2_grpc.TrustStateServiceStub(boot[0])
     current = await trust_stub.GetTrustState(
         trust_state_service_pb2.GetTrustStateRequest(since_version=0)
     )
@@ -269,6 +271,30 @@ async def _rotate_and_renew(
     cpu_server, cpu_zone = cpu_seconds(server_pids), cpu_seconds(zone_pids)
     ticker = Ticker("renewed", len(enrolled))
 
+    proof_stubs = [enrollment_service_pb2_grpc.EnrollmentServiceStub(c) for c in boot]
+
+    async def renew_with_proof(k: int) -> None:
+        i = enrolled[k]
+        request = enrollment_service_pb2.RenewWithProofRequest(
+            csr=clients[i].renew_csr_pem,
+            certificate_chain_pem=chains[i].decode(),
+            proof=clients[i].renew_proof,
+        )
+        for attempt in range(RETRIES):
+            try:
+                stub = proof_stubs[k % len(proof_stubs)]
+                response = await stub.RenewWithProof(request, timeout=120)
+                renewed.append(response.certificate.certificate_chain_pem.encode())
+                ticker.tick(len(renewed))
+                return
+            except grpc.aio.AioRpcError as exc:
+                error = f"renew: {exc.code().name}: {exc.details()}"
+                result.first_error = result.first_error or error
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == RETRIES - 1:
+                    result.renew_errors += 1
+                    return
+                result.retried += 1
+
     async def renew(k: int) -> None:
         i = enrolled[k]
         creds = grpc.ssl_channel_credentials(
@@ -295,7 +321,12 @@ async def _rotate_and_renew(
 
     storm_deadline = max(deadline, time.monotonic() + MIN_STORM_SECONDS)
     with profiled("b4-zone", zone.pid), profiled("b4-server", server.pid):
-        finished = await _bounded(len(enrolled), ctx.settings.b4_concurrency, storm_deadline, renew)
+        finished = await _bounded(
+            len(enrolled),
+            ctx.settings.b4_concurrency,
+            storm_deadline,
+            renew if renew_mode() == "mtls" else renew_with_proof,
+        )
     storm = time.perf_counter() - t_zone
     result.storm_seconds = storm
     result.storm_cut_short = not finished
@@ -308,6 +339,18 @@ async def _rotate_and_renew(
         f"{result.on_new_root} on the new root, {result.renew_errors} errors"
         f"{', stopped by the budget' if result.storm_cut_short else ''}"
     )
+
+
+def renew_mode() -> str:
+    """How the clients renew (BENCH_B4_RENEW): "proof" (default) sends RenewWithProof, the
+    certificate and a proof by its key, over a few shared connections to the zone's
+    bootstrap listener, as clients that already hold a connection do; "mtls" sends Renew
+    over a new mutual-TLS connection per client, a full handshake each (the worst case:
+    every client reconnecting at once)."""
+    mode = os.environ.get("BENCH_B4_RENEW", "proof")
+    if mode not in ("proof", "mtls"):
+        raise ValueError(f"BENCH_B4_RENEW is 'proof' or 'mtls', not {mode!r}")
+    return mode
 
 
 def _on_new_root(chains: list[bytes], root: x509.Certificate) -> int:
@@ -392,6 +435,7 @@ def run(ctx: Context) -> RowResult:
             "total_seconds": round(total, 3),
             "measured": result.summary(),
             "concurrency": settings.b4_concurrency,
+            "renew": renew_mode(),
             "issue_ceiling_per_s": round(ceiling_rate, 1),
         }
     )

@@ -11,17 +11,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.common import default_signals
+from keyplane.clients.renewal import renewal_proof
 
 
 @dataclass(frozen=True)
 class ClientKeys:
     """One simulated client: its name, a CSR to enroll with, and for renewal the key that
-    CSR certifies (PEM, for mutual TLS) and a CSR for a second, new key."""
+    CSR certifies (PEM, for mutual TLS), a CSR for a second, new key, and the first key's
+    proof over that CSR (for RenewWithProof)."""
 
     name: str
     csr_pem: bytes
     key_pem: bytes = b""
     renew_csr_pem: bytes = b""
+    renew_proof: bytes = b""
 
 
 def _csr(key: ec.EllipticCurvePrivateKey, name: str) -> bytes:
@@ -41,7 +44,8 @@ def _make(job: tuple[str, bool]) -> ClientKeys:
         serialization.NoEncryption(),
     )
     renew_key = ec.generate_private_key(ec.SECP256R1())
-    return ClientKeys(name, _csr(key, name), key_pem, _csr(renew_key, name))
+    renew_csr = _csr(renew_key, name)
+    return ClientKeys(name, _csr(key, name), key_pem, renew_csr, renewal_proof(key, renew_csr))
 
 
 def make_clients(prefix: str, count: int, renewable: bool = False) -> list[ClientKeys]:

@@ -331,6 +331,19 @@ class KeyplaneClient:
         )
         return response.certificate
 
+    def renew_with_proof(
+        self, csr: bytes, certificate_chain_pem: str, proof: bytes
+    ) -> enrollment_service_pb2.IssuedCertificate:
+        """Renew with the current certificate and a proof by its key in the request
+        (see renewal_proof), over any connection."""
+        response: enrollment_service_pb2.RenewResponse = self._call(
+            self._enrollment.RenewWithProof,
+            enrollment_service_pb2.RenewWithProofRequest(
+                csr=csr, certificate_chain_pem=certificate_chain_pem, proof=proof
+            ),
+        )
+        return response.certificate
+
     def enroll_zone_server(
         self, request: zone_service_pb2.EnrollZoneServerRequest
     ) -> zone_service_pb2.EnrollZoneServerResponse:

@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 from cryptography import x509
 
-from keyplane.server.domain import certs
 from keyplane.server.domain.identity import Identity
 from keyplane.server.errors import PermissionDenied, Unauthenticated
 
@@ -56,6 +55,8 @@ ACCESS: dict[str, Access] = {
     "/keyplane.v1.EnrollmentService/Enroll": Access.PUBLIC,
     "/keyplane.v1.EnrollmentService/EnrollBatch": Access.PUBLIC,
     "/keyplane.v1.EnrollmentService/Renew": Access.AGENT,
+    # The current certificate and a proof by its key travel in the request.
+    "/keyplane.v1.EnrollmentService/RenewWithProof": Access.PUBLIC,
     "/keyplane.v1.ZoneService/EnrollZoneServer": Access.PUBLIC,
     "/keyplane.v1.ZoneService/RenewZoneServer": Access.ZONE,
     "/keyplane.v1.ZoneService/ReportIssuedCertificates": Access.ZONE,
@@ -67,14 +68,7 @@ ACCESS: dict[str, Access] = {
 
 
 def identity_from_pem(pem: bytes) -> Identity:
-    cert = x509.load_pem_x509_certificate(pem)
-    return Identity(
-        common_name=certs.common_name_of(cert),
-        serial=certs.serial_hex(cert),
-        roles=certs.roles_of(cert),
-        issuer_subject=cert.issuer.rfc4514_string(),
-        certificate=cert,
-    )
+    return Identity.of(x509.load_pem_x509_certificate(pem))
 
 
 # Answers whether a verified client certificate is still good: issued by an active

@@ -11,13 +11,14 @@ import random
 import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from keyplane.clients.bundle import Bundle, load_bundle
@@ -35,7 +36,12 @@ from keyplane.plugins.manager import KeyBackends
 from keyplane.server.config import format_address, parse_address
 from keyplane.server.domain import certs
 from keyplane.server.domain.clock import Clock, SystemClock
-from keyplane.server.domain.enrollment import Issued, SubjectKey, check_csr
+from keyplane.server.domain.enrollment import (
+    Issued,
+    SubjectKey,
+    check_csr,
+    presented_certificate,
+)
 from keyplane.server.domain.identity import Identity
 from keyplane.server.errors import (
     InvalidArgument,
@@ -72,6 +78,9 @@ class _TrustView:
     version: int
     revoked_serials: frozenset[str]
     intermediates: tuple[x509.Certificate, ...]
+    # The intermediates by subject: a certificate is checked against those its issuer
+    # name names, not against every one.
+    by_subject: dict[x509.Name, tuple[x509.Certificate, ...]]
 
 
 class ZoneError(Exception):
@@ -124,7 +133,7 @@ class ZoneServer:
         self.store = ZoneStore(options.data_dir / "zone.db")
         self._lock = threading.RLock()
         self._trust: TrustState | None = None
-        self._verdicts: dict[str, int] = {}
+        self._verdicts: dict[bytes, int] = {}
         self._shared: tuple[tuple[bytes, bytes], KeyplaneClient] | None = None
         self._issuer_cache: tuple[x509.Certificate, BackendPrivateKey] | None = None
         self._view: _TrustView | None = None
@@ -364,6 +373,12 @@ class ZoneServer:
         return datetime.timedelta(hours=int(value) if value else default)
 
     def _issue(self, key: SubjectKey, common_name: str) -> Issued:
+        issued, durable = self._issue_pending(key, common_name)
+        durable.result()
+        return issued
+
+    def _issue_pending(self, key: SubjectKey, common_name: str) -> tuple[Issued, Future[None]]:
+        """Build and sign now; the future completes once the report is durable."""
         issuer_cert, issuer_key = self._issuer()
         roots_pem = (self._trust.roots_pem() if self._trust else b"").decode()
         now = self.clock.now()
@@ -378,7 +393,9 @@ class ZoneServer:
             now,
             validity,
         )
-        self.store.queue_report(certs.serial_hex(cert), certs.to_der(cert), "agent")
+        durable = self.store.queue_report_pending(
+            certs.serial_hex(cert), certs.to_der(cert), "agent"
+        )
         jitter = random.uniform(0, window.total_seconds() / 2)  # noqa: S311 - spreading load
         not_after = cert.not_valid_after_utc
         return Issued(
@@ -387,7 +404,7 @@ class ZoneServer:
             serial=certs.serial_hex(cert),
             not_after=not_after,
             renew_after=not_after - window + datetime.timedelta(seconds=jitter),
-        )
+        ), durable
 
     def enroll_client(self, csr_data: bytes, token: str) -> Issued:
         _, key, common_name = check_csr(csr_data)
@@ -402,6 +419,13 @@ class ZoneServer:
         return self._issue(key, common_name)
 
     def renew_client(self, identity: Identity, csr_data: bytes) -> Issued:
+        issued, durable = self.renew_client_pending(identity, csr_data)
+        durable.result()
+        return issued
+
+    def renew_client_pending(
+        self, identity: Identity, csr_data: bytes
+    ) -> tuple[Issued, Future[None]]:
         _, key, common_name = check_csr(csr_data)
         if "agent" not in identity.roles:
             raise PermissionDenied("only agents renew certificates here")
@@ -412,7 +436,7 @@ class ZoneServer:
             )
         if fingerprint(key) == key_fingerprint(identity.certificate):
             raise InvalidArgument("renewal needs a new key; the CSR reuses the current one")
-        return self._issue(key, common_name)
+        return self._issue_pending(key, common_name)
 
     def check_client_certificate(self, cert: x509.Certificate) -> str | None:
         trust = self._trust
@@ -424,17 +448,19 @@ class ZoneServer:
         view = self._trust_view(trust)
         if serial in view.revoked_serials:
             return "it was revoked"
-        # A good verdict holds until the next trust-state version.
-        if self._verdicts.get(serial) == trust.version:
+        # A good verdict holds until the next trust-state version. It is keyed by the
+        # whole certificate, not its serial: RenewWithProof certificates come unverified.
+        digest = cert.fingerprint(hashes.SHA256())
+        if self._verdicts.get(digest) == trust.version:
             return None
-        for issuer in view.intermediates:
+        for issuer in view.by_subject.get(cert.issuer, ()):
             try:
                 cert.verify_directly_issued_by(issuer)
             except (ValueError, TypeError, InvalidSignature):
                 continue
             if len(self._verdicts) > VERDICT_CACHE_SIZE:
                 self._verdicts.clear()
-            self._verdicts[serial] = trust.version
+            self._verdicts[digest] = trust.version
             return None
         return "its issuer is not a trusted intermediate"
 
@@ -442,14 +468,19 @@ class ZoneServer:
         view = self._view
         if view is None or view.version != trust.version:
             revoked = set(trust.body.revoked_key_fingerprints)
+            intermediates = tuple(
+                x509.load_der_x509_certificate(entry.certificate_der)
+                for entry in trust.body.intermediates
+                if entry.fingerprint not in revoked
+            )
+            by_subject: dict[x509.Name, tuple[x509.Certificate, ...]] = {}
+            for intermediate in intermediates:
+                by_subject[intermediate.subject] = (
+                    *by_subject.get(intermediate.subject, ()),
+                    intermediate,
+                )
             view = _TrustView(
-                trust.version,
-                frozenset(trust.body.revoked_serials),
-                tuple(
-                    x509.load_der_x509_certificate(entry.certificate_der)
-                    for entry in trust.body.intermediates
-                    if entry.fingerprint not in revoked
-                ),
+                trust.version, frozenset(trust.body.revoked_serials), intermediates, by_subject
             )
             self._view = view
         return view
@@ -599,3 +630,15 @@ class ZoneClientIssuer:
 
     def renew(self, identity: Identity, csr_data: bytes) -> Issued:
         return self._zone.renew_client(identity, csr_data)
+
+    def renew_pending(self, identity: Identity, csr_data: bytes) -> tuple[Issued, Future[None]]:
+        return self._zone.renew_client_pending(identity, csr_data)
+
+    def identity_from_chain(self, chain_pem: bytes) -> Identity:
+        """The caller of RenewWithProof: a certificate a trusted intermediate signed,
+        unexpired and unrevoked, as for a mutual-TLS caller."""
+        cert = presented_certificate(chain_pem)
+        problem = self._zone.check_client_certificate(cert)
+        if problem is not None:
+            raise PermissionDenied(f"the certificate is refused: {problem}")
+        return Identity.of(cert)

@@ -95,10 +95,13 @@ class ZoneStore:
         return (int(row[0]), str(row[1]), bytes(row[2])) if row else None
 
     def queue_report(self, serial: str, der: bytes, component: str) -> None:
-        """Record an issued certificate for reporting; returns once it is durable.
+        """Record an issued certificate for reporting; returns once it is durable."""
+        self.queue_report_pending(serial, der, component).result()
 
-        Concurrent callers share one transaction and one fsync (a writer thread takes
-        whatever has queued up meanwhile)."""
+    def queue_report_pending(self, serial: str, der: bytes, component: str) -> Future[None]:
+        """Record an issued certificate for reporting; the future completes once it is
+        durable. Concurrent callers share one transaction and one fsync (a writer thread
+        takes whatever has queued up meanwhile)."""
         future: Future[None] = Future()
         self._reports.put((serial, der, component, future))
         with self._lock:
@@ -107,7 +110,7 @@ class ZoneStore:
                     target=self._write_reports, name="zone-report-writer", daemon=True
                 )
                 self._writer.start()
-        future.result()
+        return future
 
     def _write_reports(self) -> None:
         while True:

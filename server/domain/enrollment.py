@@ -15,8 +15,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from keyplane.plugins.keys import BackendPrivateKey, KeyAlgorithm, algorithm_of, fingerprint
 from keyplane.server.domain import certs
@@ -35,6 +36,9 @@ from keyplane.server.store import CertificateRecord, KeyRecord, Transaction
 from keyplane.v1 import bundle_service_pb2, trust_state_pb2
 
 MAX_CSR_BYTES = 64 * 1024
+MAX_CHAIN_BYTES = 64 * 1024
+# What a renewal proof signs before the CSR bytes (RenewWithProof).
+RENEWAL_PROOF_CONTEXT = b"keyplane-renew-v1\0"
 TOKEN_PREFIX = "kpt_"  # noqa: S105 - a marker, not a secret
 ROLES = ("agent", "zone-server")
 MAX_TOKEN_USES = 1_000_000
@@ -130,6 +134,41 @@ def check_csr(data: bytes) -> tuple[x509.CertificateSigningRequest, SubjectKey, 
                     "are assigned by the server"
                 )
     return csr, key, common_name
+
+
+def presented_certificate(chain_pem: bytes) -> x509.Certificate:
+    """The leaf of a certificate chain sent in a request (RenewWithProof)."""
+    if not chain_pem:
+        raise Unauthenticated("RenewWithProof needs the current certificate chain (PEM)")
+    if len(chain_pem) > MAX_CHAIN_BYTES:
+        raise InvalidArgument(f"the certificate chain is over {MAX_CHAIN_BYTES} bytes")
+    try:
+        return x509.load_pem_x509_certificates(chain_pem)[0]
+    except ValueError:
+        raise InvalidArgument("the certificate chain is not PEM certificates") from None
+
+
+def check_renewal_proof(cert: x509.Certificate, csr_data: bytes, proof: bytes) -> None:
+    """That `proof` is the certificate key's signature over RENEWAL_PROOF_CONTEXT + the
+    CSR bytes: ECDSA with SHA-256 (SHA-384 for P-384), RSA PKCS#1 v1.5 with SHA-256, or
+    Ed25519. UNAUTHENTICATED otherwise."""
+    key = cert.public_key()
+    message = RENEWAL_PROOF_CONTEXT + csr_data
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            digest = hashes.SHA384() if key.curve.name == "secp384r1" else hashes.SHA256()
+            key.verify(proof, message, ec.ECDSA(digest))
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(proof, message, padding.PKCS1v15(), hashes.SHA256())
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(proof, message)
+        else:
+            raise Unauthenticated("the certificate's key type cannot sign a renewal proof")
+    except InvalidSignature:
+        raise Unauthenticated(
+            "the renewal proof does not verify with the certificate's key: sign "
+            "'keyplane-renew-v1\\0' followed by the CSR bytes, as sent, with the current key"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -363,6 +402,15 @@ class Enrollment:
         actor = f"enrollment batch ({len(built)} CSRs)"
         pending = self._record_pending(actor, "agent", digest or None, [r for _, r in built])
         return [issued for issued, _ in built], pending
+
+    def identity_from_chain(self, chain_pem: bytes) -> Identity:
+        """The caller of RenewWithProof, from the certificate it sent: one this hierarchy
+        (or one of its zone servers) issued, unexpired and unrevoked."""
+        cert = presented_certificate(chain_pem)
+        problem = self.hierarchy.check_presented_certificate(cert)
+        if problem is not None:
+            raise PermissionDenied(f"the certificate is refused: {problem}")
+        return Identity.of(cert)
 
     def renew(self, identity: Identity, csr_data: bytes) -> Issued:
         issued, pending = self.renew_pending(identity, csr_data)

@@ -618,6 +618,21 @@ class Hierarchy:
             self._accepted[serial] = generation
         return problem
 
+    def check_presented_certificate(self, cert: x509.Certificate) -> str | None:
+        """check_client_certificate for a certificate no TLS stack verified (sent in a
+        request): first that it is the very certificate issued under this serial, or one
+        a zone intermediate of this hierarchy signed."""
+        record = self.store.certificate(certs.serial_hex(cert))
+        if record is not None:
+            if certs.to_der(certs.load_pem(record.certificate_pem)) != certs.to_der(cert):
+                return "it is not the certificate issued with its serial number"
+        elif not any(
+            certs.issued_by(cert, k.certificate_pem)
+            for k in self.store.keys("zone_intermediate", ("active", "retired"))
+        ):
+            return "this server has no record of issuing it"
+        return self.check_client_certificate(cert)
+
     def _check_client_certificate(
         self, cert: x509.Certificate, serial: str, now: datetime.datetime
     ) -> str | None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol
+from concurrent.futures import Future
+from typing import Any, Protocol
 
-from keyplane.server.domain.enrollment import Enrollment, Issued
+from keyplane.server.domain.enrollment import Enrollment, Issued, check_renewal_proof
 from keyplane.server.domain.identity import Identity
 from keyplane.server.errors import FailedPrecondition
 from keyplane.server.services import convert
@@ -44,6 +45,10 @@ class ClientIssuer(Protocol):
     def enroll(self, csr_data: bytes, token: str) -> Issued: ...
 
     def renew(self, identity: Identity, csr_data: bytes) -> Issued: ...
+
+    def renew_pending(self, identity: Identity, csr_data: bytes) -> tuple[Issued, Future[Any]]: ...
+
+    def identity_from_chain(self, chain_pem: bytes) -> Identity: ...
 
 
 class EnrollmentServicer(enrollment_service_pb2_grpc.EnrollmentServiceServicer):
@@ -87,11 +92,18 @@ class EnrollmentServicer(enrollment_service_pb2_grpc.EnrollmentServiceServicer):
     async def Renew(
         self, request: enrollment_service_pb2.RenewRequest, context: Context
     ) -> enrollment_service_pb2.RenewResponse:
-        if isinstance(self._enrollment, Enrollment):
-            value, pending = self._enrollment.renew_pending(caller(), request.csr)
-            await asyncio.wrap_future(pending)
-        else:
-            value = await asyncio.to_thread(self._enrollment.renew, caller(), request.csr)
+        value, pending = self._enrollment.renew_pending(caller(), request.csr)
+        await asyncio.wrap_future(pending)
+        return enrollment_service_pb2.RenewResponse(certificate=issued(value))
+
+    async def RenewWithProof(
+        self, request: enrollment_service_pb2.RenewWithProofRequest, context: Context
+    ) -> enrollment_service_pb2.RenewResponse:
+        identity = self._enrollment.identity_from_chain(request.certificate_chain_pem.encode())
+        check_renewal_proof(identity.certificate, request.csr, request.proof)
+        # Signed here, on the loop; only the durable record is waited for.
+        value, pending = self._enrollment.renew_pending(identity, request.csr)
+        await asyncio.wrap_future(pending)
         return enrollment_service_pb2.RenewResponse(certificate=issued(value))
 
 
