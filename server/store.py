@@ -231,6 +231,23 @@ _CERT_COLUMNS = (
 )
 
 
+def certificate_row(record: CertificateRecord) -> tuple[object, ...]:
+    """A certificate record as the values of an INSERT INTO certificates."""
+    return (
+        record.serial,
+        record.fingerprint,
+        record.subject,
+        record.role,
+        record.issuer_fingerprint,
+        _ts(record.not_before),
+        _ts(record.not_after),
+        record.certificate_pem,
+        _ts(record.issued_at),
+        _ts(record.revoked_at),
+        record.revoke_reason,
+    )
+
+
 def _key(row: tuple[object, ...]) -> KeyRecord:
     return KeyRecord(
         fingerprint=str(row[0]),
@@ -420,21 +437,21 @@ class Transaction:
         )
 
     def insert_certificate(self, record: CertificateRecord) -> None:
-        self._db.execute(
+        self.insert_certificates([certificate_row(record)])
+
+    def insert_certificates(self, rows: list[tuple[object, ...]]) -> None:
+        """Insert certificate_row()s: many rows, one statement."""
+        self._db.executemany(
             f"INSERT INTO certificates ({_CERT_COLUMNS}) VALUES ({', '.join('?' * 11)})",  # noqa: S608
-            (
-                record.serial,
-                record.fingerprint,
-                record.subject,
-                record.role,
-                record.issuer_fingerprint,
-                _ts(record.not_before),
-                _ts(record.not_after),
-                record.certificate_pem,
-                _ts(record.issued_at),
-                _ts(record.revoked_at),
-                record.revoke_reason,
-            ),
+            rows,
+        )
+
+    def audit_many(self, entries: list[tuple[str, str, str, str]]) -> None:
+        """Audit lines (actor, action, target, details as JSON) at this transaction's time."""
+        at = _ts(self.now)
+        self._db.executemany(
+            "INSERT INTO audit (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?)",
+            [(at, *entry) for entry in entries],
         )
 
     def revoke_certificates_issued_by(self, issuer_fingerprint: str, by: str, reason: str) -> int:

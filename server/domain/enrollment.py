@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import re
 import secrets
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from keyplane.server.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from keyplane.server.store import CertificateRecord, KeyRecord, Transaction
+from keyplane.server.store import CertificateRecord, KeyRecord, Transaction, certificate_row
 from keyplane.v1 import bundle_service_pb2, trust_state_pb2
 
 MAX_CSR_BYTES = 64 * 1024
@@ -343,6 +344,20 @@ class Enrollment:
         or nothing, committed with other requests' work in one fsync; the future
         completes once that is durable."""
 
+        # The rows are made here, so the committer thread only runs the statements.
+        rows = [certificate_row(record) for record in records]
+        audit = [
+            (
+                actor,
+                "certificate.issue",
+                record.serial,
+                json.dumps(
+                    {"issuer": record.issuer_fingerprint, "role": role, "subject": record.subject}
+                ),
+            )
+            for record in records
+        ]
+
         def record_issue(tx: Transaction) -> None:
             if token_digest and not tx.consume_token(
                 token_digest, _token_role(role), uses=len(records)
@@ -353,16 +368,8 @@ class Enrollment:
                     else f"the enrollment token is unknown or expired, or has fewer than "
                     f"{len(records)} uses left (one per CSR)"
                 )
-            for record in records:
-                tx.insert_certificate(record)
-                tx.audit(
-                    actor,
-                    "certificate.issue",
-                    record.serial,
-                    subject=record.subject,
-                    role=role,
-                    issuer=record.issuer_fingerprint,
-                )
+            tx.insert_certificates(rows)
+            tx.audit_many(audit)
 
         return self.store.group_commit_pending(records[0].issued_at, record_issue)
 
