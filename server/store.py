@@ -369,15 +369,6 @@ class Transaction:
             (name, listen, bootstrap_listen, _ts(self.now), _ts(self.now)),
         )
 
-    def insert_certificate_if_new(self, record: CertificateRecord) -> bool:
-        exists = self._db.execute(
-            "SELECT 1 FROM certificates WHERE serial = ?", (record.serial,)
-        ).fetchone()
-        if exists:
-            return False
-        self.insert_certificate(record)
-        return True
-
     def revoke_certificate(self, serial: str, by: str, reason: str) -> None:
         self.changes_hierarchy = True
         self._db.execute(
@@ -445,6 +436,16 @@ class Transaction:
             f"INSERT INTO certificates ({_CERT_COLUMNS}) VALUES ({', '.join('?' * 11)})",  # noqa: S608
             rows,
         )
+
+    def insert_certificates_if_new(self, rows: list[tuple[object, ...]]) -> int:
+        """Insert the certificate_row()s whose serial is not recorded yet; how many were."""
+        before = self._db.total_changes
+        self._db.executemany(
+            f"INSERT OR IGNORE INTO certificates ({_CERT_COLUMNS}) "  # noqa: S608
+            f"VALUES ({', '.join('?' * 11)})",
+            rows,
+        )
+        return self._db.total_changes - before
 
     def audit_many(self, entries: list[tuple[str, str, str, str]]) -> None:
         """Audit lines (actor, action, target, details as JSON) at this transaction's time."""

@@ -592,25 +592,30 @@ class Enrollment:
             for k in self.store.keys("zone_intermediate")
             if k.key_uri == f"zone:{identity.common_name}" and k.state != "revoked"
         ]
+        # The zone's intermediates by subject, parsed once per report, not per certificate.
+        by_subject: dict[x509.Name, list[tuple[KeyRecord, x509.Certificate]]] = {}
+        for k in intermediates:
+            parsed = certs.load_pem(k.certificate_pem or "")
+            by_subject.setdefault(parsed.subject, []).append((k, parsed))
         now = self.clock.now()
-        recorded = 0
+        rows = []
+        for der, component in reports:
+            try:
+                cert = x509.load_der_x509_certificate(der)
+            except ValueError:
+                raise InvalidArgument("a reported certificate does not parse") from None
+            issuer = next(
+                (k for k, c in by_subject.get(cert.issuer, []) if _signed_by(cert, c)), None
+            )
+            if issuer is None:
+                raise InvalidArgument(
+                    "a reported certificate was not issued by this zone server's intermediate"
+                )
+            record = certs.record_of(cert, component or "agent", issuer.fingerprint, now)
+            rows.append(certificate_row(record))
         with self.store.transaction(now) as tx:
-            for der, component in reports:
-                try:
-                    cert = x509.load_der_x509_certificate(der)
-                except ValueError:
-                    raise InvalidArgument("a reported certificate does not parse") from None
-                issuer = next(
-                    (k for k in intermediates if certs.issued_by(cert, k.certificate_pem)), None
-                )
-                if issuer is None:
-                    raise InvalidArgument(
-                        "a reported certificate was not issued by this zone server's intermediate"
-                    )
-                added = tx.insert_certificate_if_new(
-                    certs.record_of(cert, component or "agent", issuer.fingerprint, now)
-                )
-                recorded += int(added)
+            # A certificate reported again (after a lost answer) is recorded once.
+            recorded = tx.insert_certificates_if_new(rows)
             if recorded:
                 tx.audit(identity.actor, "certificate.report", identity.common_name, count=recorded)
         return recorded
@@ -664,6 +669,14 @@ class Enrollment:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         return pem.decode(), legacy.fingerprint
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _token_role(role: str) -> str:
