@@ -572,17 +572,24 @@ class Enrollment:
             self.hierarchy.trust.publish(SERVER_ACTOR)
         return chain, issued
 
-    def redeem_token(self, identity: Identity, token: str, subject: str) -> None:
-        """Spend one use of an agent token presented to a zone server."""
+    def redeem_token_pending(self, identity: Identity, token: str, subject: str) -> Future[object]:
+        """Spend one use of an agent token presented to a zone server; committed with
+        other requests' work, the future completes once it is durable (or fails when the
+        token was spent meanwhile)."""
         if "zone-server" not in identity.roles:
             raise PermissionDenied("only zone servers redeem tokens")
         digest = self._check_token(token, "agent")
+        done: Future[object] = Future()
         if not digest:
-            return  # open enrollment
-        with self.store.transaction(self.clock.now()) as tx:
+            done.set_result(None)  # open enrollment
+            return done
+
+        def spend(tx: Transaction) -> None:
             if not tx.consume_token(digest, "agent"):
                 raise Unauthenticated("the enrollment token is unknown, spent or expired")
             tx.audit(identity.actor, "token.redeem", digest[:16], subject=subject[:200])
+
+        return self.store.group_commit_pending(self.clock.now(), spend)
 
     def record_reported(self, identity: Identity, reports: list[tuple[bytes, str]]) -> int:
         if "zone-server" not in identity.roles:

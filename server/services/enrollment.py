@@ -145,9 +145,9 @@ class ZoneServicer(zone_service_pb2_grpc.ZoneServiceServicer):
     async def RedeemEnrollmentToken(
         self, request: zone_service_pb2.RedeemEnrollmentTokenRequest, context: Context
     ) -> zone_service_pb2.RedeemEnrollmentTokenResponse:
-        await asyncio.to_thread(
-            self._enrollment.redeem_token, caller(), request.token, request.subject
-        )
+        # Concurrent redemptions share one commit; only that is waited for off the loop.
+        pending = self._enrollment.redeem_token_pending(caller(), request.token, request.subject)
+        await asyncio.wrap_future(pending)
         return zone_service_pb2.RedeemEnrollmentTokenResponse()
 
     async def ReportIssuedCertificates(
