@@ -11,7 +11,7 @@ import random
 import socket
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -577,6 +577,9 @@ class ZoneServer:
         if self._trust is not None:
             notifier.published(self._trust.version)
         loop = asyncio.get_running_loop()
+        # An enrollment waits on the server (to spend its token) in a thread: enough
+        # threads that concurrent enrollments overlap their round trips.
+        loop.set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="keyplane-zone"))
 
         def wake_watchers(version: int) -> None:
             loop.call_soon_threadsafe(notifier.published, version)
