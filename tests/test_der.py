@@ -203,3 +203,27 @@ def test_client_record_matches_the_record_of_the_parsed_certificate(
         parsed = certs.load_pem(record.certificate_pem)
         assert record == certs.record_of(parsed, role, "f" * 64, NOW)
         assert parsed.subject.rfc4514_string() == record.subject
+
+
+def test_pkcs11_ecdsa_signature_encoding_matches_cryptography() -> None:
+    """The PKCS#11 backend turns r || s into DER by hand; cryptography's encoder is the
+    reference, on the edges (leading zeros, the top bit set, zero) and at random."""
+    import secrets
+
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    from keyplane.plugins.errors import KeyOperationError
+    from keyplane.plugins.pkcs11_backend import _ecdsa_der
+
+    cases = [(0, 0), (1, 0x80), (0x7F, 0xFF), (2**255, 2**256 - 1), (2**247, 5)]
+    for size in (32, 48, 66):
+        cases += [(secrets.randbits(8 * size), secrets.randbits(8 * size)) for _ in range(500)]
+        cases += [(secrets.randbits(8 * size - 9), secrets.randbits(8 * size)) for _ in range(50)]
+        for r, s in cases:
+            if max(r, s).bit_length() > 8 * size:
+                continue
+            raw = r.to_bytes(size, "big") + s.to_bytes(size, "big")
+            assert _ecdsa_der(raw) == encode_dss_signature(r, s), (size, r, s)
+    for bad in (b"", b"\x01", b"\x01" * 33, b"\x01" * 134):
+        with pytest.raises(KeyOperationError):
+            _ecdsa_der(bad)
