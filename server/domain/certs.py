@@ -243,17 +243,14 @@ _RSA_WITH = {
 _HASHES: dict[str, hashes.HashAlgorithm] = {"sha256": hashes.SHA256(), "sha384": hashes.SHA384()}
 
 
-def _name_der(common_name: str, unit: str) -> bytes:
-    """O=keyplane, OU=unit, CN=common_name as UTF8Strings, as _name() encodes."""
+def _rdn(attribute: bytes, value: str) -> bytes:
+    """One name attribute as _name() encodes it: a SET of one, the value a UTF8String."""
+    return der.tlv(der.SET, der.sequence(attribute, der.tlv(der.UTF8_STRING, value.encode())))
 
-    def rdn(attribute: bytes, value: str) -> bytes:
-        return der.tlv(der.SET, der.sequence(attribute, der.tlv(der.UTF8_STRING, value.encode())))
 
-    return der.sequence(
-        rdn(_OID_ORGANIZATION, ORGANIZATION),
-        rdn(_OID_UNIT, unit),
-        rdn(_OID_COMMON_NAME, common_name),
-    )
+# The SKI extension up to its 20-byte key id (SHA-1): OID 2.5.29.14, OCTET STRING {
+# OCTET STRING (20) }.
+_SKI_PREFIX = b"\x30\x1d" + der.oid("2.5.29.14") + b"\x04\x16\x04\x14"
 
 
 # Templates by (issuer key object, issuer certificate); a template holds its key, so the
@@ -290,6 +287,31 @@ class ClientTemplate:
         assert key_id is not None  # noqa: S101 - always set by from_issuer_public_key
         self._aki = der.extension(_OID_AKI, der.sequence(der.tlv(0x80, key_id)))
         self._issuer_not_after = issuer_cert.not_valid_after_utc
+        self._ecdsa = ec.ECDSA(self._hash)
+        self._fixed: dict[tuple[str, tuple[str, ...], bool, bool], tuple[bytes, bytes, bytes]] = {}
+
+    def _parts(
+        self, role: str, names: tuple[str, ...], server_auth: bool, is_rsa: bool
+    ) -> tuple[bytes, bytes, bytes]:
+        """What does not change between certificates of one kind: the extensions before
+        the SKI, those after it, and the subject's O and OU."""
+        key = (role, names, server_auth, is_rsa)
+        found = self._fixed.get(key)
+        if found is None:
+            usages = (_SERVER_AUTH + _CLIENT_AUTH) if server_auth else _CLIENT_AUTH
+            san = der.tlv(0x86, (ROLE_URI_PREFIX + role).encode("ascii"))
+            san += b"".join(_general_name(n) for n in dict.fromkeys(names))
+            found = (
+                _BASIC_CONSTRAINTS_LEAF + (_KEY_USAGE_SIGN_ENCIPHER if is_rsa else _KEY_USAGE_SIGN),
+                self._aki
+                + der.extension(_OID_EKU, der.sequence(usages))
+                + der.extension(_OID_SAN, der.sequence(san)),
+                _rdn(_OID_ORGANIZATION, ORGANIZATION) + _rdn(_OID_UNIT, role),
+            )
+            if len(self._fixed) >= 256:
+                self._fixed.clear()
+            self._fixed[key] = found
+        return found
 
     @classmethod
     def for_issuer(
@@ -339,21 +361,11 @@ class ClientTemplate:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         ski = hashlib.sha1(der.public_key_bits(spki)).digest()  # noqa: S324 - RFC 5280 key id
-        usages = (_SERVER_AUTH + _CLIENT_AUTH) if server_auth else _CLIENT_AUTH
-        san = der.tlv(0x86, (ROLE_URI_PREFIX + role).encode("ascii"))
-        san += b"".join(_general_name(n) for n in dict.fromkeys(names or []))
         is_rsa = isinstance(public_key, rsa.RSAPublicKey)
         not_before, not_after = now - BACKDATE, min(now + validity, self._issuer_not_after)
         if not_after < not_before:  # as CertificateBuilder refuses it
             raise ValueError("the issuer's certificate expires before the new one would start")
-        extensions = der.sequence(
-            _BASIC_CONSTRAINTS_LEAF,
-            _KEY_USAGE_SIGN_ENCIPHER if is_rsa else _KEY_USAGE_SIGN,
-            der.extension(_OID_SKI, der.tlv(der.OCTET_STRING, ski)),
-            self._aki,
-            der.extension(_OID_EKU, der.sequence(usages)),
-            der.extension(_OID_SAN, der.sequence(san)),
-        )
+        head, tail, unit_rdns = self._parts(role, tuple(names or ()), server_auth, is_rsa)
         serial = new_serial()
         tbs = der.sequence(
             _VERSION_3,
@@ -361,13 +373,13 @@ class ClientTemplate:
             self._algorithm,
             self._issuer_name,
             der.sequence(der.time(not_before), der.time(not_after)),
-            _name_der(common_name, role),
+            der.tlv(der.SEQUENCE, unit_rdns + _rdn(_OID_COMMON_NAME, common_name)),
             spki,
-            der.tlv(0xA3, extensions),
+            der.tlv(0xA3, der.tlv(der.SEQUENCE, head + _SKI_PREFIX + ski + tail)),
         )
         key = self.issuer_key
         if isinstance(key, ec.EllipticCurvePrivateKey):
-            signature = key.sign(tbs, ec.ECDSA(self._hash))
+            signature = key.sign(tbs, self._ecdsa)
         else:
             signature = key.sign(tbs, padding.PKCS1v15(), self._hash)
         return ClientLeaf(

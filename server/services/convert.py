@@ -42,12 +42,22 @@ def algorithm_to_proto(name: str) -> common_pb2.KeyAlgorithm:
     return _ALGORITHM_TO_PROTO.get(KeyAlgorithm(name), common_pb2.KEY_ALGORITHM_UNSPECIFIED)
 
 
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
 def timestamp(value: datetime.datetime | None) -> timestamp_pb2.Timestamp | None:
     if value is None:
         return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    # FromDatetime goes through calendar.timegm in Python; this is the same for the
+    # aware UTC datetimes keyplane keeps, at a fraction of the cost (per certificate).
+    if value.tzinfo is None:
+        ts = timestamp_pb2.Timestamp()
+        ts.FromDatetime(value)
+        return ts
+    since = value - _EPOCH  # normalised: days may be negative, seconds and micros not
+    return timestamp_pb2.Timestamp(
+        seconds=since.days * 86400 + since.seconds, nanos=since.microseconds * 1000
+    )
 
 
 def root_key(record: KeyRecord) -> root_key_service_pb2.RootKey:
