@@ -20,6 +20,8 @@ from keyplane.v1 import enrollment_service_pb2, enrollment_service_pb2_grpc
 
 CONCURRENCIES = (1, 64)
 CSR_POOL = 2048
+# Connections the batch calls take in turn (see keyplane_run).
+BATCH_CHANNELS = 16
 CFSSL_SIGN = "/api/v1/cfssl/sign"
 
 
@@ -36,10 +38,12 @@ async def keyplane_run(
     batch: int = 1,
 ) -> tuple[LoadResult, float]:
     """`concurrency` CSRs in flight: unary Enroll calls (batch 1), or EnrollBatch calls of
-    `batch` CSRs each, one connection per call so that the workers share them."""
+    `batch` CSRs each. Batch calls take the next of BATCH_CHANNELS connections in turn, so
+    that however the kernel spread the connections over the server's workers, the calls
+    are spread evenly (few connections for few calls could all land on one worker)."""
     calls = max(1, concurrency // batch)
     creds = grpc.ssl_channel_credentials(root_certificates=server.roots_pem())
-    channel_count = channels_for(concurrency) if batch == 1 else calls
+    channel_count = channels_for(concurrency) if batch == 1 else BATCH_CHANNELS
     channels = [
         grpc.aio.secure_channel(server.bootstrap, creds, options=CHANNEL_OPTIONS)
         for _ in range(channel_count)
@@ -63,7 +67,7 @@ async def keyplane_run(
                 request = enrollment_service_pb2.EnrollBatchRequest(
                     csrs=[csrs[(first + j) % len(csrs)] for j in range(batch)], token=token
                 )
-                response = await stub.EnrollBatch(request, timeout=60)
+                response = await stubs[i % len(stubs)].EnrollBatch(request, timeout=60)
                 if len(response.certificates) != batch:
                     raise RuntimeError("EnrollBatch returned too few certificates")
 

@@ -9,7 +9,7 @@ import os
 import grpc
 
 from bench import ceiling
-from bench.b1 import batch_size
+from bench.b1 import BATCH_CHANNELS, batch_size
 from bench.common import Context, Metric, RowResult, median, progress, spread
 from bench.loadgen import CHANNEL_OPTIONS, LoadResult, Operation, closed_loop
 from bench.procs import ServerProcess, cpu_seconds, stop_all
@@ -26,7 +26,8 @@ async def keyplane_run(
     server: ServerProcess, ctx: Context, batch: int = 1
 ) -> tuple[LoadResult, float]:
     """CONCURRENCY payloads in flight: unary SignMessage calls (batch 1), or SignMessages
-    calls of `batch` payloads each, one connection per call."""
+    calls of `batch` payloads each, taking the next of BATCH_CHANNELS connections in turn
+    (as B1 does)."""
     cred = server.credential()
     creds = grpc.ssl_channel_credentials(
         root_certificates=cred.root_certificates_pem,
@@ -36,7 +37,7 @@ async def keyplane_run(
     calls = max(1, CONCURRENCY // batch)
     channels = [
         grpc.aio.secure_channel(server.listen, creds, options=CHANNEL_OPTIONS)
-        for _ in range(CHANNELS if batch == 1 else calls)
+        for _ in range(CHANNELS if batch == 1 else BATCH_CHANNELS)
     ]
     payloads = [os.urandom(PAYLOAD_BYTES) for _ in range(256)]
     try:
@@ -62,7 +63,7 @@ async def keyplane_run(
                 request = message_signing_service_pb2.SignMessagesRequest(
                     payloads=[payloads[(first + j) % len(payloads)] for j in range(batch)]
                 )
-                response = await stub.SignMessages(request, timeout=60)
+                response = await stubs[i % len(stubs)].SignMessages(request, timeout=60)
                 if len(response.signed_messages) != batch:
                     raise RuntimeError("SignMessages returned too few signatures")
 
