@@ -273,6 +273,23 @@ async def _rotate_and_renew(
 
     proof_stubs = [enrollment_service_pb2_grpc.EnrollmentServiceStub(c) for c in boot]
 
+    async def with_retries(call: Callable[[], Awaitable[Any]]) -> None:
+        """One client's renewal: retried on UNAVAILABLE, counted once either way."""
+        for attempt in range(RETRIES):
+            try:
+                response = await call()
+            except grpc.aio.AioRpcError as exc:
+                error = f"renew: {exc.code().name}: {exc.details()}"
+                result.first_error = result.first_error or error
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == RETRIES - 1:
+                    result.renew_errors += 1
+                    return
+                result.retried += 1
+                continue
+            renewed.append(response.certificate.certificate_chain_pem.encode())
+            ticker.tick(len(renewed))
+            return
+
     async def renew_with_proof(k: int) -> None:
         i = enrolled[k]
         request = enrollment_service_pb2.RenewWithProofRequest(
@@ -280,20 +297,8 @@ async def _rotate_and_renew(
             certificate_chain_pem=chains[i].decode(),
             proof=clients[i].renew_proof,
         )
-        for attempt in range(RETRIES):
-            try:
-                stub = proof_stubs[k % len(proof_stubs)]
-                response = await stub.RenewWithProof(request, timeout=120)
-                renewed.append(response.certificate.certificate_chain_pem.encode())
-                ticker.tick(len(renewed))
-                return
-            except grpc.aio.AioRpcError as exc:
-                error = f"renew: {exc.code().name}: {exc.details()}"
-                result.first_error = result.first_error or error
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == RETRIES - 1:
-                    result.renew_errors += 1
-                    return
-                result.retried += 1
+        stub = proof_stubs[k % len(proof_stubs)]
+        await with_retries(lambda: stub.RenewWithProof(request, timeout=120))
 
     async def renew(k: int) -> None:
         i = enrolled[k]
@@ -301,23 +306,16 @@ async def _rotate_and_renew(
             root_certificates=all_roots, private_key=clients[i].key_pem, certificate_chain=chains[i]
         )
         request = enrollment_service_pb2.RenewRequest(csr=clients[i].renew_csr_pem)
-        for attempt in range(RETRIES):
+
+        async def over_a_new_connection() -> Any:
             channel = grpc.aio.secure_channel(zone_listen, creds, options=CHANNEL_OPTIONS)
             try:
                 stub = enrollment_service_pb2_grpc.EnrollmentServiceStub(channel)
-                response = await stub.Renew(request, timeout=120)
-                renewed.append(response.certificate.certificate_chain_pem.encode())
-                ticker.tick(len(renewed))
-                return
-            except grpc.aio.AioRpcError as exc:
-                error = f"renew: {exc.code().name}: {exc.details()}"
-                result.first_error = result.first_error or error
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == RETRIES - 1:
-                    result.renew_errors += 1
-                    return
-                result.retried += 1
+                return await stub.Renew(request, timeout=120)
             finally:
                 await channel.close()
+
+        await with_retries(over_a_new_connection)
 
     storm_deadline = max(deadline, time.monotonic() + MIN_STORM_SECONDS)
     with profiled("b4-zone", zone.pid), profiled("b4-server", server.pid):

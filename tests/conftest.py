@@ -1,3 +1,3 @@
 """Shared test fixtures: each lives in its own module, registered here."""
 
-pytest_plugins = ["tests.softhsm"]
+pytest_plugins = ["tests.softhsm", "tests.served"]

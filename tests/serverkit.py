@@ -150,3 +150,35 @@ def run_cli(
     return subprocess.run(
         [KEYPLANE, *args], capture_output=True, text=True, env=full_env, check=check, timeout=60
     )
+
+
+def openssl_verify(
+    workdir: Path, roots_pem: str, chain_pem: str, purpose: str = "sslclient"
+) -> subprocess.CompletedProcess[str]:
+    """`openssl verify -x509_strict` of a chain (leaf first, then intermediates, PEM)
+    against `roots_pem`, for `purpose`."""
+    blocks = [
+        b + "-----END CERTIFICATE-----\n" for b in chain_pem.split("-----END CERTIFICATE-----")
+    ]
+    blocks = [b.lstrip() for b in blocks if "BEGIN CERTIFICATE" in b]
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "roots.pem").write_text(roots_pem)
+    (workdir / "untrusted.pem").write_text("".join(blocks[1:]))
+    (workdir / "leaf.pem").write_text(blocks[0])
+    untrusted = ["-untrusted", str(workdir / "untrusted.pem")] if len(blocks) > 1 else []
+    return subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-x509_strict",
+            "-purpose",
+            purpose,
+            "-CAfile",
+            str(workdir / "roots.pem"),
+            *untrusted,
+            str(workdir / "leaf.pem"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )

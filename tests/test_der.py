@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509 import verification
 
 from keyplane.server.domain import certs, der
+from tests.serverkit import openssl_verify
 
 NOW = datetime.datetime(2026, 11, 29, 7, 30, 15, 123456, tzinfo=datetime.UTC)
 WEEK = datetime.timedelta(days=7)
@@ -143,26 +143,8 @@ def test_template_certificates_verify_with_openssl_and_cryptography(tmp_path: Pa
         datetime.datetime.now(datetime.UTC),
         WEEK,
     )
-    (tmp_path / "root.pem").write_text(certs.to_pem(root))
-    (tmp_path / "mid.pem").write_text(certs.to_pem(mid))
-    (tmp_path / "leaf.pem").write_text(certs.to_pem(leaf))
-    result = subprocess.run(
-        [
-            "openssl",
-            "verify",
-            "-x509_strict",
-            "-purpose",
-            "sslclient",
-            "-CAfile",
-            str(tmp_path / "root.pem"),
-            "-untrusted",
-            str(tmp_path / "mid.pem"),
-            str(tmp_path / "leaf.pem"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    chain = certs.to_pem(leaf) + certs.to_pem(mid)
+    result = openssl_verify(tmp_path, certs.to_pem(root), chain)
     assert result.returncode == 0, result.stderr + result.stdout
     store = verification.Store([root])
     verifier = verification.PolicyBuilder().store(store).build_client_verifier()

@@ -4,8 +4,6 @@ records, init bundles and the legacy key file."""
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -18,38 +16,13 @@ from keyplane.clients.bundle import BundleError, load_bundle
 from keyplane.clients.client import (
     KeyplaneClient,
     KeyplaneClientError,
-    bootstrap_channel_for,
     channel_for,
 )
 from keyplane.clients.credentials import Credential, load_credential
 from keyplane.clients.trust import follow
 from keyplane.server.domain.clock import ManualClock
 from keyplane.v1 import zone_service_pb2
-from tests.serverkit import RunningServer, running_server
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(datetime.datetime.now(datetime.UTC))
-
-
-@pytest.fixture
-def server(tmp_path: Path, clock: ManualClock) -> Iterator[RunningServer]:
-    with running_server(tmp_path / "data", clock=clock) as running:
-        yield running
-
-
-@pytest.fixture
-def admin(server: RunningServer) -> Iterator[KeyplaneClient]:
-    with server.admin_client() as c:
-        yield c
-
-
-@pytest.fixture
-def anonymous(server: RunningServer) -> Iterator[KeyplaneClient]:
-    roots = (server.admin_dir / "ca.pem").read_bytes()
-    with KeyplaneClient(bootstrap_channel_for(server.bootstrap, roots)) as c:
-        yield c
+from tests.serverkit import RunningServer
 
 
 def make_csr(

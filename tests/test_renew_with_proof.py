@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -21,33 +20,9 @@ from keyplane.clients.client import KeyplaneClient, KeyplaneClientError, bootstr
 from keyplane.clients.renewal import renewal_proof
 from keyplane.server.domain import certs
 from keyplane.server.domain.clock import ManualClock
-from tests.serverkit import RunningServer, ServerProcess, run_cli, running_server
+from tests.serverkit import RunningServer, ServerProcess, run_cli
 from tests.test_enrollment import make_csr, p256
 from tests.test_fleet import Process, wait_until
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(datetime.datetime.now(datetime.UTC))
-
-
-@pytest.fixture
-def server(tmp_path: Path, clock: ManualClock) -> Iterator[RunningServer]:
-    with running_server(tmp_path / "data", clock=clock) as running:
-        yield running
-
-
-@pytest.fixture
-def admin(server: RunningServer) -> Iterator[KeyplaneClient]:
-    with server.admin_client() as c:
-        yield c
-
-
-@pytest.fixture
-def anonymous(server: RunningServer) -> Iterator[KeyplaneClient]:
-    roots = (server.admin_dir / "ca.pem").read_bytes()
-    with KeyplaneClient(bootstrap_channel_for(server.bootstrap, roots)) as c:
-        yield c
 
 
 def _refused(code: grpc.StatusCode, call: object, *args: object) -> str:
