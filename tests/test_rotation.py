@@ -7,8 +7,6 @@ import datetime
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -18,22 +16,9 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from keyplane.clients.client import KeyplaneClient
 from keyplane.clients.trust import TrustState, follow
 from keyplane.server.domain.clock import ManualClock
-from tests.serverkit import FQDN, RunningServer, running_server
+from tests.serverkit import FQDN, RunningServer
 
 KINDS = ("server_tls", "intermediate_tls", "message_signing")
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    # Starts at the real time: the TLS stack checks certificates against the real clock,
-    # so calls over the network are made before the injected clock moves ahead.
-    return ManualClock(datetime.datetime.now(datetime.UTC))
-
-
-@pytest.fixture
-def server(tmp_path: Path, clock: ManualClock) -> Iterator[RunningServer]:
-    with running_server(tmp_path / "data", clock=clock) as running:
-        yield running
 
 
 def valid_chain(server: RunningServer, kind: str, now: datetime.datetime) -> x509.Certificate:
