@@ -38,7 +38,6 @@ from keyplane.clients.trust import load as load_trust_state
 from keyplane.clients.verify import MessageVerificationError, verify_message
 from keyplane.v1 import (
     certificate_service_pb2,
-    enrollment_service_pb2,
     key_service_pb2,
     message_signing_service_pb2,
     root_key_service_pb2,
@@ -540,23 +539,34 @@ def cmd_certs_issue(client: KeyplaneClient, args: argparse.Namespace) -> int:
     csrs = [_read_payload(path) for path in files]
     if args.out_dir:
         args.out_dir.mkdir(parents=True, exist_ok=True)
-    issued: list[enrollment_service_pb2.IssuedCertificate] = []
-    for start in range(0, len(csrs), ENROLL_BATCH):
-        issued.extend(client.enroll_batch(csrs[start : start + ENROLL_BATCH], args.token))
-    report = []
-    for path, cert in zip(files, issued, strict=True):
-        out = (args.out_dir or path.parent) / (path.stem + ".crt")
-        out.write_text(cert.certificate_chain_pem)
-        report.append(
-            {
-                "csr": str(path),
-                "certificate_file": str(out),
-                "serial": cert.serial,
-                "not_after": _time(cert.not_after),
-            }
-        )
     roots = (args.out_dir or files[0].parent) / "roots.pem"
-    roots.write_text(issued[0].roots_pem)
+    report: list[dict[str, object]] = []
+    for start in range(0, len(csrs), ENROLL_BATCH):
+        try:
+            issued = client.enroll_batch(csrs[start : start + ENROLL_BATCH], args.token)
+        except KeyplaneClientError:
+            if report:  # earlier calls were issued: say what is where before failing
+                print(
+                    f"{PROG}: {len(report)} certificates were issued and written before this "
+                    f"call failed; CSRs from {files[start]} on were not issued",
+                    file=sys.stderr,
+                )
+            raise
+        # Written after each call: a later call's failure loses nothing issued.
+        for path, cert in zip(files[start : start + ENROLL_BATCH], issued, strict=True):
+            out = (args.out_dir or path.parent) / (path.stem + ".crt")
+            out.write_text(cert.certificate_chain_pem)
+            report.append(
+                {
+                    "csr": str(path),
+                    "certificate_file": str(out),
+                    "serial": cert.serial,
+                    "not_after": _time(cert.not_after),
+                }
+            )
+        roots.write_text(issued[0].roots_pem)
+        if len(csrs) > ENROLL_BATCH:
+            print(f"issued {len(report)}/{len(csrs)}", file=sys.stderr)
     if args.json:
         _print_json({"certificates": report, "roots_file": str(roots)})
     else:

@@ -171,6 +171,24 @@ def test_cli_signs_many_files_and_issues_certificates_in_bulk(tmp_path: Path) ->
         again = run_cli("certs", "issue", csrs[0], "--token", token, data_dir=data)
         assert again.returncode == 1
         assert "UNAUTHENTICATED" in again.stderr
+        # More CSRs than one call takes: written call by call, so when the token runs
+        # out in the second call, the first call's 1,000 certificates are on disk.
+        many = tmp_path / "many"
+        many.mkdir()
+        key = p256()  # one key for all: the server checks each CSR, not key reuse here
+        for i in range(1001):
+            (many / f"m{i:04d}.csr").write_bytes(make_csr(key, cn=f"m{i:04d}"))
+        token = json.loads(
+            run_cli(
+                "tokens", "create", "--uses", "1000", "--json", data_dir=data, check=True
+            ).stdout
+        )["token"]
+        paths = sorted(str(p) for p in many.glob("*.csr"))
+        result = run_cli("certs", "issue", *paths, "--token", token, data_dir=data)
+        assert result.returncode == 1
+        assert "1000 certificates were issued and written" in result.stderr
+        assert len(list(many.glob("*.crt"))) == 1000
+        assert not (many / "m1000.crt").exists()
         help_text = run_cli("certs", "issue", "--help", data_dir=data).stdout
         assert "EnrollBatch" in help_text and "--token" in help_text
     finally:
