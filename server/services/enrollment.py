@@ -52,7 +52,8 @@ class ClientIssuer(Protocol):
 
 
 class EnrollmentServicer(enrollment_service_pb2_grpc.EnrollmentServiceServicer):
-    """Enroll (token) and Renew (mutual TLS)."""
+    """Enroll and EnrollBatch (a token), Renew (mutual TLS), RenewWithProof (a proof by
+    the current key in the request)."""
 
     def __init__(self, enrollment: ClientIssuer) -> None:
         self._enrollment = enrollment
