@@ -145,7 +145,9 @@ async def _storm(
         with server.admin() as admin:
             zone_token = admin.create_enrollment_token(role="zone-server").token
             (work / "bundle0.dat").write_bytes(admin.get_init_bundle().SerializeToString())
-            zone = ZoneProcess(work / "zone", work / "bundle0.dat", zone_token)
+            zone = ZoneProcess(
+                work / "zone", work / "bundle0.dat", zone_token, *ctx.settings.zone_args
+            )
             started.append(zone)
             # The bundle again, now naming the zone server.
             bundle = load_bundle(admin.get_init_bundle().SerializeToString())
@@ -253,7 +255,7 @@ async def _rotate_and_renew(
 
     # Let the zone's report loop drain the enrollments before the clock starts.
     await asyncio.sleep(2.0)
-    server_pids, zone_pids = server.pids(), [zone.pid]
+    server_pids, zone_pids = server.pids(), zone.pids()
     t0 = time.perf_counter()
     root = await asyncio.to_thread(create_root)
     new_root = x509.load_pem_x509_certificate(root.certificate_pem.encode())
@@ -434,6 +436,7 @@ def run(ctx: Context) -> RowResult:
             "measured": result.summary(),
             "concurrency": settings.b4_concurrency,
             "renew": renew_mode(),
+            "zone_args": list(settings.zone_args),
             "issue_ceiling_per_s": round(ceiling_rate, 1),
         }
     )

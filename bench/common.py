@@ -58,6 +58,8 @@ class Settings:
     serve_args: tuple[str, ...]
     # B1, B2 and B5 measure throughput: the server runs one worker process per core.
     throughput_serve_args: tuple[str, ...]
+    # B4's zone server runs one worker process per core too.
+    zone_args: tuple[str, ...]
     keep: bool
 
     @classmethod
@@ -80,6 +82,9 @@ class Settings:
                 os.environ.get(
                     "BENCH_THROUGHPUT_SERVE_ARGS", f"--workers {os.cpu_count() or 1}"
                 ).split()
+            ),
+            zone_args=tuple(
+                os.environ.get("BENCH_ZONE_ARGS", f"--workers {os.cpu_count() or 1}").split()
             ),
             keep=env_flag("BENCH_KEEP"),
         )

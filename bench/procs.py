@@ -181,16 +181,22 @@ def run_cli(data_dir: Path, *args: str, check: bool = True) -> subprocess.Comple
 class ZoneProcess(LoggedProcess):
     """`keyplane zone serve`, enrolled on its first start with a bundle and a token."""
 
-    def __init__(self, data_dir: Path, bundle: Path, token: str, name: str = "zone1") -> None:
+    def __init__(
+        self, data_dir: Path, bundle: Path, token: str, *extra: str, name: str = "zone1"
+    ) -> None:
         args = [KEYPLANE, "zone", "serve", "--data-dir", str(data_dir), "--name", name]
         args += ["--bundle", str(bundle), "--token", token, "--log-level", "WARNING"]
-        args += ["--listen", f"{HOST}:0", "--bootstrap-listen", f"{HOST}:0"]
+        args += ["--listen", f"{HOST}:0", "--bootstrap-listen", f"{HOST}:0", *extra]
         super().__init__(args, data_dir.parent / f"{data_dir.name}-zone.log")
         try:
             self.wait_for("the zone server to listen", lambda: "listening on" in self.output())
         except BaseException:
             self.stop()
             raise
+
+    def pids(self) -> list[int]:
+        """The zone server process and its descendants (worker processes, if any)."""
+        return [self.pid, *descendants(self.pid)]
 
 
 class CfsslProcess(LoggedProcess):

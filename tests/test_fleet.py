@@ -73,7 +73,18 @@ def fleet(tmp_path: Path) -> Iterator[dict[str, object]]:
             "tokens", "create", "--role", "zone-server", data_dir=data, check=True
         ).stdout.strip()
         run_cli("bundle", "download", "--out", str(tmp_path / "b0.dat"), data_dir=data, check=True)
-        zone_args = ("zone", "serve", "--data-dir", str(tmp_path / "zone"), "--name", "zone1")
+        # Two zone workers: agents spread over them, and the second must follow the
+        # intermediate the first renews.
+        zone_args = (
+            "zone",
+            "serve",
+            "--data-dir",
+            str(tmp_path / "zone"),
+            "--name",
+            "zone1",
+            "--workers",
+            "2",
+        )
         zone = Process(
             tmp_path / "zone.log",
             *zone_args,

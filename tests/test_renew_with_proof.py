@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import socket
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -151,7 +153,8 @@ def test_renew_with_proof_at_the_server(
 
 
 @pytest.mark.timeout(180)
-def test_renew_with_proof_through_a_zone_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_renew_with_proof_through_a_zone_server(tmp_path: Path, workers: str) -> None:
     server = ServerProcess(tmp_path / "server")
     data = server.data_dir
     zone: Process | None = None
@@ -172,6 +175,8 @@ def test_renew_with_proof_through_a_zone_server(tmp_path: Path) -> None:
             str(tmp_path / "b0.dat"),
             "--token",
             zone_token,
+            "--workers",
+            workers,
         )
         wait_until("the zone server", lambda: "listening on" in zone.output(), 60)  # type: ignore[union-attr]
         run_cli("bundle", "download", "--out", str(tmp_path / "b1.dat"), data_dir=data, check=True)
@@ -215,7 +220,37 @@ def test_renew_with_proof_through_a_zone_server(tmp_path: Path) -> None:
                 renewal_proof(p256(), csr),
             )
             assert "renewal proof does not verify" in message
+        token = json.loads(
+            run_cli("tokens", "create", "--uses", "8", "--json", data_dir=data, check=True).stdout
+        )["token"]
+        # Over eight connections (the kernel spreads them over the workers): all served.
+        for i in range(8):
+            channel = bootstrap_channel_for(endpoint.bootstrap_listen, bundle.roots_pem())
+            with KeyplaneClient(channel, timeout=30) as client:
+                key = p256()
+                issued = client.enroll(make_csr(key, cn=f"meter-{i + 2}"), token)
+                csr = make_csr(p256(), cn=f"meter-{i + 2}")
+                proof = renewal_proof(key, csr)
+                assert client.renew_with_proof(csr, issued.certificate_chain_pem, proof).serial
+        children = subprocess.run(
+            ["pgrep", "-P", str(zone.proc.pid)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        serving = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(serving) == (0 if workers == "1" else int(workers))
+        if workers != "1":
+            # The supervisor killed outright: its workers stop too and free the ports.
+            zone.proc.kill()
+            wait_until("the orphaned zone workers to stop", lambda: not _listening(endpoint), 15)
     finally:
         if zone is not None:
             zone.stop()
         server.stop()
+
+
+def _listening(endpoint: object) -> bool:
+    host, _, port = endpoint.bootstrap_listen.rpartition(":")  # type: ignore[attr-defined]
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=0.5):
+            return True
+    except OSError:
+        return False

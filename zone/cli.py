@@ -5,16 +5,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import multiprocessing
+import os
 import signal
+import socket
 import sys
+import time
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 from keyplane.clients.bundle import BundleError
 from keyplane.clients.client import KeyplaneClientError
 from keyplane.plugins.errors import BackendError
+from keyplane.server.config import parse_address
 from keyplane.server.errors import ConfigError
 from keyplane.zone.runtime import ZoneError, ZoneOptions, ZoneServer
+
+log = logging.getLogger(__name__)
+# How long the supervisor waits for the first worker to listen.
+STARTUP_SECONDS = 60.0
 
 ZONE_HELP = """\
 Run a zone server. The first start enrolls with the server named in the init bundle
@@ -51,6 +61,13 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         type=Path,
         help="TOML with [backends.*] and intermediate_backend (default software)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="serving processes sharing the ports (SO_REUSEPORT) over one zone.db: the "
+        "first renews the intermediate and reports, all issue; default 1",
+    )
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=run_zone)
 
@@ -70,6 +87,9 @@ def run_zone(args: argparse.Namespace) -> int:
             return 2
         backends.update({k: dict(v) for k, v in raw.get("backends", {}).items()})
         backend = str(raw.get("intermediate_backend", "software"))
+    if not 1 <= args.workers <= 64:
+        print("keyplane zone serve: --workers must be between 1 and 64", file=sys.stderr)
+        return 2
     options = ZoneOptions(
         args.data_dir, args.name, args.listen, args.bootstrap_listen, backend, backends
     )
@@ -77,6 +97,9 @@ def run_zone(args: argparse.Namespace) -> int:
         zone = ZoneServer(options)
         bundle = args.bundle.read_bytes() if args.bundle else None
         zone.prepare(bundle, args.fingerprint, args.token)
+        if args.workers > 1:
+            zone.close()  # enrolled and up to date: the workers take it from here
+            return _supervise(zone, options, args)
     except (ZoneError, BundleError, BackendError, ConfigError, OSError) as exc:
         print(f"keyplane zone serve: cannot start: {exc}", file=sys.stderr)
         return 2
@@ -99,3 +122,89 @@ async def _serve(zone: ZoneServer) -> int:
     await stopping.wait()
     await zone.stop()
     return 0
+
+
+def _supervise(prepared: ZoneServer, options: ZoneOptions, args: argparse.Namespace) -> int:
+    """Run `args.workers` serving processes on the ports `prepared` chose and restart any
+    that dies; SIGTERM or SIGINT stops them all."""
+    context = multiprocessing.get_context("spawn")
+    options = replace(options, listen=prepared.listen, bootstrap_listen=prepared.bootstrap)
+    worker_args = (options, args.fingerprint, args.log_level)
+    processes: dict[int, multiprocessing.process.BaseProcess] = {}
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for index in range(args.workers):
+        processes[index] = context.Process(target=_worker_main, args=(*worker_args, index))
+        processes[index].start()
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while not stopping and not _accepts(prepared.bootstrap):
+        if not processes[0].is_alive() or time.monotonic() > deadline:
+            print("keyplane zone serve: worker 0 failed to start", file=sys.stderr)
+            stopping = True
+        time.sleep(0.05)
+    if not stopping:
+        print(
+            f"zone server {options.name} listening on {prepared.listen} "
+            f"(mutual TLS, {args.workers} workers)",
+            flush=True,
+        )
+        print(f"bootstrap listener on {prepared.bootstrap} (server TLS)", flush=True)
+    while not stopping:
+        time.sleep(0.2)
+        for index, process in list(processes.items()):
+            if not process.is_alive() and not stopping:
+                log.error("zone worker %d exited (code %s); restarting it", index, process.exitcode)
+                processes[index] = context.Process(target=_worker_main, args=(*worker_args, index))
+                processes[index].start()
+    for process in processes.values():
+        if process.is_alive() and process.pid is not None:
+            os.kill(process.pid, signal.SIGTERM)
+    for process in processes.values():
+        process.join(timeout=30)
+    return 0
+
+
+def _accepts(address: str) -> bool:
+    host, port = parse_address(address, "--bootstrap-listen")
+    try:
+        with socket.create_connection((host.strip("[]"), port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _worker_main(options: ZoneOptions, fingerprint: str | None, log_level: str, index: int) -> None:
+    logging.basicConfig(
+        level=getattr(logging, str(log_level).upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s zone-worker{index} %(name)s: %(message)s",
+    )
+    zone = ZoneServer(options, worker=index)
+    zone.prepare(None, fingerprint, None)
+    asyncio.run(_serve_worker(zone))
+
+
+async def _serve_worker(zone: ZoneServer) -> None:
+    await zone.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    parent = os.getppid()
+
+    async def orphaned() -> None:
+        # A supervisor killed outright (SIGKILL) cannot stop its workers: they notice
+        # and stop, rather than keep the ports.
+        while os.getppid() == parent:
+            await asyncio.sleep(1.0)
+        stopping.set()
+
+    watchdog = asyncio.create_task(orphaned())
+    await stopping.wait()
+    watchdog.cancel()
+    await zone.stop()

@@ -10,6 +10,7 @@ import logging
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 
 REPORT_SECONDS = 1.0
 RENEW_CHECK_SECONDS = 5.0
+# How long a further worker waits for worker 0 to store a renewed intermediate.
+RENEWAL_WAIT_SECONDS = 10.0
 # Renew the intermediate when less than this share of its lifetime is left.
 RENEW_AT_REMAINING = 0.1
 
@@ -122,8 +125,12 @@ class ZoneOptions:
 class ZoneServer:
     """One zone server process."""
 
-    def __init__(self, options: ZoneOptions, clock: Clock | None = None) -> None:
+    def __init__(self, options: ZoneOptions, clock: Clock | None = None, worker: int = 0) -> None:
         self.options = options
+        # Worker 0 (the only one without --workers) renews the intermediate and reports
+        # what every worker issued; further workers serve and follow the trust state,
+        # and pick a renewed intermediate up from zone.db.
+        self.worker = worker
         self.clock = clock or SystemClock()
         options.data_dir.mkdir(parents=True, exist_ok=True)
         options.data_dir.chmod(0o700)
@@ -361,7 +368,10 @@ class ZoneServer:
     def _renew_loop(self) -> None:
         while not self._stopping.wait(RENEW_CHECK_SECONDS):
             try:
-                self._maybe_renew()
+                if self.worker == 0:
+                    self._maybe_renew()
+                else:
+                    self._refresh_issuer()
             except Exception as exc:
                 log.warning("zone intermediate renewal failed (%s); will retry", exc)
 
@@ -563,15 +573,39 @@ class ZoneServer:
         self._maybe_renew_quietly()
 
     def _maybe_renew_quietly(self) -> None:
+        if self.worker != 0:
+            self._await_renewal()
+            return
         try:
             self._maybe_renew()
         except Exception as exc:
             log.warning("zone intermediate renewal failed (%s); will retry", exc)
 
+    def _await_renewal(self, timeout: float = RENEWAL_WAIT_SECONDS) -> None:
+        """A further worker: when the trust state calls for a new intermediate, wait
+        (bounded) for worker 0 to store it, so this worker's clients get the new chain too;
+        then issue from whatever zone.db holds."""
+        deadline = time.monotonic() + timeout
+        while self._needs_renewal() is not None and time.monotonic() < deadline:
+            if self._stopping.wait(0.05):
+                return
+        self._refresh_issuer()
+
+    def _refresh_issuer(self) -> None:
+        """Drop the cached intermediate if zone.db holds another one."""
+        with self._lock:
+            cached = self._issuer_cache
+            if cached is None:
+                return
+            stored = self.store.get("intermediate_chain_pem") or ""
+            if x509.load_pem_x509_certificates(stored.encode())[0] != cached[0]:
+                self._issuer_cache = None
+
     async def start(self) -> None:
         server = grpc.aio.server(
             interceptors=[KeyplaneInterceptor(self.check_client_certificate)],
-            options=CHANNEL_OPTIONS,
+            # Several worker processes may listen on the same ports (--workers).
+            options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 1)],
         )
         notifier = VersionNotifier()
         if self._trust is not None:
@@ -598,7 +632,10 @@ class ZoneServer:
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         self._server = server
-        for target in (self._follow_loop, self._report_loop, self._renew_loop):
+        loops = [self._follow_loop, self._renew_loop]
+        if self.worker == 0:
+            loops.append(self._report_loop)  # reads what every worker queued in zone.db
+        for target in loops:
             thread = threading.Thread(target=target, daemon=True, name=target.__name__)
             thread.start()
             self._threads.append(thread)
@@ -606,6 +643,13 @@ class ZoneServer:
     async def wait(self) -> None:
         assert self._server is not None  # noqa: S101
         await self._server.wait_for_termination()
+
+    def close(self) -> None:
+        """Release the files of a zone server that was prepared but not started."""
+        if self._shared is not None:
+            self._shared[1].close()
+        self.store.close()
+        self.backends.close()
 
     async def stop(self) -> None:
         self._stopping.set()

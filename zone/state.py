@@ -33,7 +33,10 @@ class ZoneStore:
         self._lock = threading.Lock()
         self._reports: queue.Queue[tuple[str, bytes, str, Future[None]]] = queue.Queue()
         self._writer: threading.Thread | None = None
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        # Zone workers (--workers) share the file: a writer waits for another's commit.
+        self._db = sqlite3.connect(
+            path, check_same_thread=False, isolation_level=None, timeout=10.0
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
