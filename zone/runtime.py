@@ -143,6 +143,7 @@ class ZoneServer:
         self._verdicts: dict[bytes, int] = {}
         self._shared: tuple[tuple[bytes, bytes], KeyplaneClient] | None = None
         self._issuer_cache: tuple[x509.Certificate, BackendPrivateKey] | None = None
+        self._issuer_pem = ""
         self._view: _TrustView | None = None
         self._notify: Callable[[int], None] = lambda version: None
         self._stopping = threading.Event()
@@ -235,15 +236,20 @@ class ZoneServer:
             return self._shared[1]
 
     def _issuer(self) -> tuple[x509.Certificate, BackendPrivateKey]:
-        """The intermediate's certificate and key, read once per intermediate."""
+        """The intermediate's certificate and key, parsed once per intermediate. zone.db
+        is asked on every call, so that a worker issues from a renewed intermediate as
+        soon as worker 0 has stored it, even before this worker's trust state shows the
+        new root."""
+        chain_pem = self.store.get("intermediate_chain_pem") or ""
         with self._lock:
-            if self._issuer_cache is None:
-                chain_pem = self.store.get("intermediate_chain_pem") or ""
-                self._issuer_cache = (
+            cached = self._issuer_cache
+            if cached is None or self._issuer_pem != chain_pem:
+                cached = (
                     x509.load_pem_x509_certificates(chain_pem.encode())[0],
                     self.backends.private_key(self.store.get("intermediate_uri") or ""),
                 )
-            return self._issuer_cache
+                self._issuer_cache, self._issuer_pem = cached, chain_pem
+            return cached
 
     # -- the trust state -----------------------------------------------------------------
 
@@ -368,10 +374,8 @@ class ZoneServer:
     def _renew_loop(self) -> None:
         while not self._stopping.wait(RENEW_CHECK_SECONDS):
             try:
-                if self.worker == 0:
+                if self.worker == 0:  # the others read the result from zone.db
                     self._maybe_renew()
-                else:
-                    self._refresh_issuer()
             except Exception as exc:
                 log.warning("zone intermediate renewal failed (%s); will retry", exc)
 
@@ -584,22 +588,11 @@ class ZoneServer:
     def _await_renewal(self, timeout: float = RENEWAL_WAIT_SECONDS) -> None:
         """A further worker: when the trust state calls for a new intermediate, wait
         (bounded) for worker 0 to store it, so this worker's clients get the new chain too;
-        then issue from whatever zone.db holds."""
+        then tell them (issuing reads the intermediate from zone.db)."""
         deadline = time.monotonic() + timeout
         while self._needs_renewal() is not None and time.monotonic() < deadline:
             if self._stopping.wait(0.05):
                 return
-        self._refresh_issuer()
-
-    def _refresh_issuer(self) -> None:
-        """Drop the cached intermediate if zone.db holds another one."""
-        with self._lock:
-            cached = self._issuer_cache
-            if cached is None:
-                return
-            stored = self.store.get("intermediate_chain_pem") or ""
-            if x509.load_pem_x509_certificates(stored.encode())[0] != cached[0]:
-                self._issuer_cache = None
 
     async def start(self) -> None:
         server = grpc.aio.server(

@@ -40,14 +40,22 @@ class ZoneStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        # Reads of single values (issuing asks for the intermediate on every call) use a
+        # connection of their own: WAL lets them run while a report commit holds the
+        # writer for its fsync.
+        self._read_lock = threading.Lock()
+        self._reader = sqlite3.connect(
+            path, check_same_thread=False, isolation_level=None, timeout=10.0
+        )
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
+            self._reader.close()
             self._db.close()
 
     def get(self, name: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        with self._read_lock:
+            row = self._reader.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return str(row[0]) if row else None
 
     def put(self, values: dict[str, str]) -> None:
