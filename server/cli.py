@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import multiprocessing
-import os
 import signal
 import socket
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +15,7 @@ from keyplane.plugins.errors import BackendError
 from keyplane.server.app import KeyplaneServer
 from keyplane.server.config import ServerConfig, format_address, load_config
 from keyplane.server.errors import ConfigError
+from keyplane.server.supervisor import serve_as_worker, supervise
 
 log = logging.getLogger("keyplane.server")
 
@@ -106,7 +104,6 @@ def _supervise(config: ServerConfig, args: argparse.Namespace, workers: int) -> 
     first.close()
     if report.created:
         print(f"initialised {config.data_dir}: created {', '.join(report.created)}")
-    context = multiprocessing.get_context("spawn")
     worker_args = (
         args.config,
         str(config.data_dir),
@@ -115,43 +112,19 @@ def _supervise(config: ServerConfig, args: argparse.Namespace, workers: int) -> 
         config.fqdn,
         args.log_level,
     )
-    processes: dict[int, multiprocessing.process.BaseProcess] = {}
-    stopping = False
-
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     endpoint = config.data_dir / "admin" / "endpoint.json"
-    endpoint.unlink(missing_ok=True)
-    for index in range(workers):
-        processes[index] = context.Process(target=_worker_main, args=(*worker_args, index))
-        processes[index].start()
-    while not endpoint.exists() and not stopping:
-        if not processes[0].is_alive():
-            print("keyplane serve: worker 0 failed to start", file=sys.stderr)
-            stopping = True
-        time.sleep(0.05)
-    root = report.issuing_root
-    print(f"keyplane server listening on {listen} (mutual TLS, {workers} workers)", flush=True)
-    print(f"bootstrap listener on {bootstrap} (server TLS)", flush=True)
-    print(f"issuing root: {root.name} sha256:{root.fingerprint}", flush=True)
-    print(f"admin credential: {config.data_dir / 'admin'}", flush=True)
-    while not stopping:
-        time.sleep(0.2)
-        for index, process in list(processes.items()):
-            if not process.is_alive() and not stopping:
-                log.error("worker %d exited (code %s); restarting it", index, process.exitcode)
-                processes[index] = context.Process(target=_worker_main, args=(*worker_args, index))
-                processes[index].start()
-    for process in processes.values():
-        if process.is_alive() and process.pid is not None:
-            os.kill(process.pid, signal.SIGTERM)
-    for process in processes.values():
-        process.join(timeout=30)
-    return 0
+    endpoint.unlink(missing_ok=True)  # worker 0 writes it once it serves
+
+    def announce() -> None:
+        root = report.issuing_root
+        print(f"keyplane server listening on {listen} (mutual TLS, {workers} workers)", flush=True)
+        print(f"bootstrap listener on {bootstrap} (server TLS)", flush=True)
+        print(f"issuing root: {root.name} sha256:{root.fingerprint}", flush=True)
+        print(f"admin credential: {config.data_dir / 'admin'}", flush=True)
+
+    return supervise(
+        _worker_main, worker_args, workers, endpoint.exists, announce, "keyplane serve"
+    )
 
 
 def _worker_main(
@@ -176,12 +149,7 @@ def _worker_main(
 async def _serve_worker(server: KeyplaneServer) -> None:
     await asyncio.to_thread(server.open)
     await server.start()
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    await server.stop(grace=5.0)
+    await serve_as_worker(lambda: server.stop(grace=5.0))
 
 
 async def _serve(server: KeyplaneServer) -> int:

@@ -65,9 +65,9 @@ class SoftHsmToken:
 def missing_softhsm(reason: str) -> NoReturn:
     """Skip, or fail under CI=true, because SoftHSM is not usable here."""
     message = f"SoftHSM is not usable ({reason}); {INSTALL_HINT}"
-    if os.environ.get("CI") != "true":  # under CI=true nothing is skipped: fail instead
-        pytest.skip(message)
-    pytest.fail(message, pytrace=False)
+    if os.environ.get("CI") == "true":  # under CI=true nothing is skipped: fail instead
+        pytest.fail(message, pytrace=False)
+    pytest.skip(f"{message} (skipped as CI is not 'true'; under CI=true this fails)")
 
 
 @pytest.fixture(scope="session")

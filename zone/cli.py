@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import multiprocessing
-import os
 import signal
 import socket
 import sys
-import time
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -20,11 +17,8 @@ from keyplane.clients.client import KeyplaneClientError
 from keyplane.plugins.errors import BackendError
 from keyplane.server.config import parse_address
 from keyplane.server.errors import ConfigError
+from keyplane.server.supervisor import serve_as_worker, supervise
 from keyplane.zone.runtime import ZoneError, ZoneOptions, ZoneServer
-
-log = logging.getLogger(__name__)
-# How long the supervisor waits for the first worker to listen.
-STARTUP_SECONDS = 60.0
 
 ZONE_HELP = """\
 Run a zone server. The first start enrolls with the server named in the init bundle
@@ -127,47 +121,24 @@ async def _serve(zone: ZoneServer) -> int:
 def _supervise(prepared: ZoneServer, options: ZoneOptions, args: argparse.Namespace) -> int:
     """Run `args.workers` serving processes on the ports `prepared` chose and restart any
     that dies; SIGTERM or SIGINT stops them all."""
-    context = multiprocessing.get_context("spawn")
     options = replace(options, listen=prepared.listen, bootstrap_listen=prepared.bootstrap)
-    worker_args = (options, args.fingerprint, args.log_level)
-    processes: dict[int, multiprocessing.process.BaseProcess] = {}
-    stopping = False
 
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    for index in range(args.workers):
-        processes[index] = context.Process(target=_worker_main, args=(*worker_args, index))
-        processes[index].start()
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while not stopping and not _accepts(prepared.bootstrap):
-        if not processes[0].is_alive() or time.monotonic() > deadline:
-            print("keyplane zone serve: worker 0 failed to start", file=sys.stderr)
-            stopping = True
-        time.sleep(0.05)
-    if not stopping:
+    def announce() -> None:
         print(
             f"zone server {options.name} listening on {prepared.listen} "
             f"(mutual TLS, {args.workers} workers)",
             flush=True,
         )
         print(f"bootstrap listener on {prepared.bootstrap} (server TLS)", flush=True)
-    while not stopping:
-        time.sleep(0.2)
-        for index, process in list(processes.items()):
-            if not process.is_alive() and not stopping:
-                log.error("zone worker %d exited (code %s); restarting it", index, process.exitcode)
-                processes[index] = context.Process(target=_worker_main, args=(*worker_args, index))
-                processes[index].start()
-    for process in processes.values():
-        if process.is_alive() and process.pid is not None:
-            os.kill(process.pid, signal.SIGTERM)
-    for process in processes.values():
-        process.join(timeout=30)
-    return 0
+
+    return supervise(
+        _worker_main,
+        (options, args.fingerprint, args.log_level),
+        args.workers,
+        lambda: _accepts(prepared.bootstrap),
+        announce,
+        "keyplane zone serve",
+    )
 
 
 def _accepts(address: str) -> bool:
@@ -191,20 +162,4 @@ def _worker_main(options: ZoneOptions, fingerprint: str | None, log_level: str, 
 
 async def _serve_worker(zone: ZoneServer) -> None:
     await zone.start()
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    parent = os.getppid()
-
-    async def orphaned() -> None:
-        # A supervisor killed outright (SIGKILL) cannot stop its workers: they notice
-        # and stop, rather than keep the ports.
-        while os.getppid() == parent:
-            await asyncio.sleep(1.0)
-        stopping.set()
-
-    watchdog = asyncio.create_task(orphaned())
-    await stopping.wait()
-    watchdog.cancel()
-    await zone.stop()
+    await serve_as_worker(zone.stop)

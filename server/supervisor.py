@@ -1,0 +1,92 @@
+"""Worker processes on shared ports (`--workers`), for `keyplane serve` and
+`keyplane zone serve`: start them, wait for the first to be ready, restart any that
+dies, and stop them all on SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def supervise(
+    target: Callable[..., None],
+    args: tuple[Any, ...],
+    workers: int,
+    ready: Callable[[], bool],
+    announce: Callable[[], None],
+    what: str,
+    startup_seconds: float = 60.0,
+) -> int:
+    """Run `target(*args, index)` in `workers` spawned processes. `ready()` says when
+    worker 0 serves; then `announce()` prints what a user needs. Returns 1 if worker 0
+    never became ready, else 0 once stopped by a signal."""
+    context = multiprocessing.get_context("spawn")
+    processes: dict[int, BaseProcess] = {}
+    stopping = False
+    failed = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    def start(index: int) -> None:
+        processes[index] = context.Process(target=target, args=(*args, index))
+        processes[index].start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for index in range(workers):
+        start(index)
+    deadline = time.monotonic() + startup_seconds
+    while not stopping and not ready():
+        if not processes[0].is_alive() or time.monotonic() > deadline:
+            print(f"{what}: worker 0 failed to start", file=sys.stderr)
+            stopping = failed = True
+        time.sleep(0.05)
+    if not failed:
+        announce()
+    while not stopping:
+        time.sleep(0.2)
+        for index, process in list(processes.items()):
+            if not process.is_alive() and not stopping:
+                log.error(
+                    "%s worker %d exited (code %s); restarting it", what, index, process.exitcode
+                )
+                start(index)
+    for process in processes.values():
+        if process.is_alive() and process.pid is not None:
+            os.kill(process.pid, signal.SIGTERM)
+    for process in processes.values():
+        process.join(timeout=30)
+    return 1 if failed else 0
+
+
+async def serve_as_worker(stop: Callable[[], Awaitable[None]]) -> None:
+    """In a worker process: serve until SIGTERM or SIGINT, or until the supervisor is
+    gone (killed outright, it cannot stop its workers: they notice and stop, rather
+    than keep the ports), then `stop()`."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    parent = os.getppid()
+
+    async def orphaned() -> None:
+        while os.getppid() == parent:
+            await asyncio.sleep(1.0)
+        stopping.set()
+
+    watchdog = asyncio.create_task(orphaned())
+    await stopping.wait()
+    watchdog.cancel()
+    await stop()
