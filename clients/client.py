@@ -369,8 +369,11 @@ class KeyplaneClient:
         )
         return response.recorded
 
-    def redeem_enrollment_token(self, token: str, subject: str) -> None:
+    def redeem_enrollment_token(self, token: str, subject: str, certificate_der: bytes) -> None:
+        """Spend a use of `token` and record the certificate a zone issued for it."""
         self._call(
             self._zones.RedeemEnrollmentToken,
-            zone_service_pb2.RedeemEnrollmentTokenRequest(token=token, subject=subject),
+            zone_service_pb2.RedeemEnrollmentTokenRequest(
+                token=token, subject=subject, certificate_der=certificate_der
+            ),
         )

@@ -40,6 +40,7 @@ from keyplane.server.services.root_keys import RootKeyServicer
 from keyplane.server.services.settings import SettingsServicer
 from keyplane.server.services.trust_state import TrustStateServicer, VersionNotifier
 from keyplane.server.store import StateStore
+from keyplane.server.vitals import Vitals
 from keyplane.v1 import (
     bundle_service_pb2,
     bundle_service_pb2_grpc,
@@ -110,6 +111,9 @@ class KeyplaneServer:
         self.endpoints: Endpoints | None = None
         self.report: StartReport | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.vitals = Vitals()
+        self._health: health.aio.HealthServicer | None = None
+        self._vital_part_died: asyncio.Event | None = None
 
     def open(self) -> StartReport:
         """Open the data dir and its key backends, initialising them on first start."""
@@ -117,6 +121,8 @@ class KeyplaneServer:
         self.config.data_dir.chmod(0o700)
         self._backends = KeyBackends(self.config.backends, self.config.data_dir)
         self._store = StateStore(self.config.data_dir / "keyplane.db")
+        if self.config.commit_thread_dies_after is not None:
+            self._store.committer.die_after_batches = self.config.commit_thread_dies_after
         self.hierarchy = Hierarchy(self.config, self._store, self._backends, self.clock)
         if self.worker == 0:
             self.report = self.hierarchy.start()
@@ -236,6 +242,7 @@ class KeyplaneServer:
         )
         await server.start()
         self._server = server
+        self._health = health_servicer
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
@@ -246,13 +253,37 @@ class KeyplaneServer:
             format_address(connect_host, bound),
             format_address(connect_boot, boot_bound),
         )
-        self._tasks.append(asyncio.create_task(self._follow_versions(notifier)))
+        store = self._store
+        assert store is not None  # noqa: S101 - open() ran
+        self.vitals.watch("group-commit thread", lambda: store.committer.alive)
+        follower = asyncio.create_task(self._follow_versions(notifier))
+        self.vitals.watch_task("trust-state version follower", follower)
+        self._tasks.append(follower)
         if self.worker == 0:
             self.hierarchy.admin_dir.write_endpoint(
                 self.endpoints.connect_listen, self.endpoints.connect_bootstrap, self.config.fqdn
             )
-            self._tasks.append(asyncio.create_task(self._rotation_loop()))
+            scheduler = asyncio.create_task(self._rotation_loop())
+            self.vitals.watch_task("rotation scheduler", scheduler)
+            self._tasks.append(scheduler)
+        self._vital_part_died = asyncio.Event()
+        what = f"keyplane server (worker {self.worker})"
+        self._tasks.append(asyncio.create_task(self.vitals.monitor(self._on_vital_death, what)))
         return self.endpoints
+
+    async def _on_vital_death(self, name: str) -> None:
+        """A part this process needs has stopped: say so to health checks, then let
+        wait() return so that the process exits and is started again."""
+        if self._health is not None:
+            for service in (*SERVICE_NAMES, ""):
+                await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._vital_part_died is not None:
+            self._vital_part_died.set()
+
+    @property
+    def vital_part_died(self) -> str | None:
+        """What stopped, if a vital part did (the process should then exit)."""
+        return self.vitals.died
 
     async def _follow_versions(self, notifier: VersionNotifier) -> None:
         """Wake this process's watchers for versions other workers published."""
@@ -280,10 +311,18 @@ class KeyplaneServer:
                 )
 
     async def wait(self) -> None:
-        assert self._server is not None  # noqa: S101
-        await self._server.wait_for_termination()
+        """Until the gRPC server terminates or a vital part dies (see vital_part_died)."""
+        assert self._server is not None and self._vital_part_died is not None  # noqa: S101
+        terminated = asyncio.create_task(self._server.wait_for_termination())
+        died = asyncio.create_task(self._vital_part_died.wait())
+        try:
+            await asyncio.wait([terminated, died], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            terminated.cancel()
+            died.cancel()
 
     async def stop(self, grace: float | None = 5.0) -> None:
+        self.vitals.stopping()
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()

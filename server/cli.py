@@ -16,6 +16,7 @@ from keyplane.server.app import KeyplaneServer
 from keyplane.server.config import ServerConfig, format_address, load_config
 from keyplane.server.errors import ConfigError
 from keyplane.server.supervisor import serve_as_worker, supervise
+from keyplane.server.vitals import EXIT_VITAL_PART_DIED
 
 log = logging.getLogger("keyplane.server")
 
@@ -149,7 +150,9 @@ def _worker_main(
 async def _serve_worker(server: KeyplaneServer) -> None:
     await asyncio.to_thread(server.open)
     await server.start()
-    await serve_as_worker(lambda: server.stop(grace=5.0))
+    await serve_as_worker(lambda: server.stop(grace=5.0), server.wait)
+    if server.vital_part_died is not None:
+        sys.exit(EXIT_VITAL_PART_DIED)  # the supervisor starts a fresh worker
 
 
 async def _serve(server: KeyplaneServer) -> int:
@@ -173,4 +176,6 @@ async def _serve(server: KeyplaneServer) -> int:
     log.info("stopping")
     await server.stop(grace=5.0)
     waiter.cancel()
-    return 0
+    # A part the server needs died: exit non-zero so that systemd (or --workers' own
+    # supervisor) starts it again.
+    return EXIT_VITAL_PART_DIED if server.vital_part_died is not None else 0

@@ -87,6 +87,8 @@ class ServerConfig:
     workers: int = 1
     # Testing only: the crash point (server/domain/faults.py) at which to SIGKILL itself.
     kill_at: str = ""
+    # Testing only: the group-commit thread dies after this many batches (a fault hook).
+    commit_thread_dies_after: int | None = None
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -165,11 +167,16 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
             raise ConfigError("workers must be a whole number from 1 to 64")
         values["workers"] = workers
     testing = dict(raw.get("testing", {}))
-    _known(testing, {"kill_at"}, "[testing]")
+    _known(testing, {"kill_at", "commit_thread_dies_after"}, "[testing]")
     if "kill_at" in testing:
         if testing["kill_at"] not in KILL_POINTS:
             raise ConfigError(f"[testing] kill_at must be one of: {', '.join(KILL_POINTS)}")
         values["kill_at"] = str(testing["kill_at"])
+    if "commit_thread_dies_after" in testing:
+        batches = testing["commit_thread_dies_after"]
+        if not isinstance(batches, int) or batches < 0:
+            raise ConfigError("[testing] commit_thread_dies_after must be a whole number")
+        values["commit_thread_dies_after"] = batches
     backends: dict[str, Mapping[str, object]] = {"software": MappingProxyType({})}
     for name, options in dict(raw.get("backends", {})).items():
         if not isinstance(options, dict):

@@ -15,15 +15,21 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from keyplane.server.groupcommit import GroupCommitter, Outcome
+
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+
+class StoreError(Exception):
+    """The state DB cannot be used as it is; the message says why."""
+
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -63,7 +69,9 @@ CREATE TABLE IF NOT EXISTS certificates (
     certificate_pem TEXT NOT NULL,
     issued_at TEXT NOT NULL,
     revoked_at TEXT,
-    revoke_reason TEXT
+    revoke_reason TEXT,
+    -- The enrollment token a use of which this certificate spent (schema 2).
+    token_hash TEXT
 );
 CREATE INDEX IF NOT EXISTS certificates_issuer ON certificates (issuer_fingerprint);
 -- Newest first, by role or not, straight from an index: ListCertificates reads a page
@@ -124,13 +132,18 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
-# Run once per open; schema_version '1' is SCHEMA_VERSION.
+# Run once per open. A new DB gets the current schema and version; an older one keeps
+# its version, and _MIGRATIONS bring it up to date.
 _INIT_SCRIPT = (
     "BEGIN IMMEDIATE;"  # noqa: S608 - constant text, nothing interpolated
     + _SCHEMA
-    + "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema_version', '1');"
+    + "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema_version', '2');"
     + "INSERT OR IGNORE INTO meta (name, value) VALUES ('generation', '0'); COMMIT;"
 )
+# schema version -> what turns the one before it into it.
+_MIGRATIONS = {
+    2: "ALTER TABLE certificates ADD COLUMN token_hash TEXT;",
+}
 
 
 def _ts(value: datetime.datetime | None) -> str | None:
@@ -186,6 +199,7 @@ class CertificateRecord:
     issued_at: datetime.datetime
     revoked_at: datetime.datetime | None = None
     revoke_reason: str | None = None
+    token_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -227,12 +241,15 @@ _KEY_COLUMNS = (
 )
 _CERT_COLUMNS = (
     "serial, fingerprint, subject, role, issuer_fingerprint, not_before, not_after, "
-    "certificate_pem, issued_at, revoked_at, revoke_reason"
+    "certificate_pem, issued_at, revoked_at, revoke_reason, token_hash"
 )
 
 
-def certificate_row(record: CertificateRecord) -> tuple[object, ...]:
-    """A certificate record as the values of an INSERT INTO certificates."""
+def certificate_row(
+    record: CertificateRecord, token_hash: str | None = None
+) -> tuple[object, ...]:
+    """A certificate record as the values of an INSERT INTO certificates (with the
+    enrollment token it spent, if `token_hash` is given)."""
     return (
         record.serial,
         record.fingerprint,
@@ -245,6 +262,7 @@ def certificate_row(record: CertificateRecord) -> tuple[object, ...]:
         _ts(record.issued_at),
         _ts(record.revoked_at),
         record.revoke_reason,
+        token_hash or record.token_hash,
     )
 
 
@@ -282,6 +300,7 @@ def _cert(row: tuple[object, ...]) -> CertificateRecord:
         issued_at=_dt(row[8]),
         revoked_at=_opt_dt(row[9]),
         revoke_reason=_opt_str(row[10]),
+        token_hash=_opt_str(row[11]),
     )
 
 
@@ -433,7 +452,7 @@ class Transaction:
     def insert_certificates(self, rows: list[tuple[object, ...]]) -> None:
         """Insert certificate_row()s: many rows, one statement."""
         self._db.executemany(
-            f"INSERT INTO certificates ({_CERT_COLUMNS}) VALUES ({', '.join('?' * 11)})",  # noqa: S608
+            f"INSERT INTO certificates ({_CERT_COLUMNS}) VALUES ({', '.join('?' * 12)})",  # noqa: S608
             rows,
         )
 
@@ -442,7 +461,7 @@ class Transaction:
         before = self._db.total_changes
         self._db.executemany(
             f"INSERT OR IGNORE INTO certificates ({_CERT_COLUMNS}) "  # noqa: S608
-            f"VALUES ({', '.join('?' * 11)})",
+            f"VALUES ({', '.join('?' * 12)})",
             rows,
         )
         return self._db.total_changes - before
@@ -478,89 +497,8 @@ class Transaction:
         return len(serials)
 
 
-class _GroupCommitter:
-    """One thread that commits queued work in batches: many requests, one fsync."""
-
-    MAX_BATCH = 256
-
-    def __init__(self, store: StateStore) -> None:
-        self._store = store
-        self._queue: queue.Queue[
-            tuple[datetime.datetime, Callable[[Transaction], object], Future[object]] | None
-        ] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-
-    def submit(self, now: datetime.datetime, work: Callable[[Transaction], T]) -> T:
-        return self.submit_pending(now, work).result()  # type: ignore[return-value]
-
-    def submit_pending(
-        self, now: datetime.datetime, work: Callable[[Transaction], object]
-    ) -> Future[object]:
-        with self._start_lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="keyplane-group-commit", daemon=True
-                )
-                self._thread.start()
-        future: Future[object] = Future()
-        self._queue.put((now, work, future))
-        return future
-
-    def stop(self) -> None:
-        with self._start_lock:
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            self._queue.put(None)
-            thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < self.MAX_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batch.append(item)
-            self._commit(batch)
-
-    def _commit(
-        self,
-        batch: list[tuple[datetime.datetime, Callable[[Transaction], object], Future[object]]],
-    ) -> None:
-        results: list[tuple[Future[object], object, BaseException | None]] = []
-        try:
-            with self._store.transaction(batch[0][0]) as tx:
-                db = tx._db
-                for now, work, future in batch:
-                    tx.now = now
-                    db.execute("SAVEPOINT item")
-                    try:
-                        value = work(tx)
-                    except Exception as exc:
-                        db.execute("ROLLBACK TO item")
-                        db.execute("RELEASE item")
-                        results.append((future, None, exc))
-                    else:
-                        db.execute("RELEASE item")
-                        results.append((future, value, None))
-        except BaseException as exc:  # the commit itself failed: nobody's work is stored
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for future, value, error in results:
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(value)
+# A caller's work for the group commit: its time, and what to write.
+_Work = tuple[datetime.datetime, Callable[[Transaction], object]]
 
 
 class StateStore:
@@ -576,7 +514,6 @@ class StateStore:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._idle_readers: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
-        self._committer = _GroupCommitter(self)
         self._lock_file = os.open(
             path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
         )
@@ -588,6 +525,54 @@ class StateStore:
         with self._lock:
             # One transaction: a crash mid-way leaves no half-made schema.
             self._db.executescript(_INIT_SCRIPT)
+            self._migrate()
+        self._committer = GroupCommitter("group-commit", self._commit_batch)
+
+    def _migrate(self) -> None:
+        """Bring an older keyplane.db up to SCHEMA_VERSION, one step per transaction."""
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+        version = int(row[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path.name} has schema version {version}, newer than this keyplane "
+                f"knows ({SCHEMA_VERSION}); run the keyplane version that wrote it"
+            )
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(_MIGRATIONS[step])
+                self._db.execute(
+                    "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(step),)
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _commit_batch(self, works: Sequence[_Work]) -> list[Outcome]:
+        """One transaction for a batch of callers' work, each inside its own savepoint:
+        if one raises, only its writes are rolled back and it alone gets the error."""
+        outcomes: list[Outcome] = []
+        with self.transaction(works[0][0]) as tx:
+            db = tx._db
+            for now, work in works:
+                tx.now = now
+                db.execute("SAVEPOINT item")
+                try:
+                    value = work(tx)
+                except Exception as exc:
+                    db.execute("ROLLBACK TO item")
+                    db.execute("RELEASE item")
+                    outcomes.append((None, exc))
+                else:
+                    db.execute("RELEASE item")
+                    outcomes.append((value, None))
+        return outcomes
+
+    @property
+    def committer(self) -> GroupCommitter[_Work]:
+        """The group-commit thread (its health is watched by the server process)."""
+        return self._committer
 
     def group_commit(self, now: datetime.datetime, work: Callable[[Transaction], T]) -> T:
         """Run `work` in a transaction shared with other callers' work, committed (and
@@ -596,13 +581,14 @@ class StateStore:
         Each caller's work runs inside its own savepoint: if it raises, only its writes
         are rolled back and the exception is raised to that caller alone.
         """
-        return self._committer.submit(now, work)
+        return self._committer.submit((now, work)).result()  # type: ignore[return-value]
 
     def group_commit_pending(
         self, now: datetime.datetime, work: Callable[[Transaction], object]
     ) -> Future[object]:
-        """Like group_commit, without waiting: the future completes after the fsync."""
-        return self._committer.submit_pending(now, work)
+        """Like group_commit, without waiting: the future completes after the fsync. If
+        the future is cancelled before its batch begins, the work never runs."""
+        return self._committer.submit((now, work))
 
     def close(self) -> None:
         self._committer.stop()
@@ -753,6 +739,14 @@ class StateStore:
                 "ORDER BY name"
             ).fetchall()
         return [ZoneServerRecord(str(n), str(li), str(b), _dt(r)) for n, li, b, r in rows]
+
+    def certificates_of_token(self, token_hash: str) -> int:
+        """How many certificates were issued for uses of this enrollment token."""
+        with self._read() as db:
+            row = db.execute(
+                "SELECT count(*) FROM certificates WHERE token_hash = ?", (token_hash,)
+            ).fetchone()
+        return int(row[0])
 
     def token_uses_left(self, token_hash: str) -> int | None:
         with self._read() as db:

@@ -11,11 +11,15 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from keyplane.server.vitals import EXIT_VITAL_PART_DIED
+
 log = logging.getLogger(__name__)
+
+RESTART_DELAY_MAX = 30.0
 
 
 def supervise(
@@ -32,6 +36,10 @@ def supervise(
     never became ready, else 0 once stopped by a signal."""
     context = multiprocessing.get_context("spawn")
     processes: dict[int, BaseProcess] = {}
+    started: dict[int, float] = {}
+    # A worker that keeps dying soon after it starts is restarted less and less often.
+    quick_deaths: dict[int, int] = {}
+    restart_at: dict[int, float] = {}
     stopping = False
     failed = False
 
@@ -42,6 +50,7 @@ def supervise(
     def start(index: int) -> None:
         processes[index] = context.Process(target=target, args=(*args, index))
         processes[index].start()
+        started[index] = time.monotonic()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -57,11 +66,25 @@ def supervise(
         announce()
     while not stopping:
         time.sleep(0.2)
+        now = time.monotonic()
         for index, process in list(processes.items()):
-            if not process.is_alive() and not stopping:
+            if process.is_alive() or stopping:
+                continue
+            if index not in restart_at:
+                lived = now - started[index]
+                quick_deaths[index] = quick_deaths.get(index, 0) + 1 if lived < 10 else 0
+                delay = min(2.0 ** quick_deaths[index] - 1, RESTART_DELAY_MAX)
+                restart_at[index] = now + delay
                 log.error(
-                    "%s worker %d exited (code %s); restarting it", what, index, process.exitcode
+                    "%s worker %d exited (code %s%s); restarting it%s",
+                    what,
+                    index,
+                    process.exitcode,
+                    ": a part it needs stopped" if process.exitcode == EXIT_VITAL_PART_DIED else "",
+                    f" in {delay:.0f} s" if delay >= 1 else "",
                 )
+            if now >= restart_at[index]:
+                del restart_at[index]
                 start(index)
     for process in processes.values():
         if process.is_alive() and process.pid is not None:
@@ -71,10 +94,12 @@ def supervise(
     return 1 if failed else 0
 
 
-async def serve_as_worker(stop: Callable[[], Awaitable[None]]) -> None:
-    """In a worker process: serve until SIGTERM or SIGINT, or until the supervisor is
-    gone (killed outright, it cannot stop its workers: they notice and stop, rather
-    than keep the ports), then `stop()`."""
+async def serve_as_worker(
+    stop: Callable[[], Awaitable[None]], serving: Callable[[], Coroutine[Any, Any, None]]
+) -> None:
+    """In a worker process: serve until SIGTERM or SIGINT, until `serving()` returns (a
+    vital part died), or until the supervisor is gone (killed outright, it cannot stop
+    its workers: they notice and stop, rather than keep the ports), then `stop()`."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -87,6 +112,9 @@ async def serve_as_worker(stop: Callable[[], Awaitable[None]]) -> None:
         stopping.set()
 
     watchdog = asyncio.create_task(orphaned())
-    await stopping.wait()
-    watchdog.cancel()
+    served = asyncio.create_task(serving())
+    signalled = asyncio.create_task(stopping.wait())
+    await asyncio.wait([served, signalled], return_when=asyncio.FIRST_COMPLETED)
+    for task in (watchdog, served, signalled):
+        task.cancel()
     await stop()

@@ -236,11 +236,11 @@ def test_renew_with_proof_through_a_zone_server(tmp_path: Path, workers: str) ->
             ["pgrep", "-P", str(zone.proc.pid)], capture_output=True, text=True, check=False
         ).stdout.split()
         serving = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
-        assert len(serving) == (0 if workers == "1" else int(workers))
-        if workers != "1":
-            # The supervisor killed outright: its workers stop too and free the ports.
-            zone.proc.kill()
-            wait_until("the orphaned zone workers to stop", lambda: not _listening(endpoint), 15)
+        # --workers N (1 too) runs N serving processes under a supervisor.
+        assert len(serving) == int(workers)
+        # The supervisor killed outright: its workers stop too and free the ports.
+        zone.proc.kill()
+        wait_until("the orphaned zone workers to stop", lambda: not _listening(endpoint), 15)
     finally:
         if zone is not None:
             zone.stop()

@@ -18,6 +18,7 @@ from keyplane.plugins.errors import BackendError
 from keyplane.server.config import parse_address
 from keyplane.server.errors import ConfigError
 from keyplane.server.supervisor import serve_as_worker, supervise
+from keyplane.server.vitals import EXIT_VITAL_PART_DIED
 from keyplane.zone.runtime import ZoneError, ZoneOptions, ZoneServer
 
 ZONE_HELP = """\
@@ -58,9 +59,10 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="serving processes sharing the ports (SO_REUSEPORT) over one zone.db: the "
-        "first renews the intermediate and reports, all issue; default 1",
+        help="serving processes sharing the ports (SO_REUSEPORT) over one zone.db, under a "
+        "supervisor that restarts any that dies: the first renews the intermediate and "
+        "reports, all issue. Without it, one process serves and exits with status 70 if "
+        "a part it needs stops (for systemd to restart it)",
     )
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=run_zone)
@@ -73,6 +75,7 @@ def run_zone(args: argparse.Namespace) -> int:
     )
     backends: dict[str, dict[str, object]] = {"software": {}}
     backend = "software"
+    dies_after = None
     if args.config:
         try:
             raw = tomllib.loads(args.config.read_text())
@@ -81,17 +84,30 @@ def run_zone(args: argparse.Namespace) -> int:
             return 2
         backends.update({k: dict(v) for k, v in raw.get("backends", {}).items()})
         backend = str(raw.get("intermediate_backend", "software"))
-    if not 1 <= args.workers <= 64:
+        dies_after = raw.get("testing", {}).get("report_writer_dies_after")
+        if dies_after is not None and (not isinstance(dies_after, int) or dies_after < 0):
+            print(
+                "keyplane zone serve: [testing] report_writer_dies_after must be a whole number",
+                file=sys.stderr,
+            )
+            return 2
+    if args.workers is not None and not 1 <= args.workers <= 64:
         print("keyplane zone serve: --workers must be between 1 and 64", file=sys.stderr)
         return 2
     options = ZoneOptions(
-        args.data_dir, args.name, args.listen, args.bootstrap_listen, backend, backends
+        args.data_dir,
+        args.name,
+        args.listen,
+        args.bootstrap_listen,
+        backend,
+        backends,
+        report_writer_dies_after=dies_after,
     )
     try:
         zone = ZoneServer(options)
         bundle = args.bundle.read_bytes() if args.bundle else None
         zone.prepare(bundle, args.fingerprint, args.token)
-        if args.workers > 1:
+        if args.workers is not None:
             zone.close()  # enrolled and up to date: the workers take it from here
             return _supervise(zone, options, args)
     except (ZoneError, BundleError, BackendError, ConfigError, OSError) as exc:
@@ -113,9 +129,14 @@ async def _serve(zone: ZoneServer) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+    signalled = asyncio.create_task(stopping.wait())
+    served = asyncio.create_task(zone.wait())
+    await asyncio.wait([signalled, served], return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    served.cancel()
     await zone.stop()
-    return 0
+    # A part the zone needs died: exit non-zero so that it is started again.
+    return EXIT_VITAL_PART_DIED if zone.vital_part_died is not None else 0
 
 
 def _supervise(prepared: ZoneServer, options: ZoneOptions, args: argparse.Namespace) -> int:
@@ -162,4 +183,6 @@ def _worker_main(options: ZoneOptions, fingerprint: str | None, log_level: str, 
 
 async def _serve_worker(zone: ZoneServer) -> None:
     await zone.start()
-    await serve_as_worker(zone.stop)
+    await serve_as_worker(zone.stop, zone.wait)
+    if zone.vital_part_died is not None:
+        sys.exit(EXIT_VITAL_PART_DIED)  # the supervisor starts a fresh worker

@@ -53,6 +53,7 @@ from keyplane.server.errors import (
 from keyplane.server.interceptor import KeyplaneInterceptor
 from keyplane.server.services.enrollment import EnrollmentServicer
 from keyplane.server.services.trust_state import TrustStateServicer, VersionNotifier
+from keyplane.server.vitals import Vitals
 from keyplane.v1 import (
     enrollment_service_pb2_grpc,
     trust_state_pb2,
@@ -120,6 +121,8 @@ class ZoneOptions:
     bootstrap_listen: str
     backend: str = "software"
     backends: dict[str, dict[str, object]] | None = None
+    # Testing only: the report writer thread dies after this many batches (a fault hook).
+    report_writer_dies_after: int | None = None
 
 
 class ZoneServer:
@@ -138,6 +141,7 @@ class ZoneServer:
         configured.setdefault("software", {})
         self.backends = KeyBackends(configured, options.data_dir)
         self.store = ZoneStore(options.data_dir / "zone.db")
+        self.store.report_writer.die_after_batches = options.report_writer_dies_after
         self._lock = threading.RLock()
         self._trust: TrustState | None = None
         self._verdicts: dict[bytes, int] = {}
@@ -149,6 +153,10 @@ class ZoneServer:
         self._stopping = threading.Event()
         self._server: grpc.aio.Server | None = None
         self._threads: list[threading.Thread] = []
+        self.vitals = Vitals()
+        self._health: health.aio.HealthServicer | None = None
+        self._vital_part_died: asyncio.Event | None = None
+        self._monitor: asyncio.Task[None] | None = None
         self.listen = ""
         self.bootstrap = ""
 
@@ -376,7 +384,7 @@ class ZoneServer:
             try:
                 if self.worker == 0:  # the others read the result from zone.db
                     self._maybe_renew()
-            except Exception as exc:
+            except Exception as exc:  # never ends the loop: the next check tries again
                 log.warning("zone intermediate renewal failed (%s); will retry", exc)
 
     # -- issuing -------------------------------------------------------------------------
@@ -386,13 +394,8 @@ class ZoneServer:
         value = trust.body.zone_settings.get(name) if trust else None
         return datetime.timedelta(hours=int(value) if value else default)
 
-    def _issue(self, key: SubjectKey, common_name: str) -> Issued:
-        issued, durable = self._issue_pending(key, common_name)
-        durable.result()
-        return issued
-
-    def _issue_pending(self, key: SubjectKey, common_name: str) -> tuple[Issued, Future[None]]:
-        """Build and sign now; the future completes once the report is durable."""
+    def _build(self, key: SubjectKey, common_name: str) -> tuple[Issued, x509.Certificate]:
+        """Build and sign a client certificate from the zone's intermediate."""
         issuer_cert, issuer_key = self._issuer()
         roots_pem = (self._trust.roots_pem() if self._trust else b"").decode()
         now = self.clock.now()
@@ -407,9 +410,6 @@ class ZoneServer:
             now,
             validity,
         )
-        durable = self.store.queue_report_pending(
-            certs.serial_hex(cert), certs.to_der(cert), "agent"
-        )
         jitter = random.uniform(0, window.total_seconds() / 2)  # noqa: S311 - spreading load
         not_after = cert.not_valid_after_utc
         return Issued(
@@ -418,19 +418,29 @@ class ZoneServer:
             serial=certs.serial_hex(cert),
             not_after=not_after,
             renew_after=not_after - window + datetime.timedelta(seconds=jitter),
-        ), durable
+        ), cert
+
+    def _issue_pending(self, key: SubjectKey, common_name: str) -> tuple[Issued, Future[object]]:
+        """Build and sign now; the future completes once the report is durable (if it is
+        cancelled first, nothing is recorded and the certificate is never handed out)."""
+        issued, cert = self._build(key, common_name)
+        durable = self.store.queue_report_pending(issued.serial, certs.to_der(cert), "agent")
+        return issued, durable
 
     def enroll_client(self, csr_data: bytes, token: str) -> Issued:
+        """Issue, then have the server spend the token and record the certificate in one
+        transaction; only then is the certificate handed out."""
         _, key, common_name = check_csr(csr_data)
+        issued, cert = self._build(key, common_name)
         try:
-            self._shared_client().redeem_enrollment_token(token, common_name)
+            self._shared_client().redeem_enrollment_token(token, common_name, certs.to_der(cert))
         except KeyplaneClientError as exc:
             if exc.code == grpc.StatusCode.UNAUTHENTICATED:
                 raise Unauthenticated(exc.message) from None
             raise Unavailable(
                 f"the zone server cannot reach its server to check the token ({exc.code.name})"
             ) from None
-        return self._issue(key, common_name)
+        return issued
 
     def renew_client(self, identity: Identity, csr_data: bytes) -> Issued:
         issued, durable = self.renew_client_pending(identity, csr_data)
@@ -439,7 +449,7 @@ class ZoneServer:
 
     def renew_client_pending(
         self, identity: Identity, csr_data: bytes
-    ) -> tuple[Issued, Future[None]]:
+    ) -> tuple[Issued, Future[object]]:
         _, key, common_name = check_csr(csr_data)
         if "agent" not in identity.roles:
             raise PermissionDenied("only agents renew certificates here")
@@ -501,10 +511,11 @@ class ZoneServer:
 
     def _report_loop(self) -> None:
         while not self._stopping.wait(REPORT_SECONDS):
-            pending = self.store.pending_reports()
-            if not pending:
-                continue
             try:
+                pending = self.store.pending_reports()
+                if not pending:
+                    continue
+                # Sent again after a lost answer: the server records each serial once.
                 self._shared_client().report_issued_certificates(
                     [
                         zone_service_pb2.IssuedCertificateReport(certificate_der=d, component=c)
@@ -625,17 +636,46 @@ class ZoneServer:
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         self._server = server
-        loops = [self._follow_loop, self._renew_loop]
+        self._health = health_servicer
+        loops = [
+            ("trust-state follower", self._follow_loop),
+            ("intermediate renewal", self._renew_loop),
+        ]
         if self.worker == 0:
-            loops.append(self._report_loop)  # reads what every worker queued in zone.db
-        for target in loops:
+            # Reads what every worker queued in zone.db.
+            loops.append(("report delivery", self._report_loop))
+        for name, target in loops:
             thread = threading.Thread(target=target, daemon=True, name=target.__name__)
             thread.start()
             self._threads.append(thread)
+            self.vitals.watch_thread(f"{name} thread", thread)
+        writer = self.store.report_writer
+        self.vitals.watch("report writer thread", lambda: writer.alive)
+        self._vital_part_died = asyncio.Event()
+        what = f"zone server {self.options.name} (worker {self.worker})"
+        self._monitor = asyncio.create_task(self.vitals.monitor(self._on_vital_death, what))
+
+    async def _on_vital_death(self, name: str) -> None:
+        if self._health is not None:
+            await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._vital_part_died is not None:
+            self._vital_part_died.set()
+
+    @property
+    def vital_part_died(self) -> str | None:
+        """What stopped, if a vital part did (the process should then exit)."""
+        return self.vitals.died
 
     async def wait(self) -> None:
-        assert self._server is not None  # noqa: S101
-        await self._server.wait_for_termination()
+        """Until the gRPC server terminates or a vital part dies (see vital_part_died)."""
+        assert self._server is not None and self._vital_part_died is not None  # noqa: S101
+        terminated = asyncio.create_task(self._server.wait_for_termination())
+        died = asyncio.create_task(self._vital_part_died.wait())
+        try:
+            await asyncio.wait([terminated, died], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            terminated.cancel()
+            died.cancel()
 
     def close(self) -> None:
         """Release the files of a zone server that was prepared but not started."""
@@ -645,6 +685,9 @@ class ZoneServer:
         self.backends.close()
 
     async def stop(self) -> None:
+        self.vitals.stopping()
+        if self._monitor is not None:
+            self._monitor.cancel()
         self._stopping.set()
         watch = getattr(self, "_watch", None)
         if watch is not None:
@@ -671,7 +714,7 @@ class ZoneClientIssuer:
     def renew(self, identity: Identity, csr_data: bytes) -> Issued:
         return self._zone.renew_client(identity, csr_data)
 
-    def renew_pending(self, identity: Identity, csr_data: bytes) -> tuple[Issued, Future[None]]:
+    def renew_pending(self, identity: Identity, csr_data: bytes) -> tuple[Issued, Future[object]]:
         return self._zone.renew_client_pending(identity, csr_data)
 
     def identity_from_chain(self, chain_pem: bytes) -> Identity:

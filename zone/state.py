@@ -3,11 +3,13 @@ versions it relays, and the certificates it issued but has not reported yet."""
 
 from __future__ import annotations
 
-import queue
 import sqlite3
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
+
+from keyplane.server.groupcommit import GroupCommitter, Outcome
 
 _SCHEMA = """
 BEGIN IMMEDIATE;
@@ -31,8 +33,6 @@ class ZoneStore:
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
-        self._reports: queue.Queue[tuple[str, bytes, str, Future[None]]] = queue.Queue()
-        self._writer: threading.Thread | None = None
         # Zone workers (--workers) share the file: a writer waits for another's commit.
         self._db = sqlite3.connect(
             path, check_same_thread=False, isolation_level=None, timeout=10.0
@@ -47,8 +47,10 @@ class ZoneStore:
         self._reader = sqlite3.connect(
             path, check_same_thread=False, isolation_level=None, timeout=10.0
         )
+        self._reports = GroupCommitter("zone-report-writer", self._write_reports, max_batch=512)
 
     def close(self) -> None:
+        self._reports.stop()
         with self._lock, self._read_lock:
             self._reader.close()
             self._db.close()
@@ -109,47 +111,31 @@ class ZoneStore:
         """Record an issued certificate for reporting; returns once it is durable."""
         self.queue_report_pending(serial, der, component).result()
 
-    def queue_report_pending(self, serial: str, der: bytes, component: str) -> Future[None]:
+    def queue_report_pending(self, serial: str, der: bytes, component: str) -> Future[object]:
         """Record an issued certificate for reporting; the future completes once it is
-        durable. Concurrent callers share one transaction and one fsync (a writer thread
-        takes whatever has queued up meanwhile)."""
-        future: Future[None] = Future()
-        self._reports.put((serial, der, component, future))
-        with self._lock:
-            if self._writer is None:
-                self._writer = threading.Thread(
-                    target=self._write_reports, name="zone-report-writer", daemon=True
-                )
-                self._writer.start()
-        return future
+        durable. Concurrent callers share one transaction and one fsync. If the future
+        is cancelled before its batch begins (the client hung up), nothing is written."""
+        return self._reports.submit((serial, der, component))
 
-    def _write_reports(self) -> None:
-        while True:
-            batch = [self._reports.get()]
-            while len(batch) < 512:
-                try:
-                    batch.append(self._reports.get_nowait())
-                except queue.Empty:
-                    break
+    @property
+    def report_writer(self) -> GroupCommitter[tuple[str, bytes, str]]:
+        """The thread that writes queued reports (its health is watched)."""
+        return self._reports
+
+    def _write_reports(self, reports: Sequence[tuple[str, bytes, str]]) -> list[Outcome]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
             try:
-                with self._lock:
-                    self._db.execute("BEGIN IMMEDIATE")
-                    try:
-                        self._db.executemany(
-                            "INSERT OR IGNORE INTO pending_reports (serial, der, component) "
-                            "VALUES (?, ?, ?)",
-                            [(serial, der, component) for serial, der, component, _ in batch],
-                        )
-                    except BaseException:
-                        self._db.execute("ROLLBACK")
-                        raise
-                    self._db.execute("COMMIT")
-            except Exception as exc:
-                for *_, future in batch:
-                    future.set_exception(exc)
-                continue
-            for *_, future in batch:
-                future.set_result(None)
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO pending_reports (serial, der, component) "
+                    "VALUES (?, ?, ?)",
+                    reports,
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return [(None, None)] * len(reports)
 
     def pending_reports(self, limit: int = 500) -> list[tuple[str, bytes, str]]:
         with self._lock:

@@ -345,7 +345,7 @@ class Enrollment:
         completes once that is durable."""
 
         # The rows are made here, so the committer thread only runs the statements.
-        rows = [certificate_row(record) for record in records]
+        rows = [certificate_row(record, token_digest) for record in records]
         audit = [
             (
                 actor,
@@ -572,28 +572,41 @@ class Enrollment:
             self.hierarchy.trust.publish(SERVER_ACTOR)
         return chain, issued
 
-    def redeem_token_pending(self, identity: Identity, token: str, subject: str) -> Future[object]:
-        """Spend one use of an agent token presented to a zone server; committed with
-        other requests' work, the future completes once it is durable (or fails when the
-        token was spent meanwhile)."""
+    def redeem_token_pending(
+        self, identity: Identity, token: str, subject: str, certificate_der: bytes
+    ) -> Future[object]:
+        """Spend one use of an agent token presented to a zone server and record the
+        certificate the zone issued for it, in one transaction, committed with other
+        requests' work; the future completes once it is durable (or fails when the token
+        was spent meanwhile: then nothing is recorded)."""
         if "zone-server" not in identity.roles:
             raise PermissionDenied("only zone servers redeem tokens")
+        if not certificate_der:
+            raise InvalidArgument(
+                "RedeemEnrollmentToken needs the certificate the zone server issued (DER)"
+            )
         digest = self._check_token(token, "agent")
-        done: Future[object] = Future()
-        if not digest:
-            done.set_result(None)  # open enrollment
-            return done
+        rows = self._zone_certificate_rows(identity, [(certificate_der, "agent")], digest)
 
         def spend(tx: Transaction) -> None:
-            if not tx.consume_token(digest, "agent"):
+            if digest and not tx.consume_token(digest, "agent"):
                 raise Unauthenticated("the enrollment token is unknown, spent or expired")
-            tx.audit(identity.actor, "token.redeem", digest[:16], subject=subject[:200])
+            tx.insert_certificates_if_new(rows)
+            tx.audit(
+                identity.actor,
+                "token.redeem" if digest else "certificate.report",
+                digest[:16] if digest else identity.common_name,
+                subject=subject[:200],
+                serial=str(rows[0][0]),
+            )
 
         return self.store.group_commit_pending(self.clock.now(), spend)
 
-    def record_reported(self, identity: Identity, reports: list[tuple[bytes, str]]) -> int:
-        if "zone-server" not in identity.roles:
-            raise PermissionDenied("only zone servers report issued certificates")
+    def _zone_certificate_rows(
+        self, identity: Identity, reports: list[tuple[bytes, str]], token_hash: str = ""
+    ) -> list[tuple[object, ...]]:
+        """Certificate rows for what a zone server says it issued, each checked to be
+        signed by that zone's own intermediate; INVALID_ARGUMENT otherwise."""
         intermediates = [
             k
             for k in self.store.keys("zone_intermediate")
@@ -619,8 +632,14 @@ class Enrollment:
                     "a reported certificate was not issued by this zone server's intermediate"
                 )
             record = certs.record_of(cert, component or "agent", issuer.fingerprint, now)
-            rows.append(certificate_row(record))
-        with self.store.transaction(now) as tx:
+            rows.append(certificate_row(record, token_hash or None))
+        return rows
+
+    def record_reported(self, identity: Identity, reports: list[tuple[bytes, str]]) -> int:
+        if "zone-server" not in identity.roles:
+            raise PermissionDenied("only zone servers report issued certificates")
+        rows = self._zone_certificate_rows(identity, reports)
+        with self.store.transaction(self.clock.now()) as tx:
             # A certificate reported again (after a lost answer) is recorded once.
             recorded = tx.insert_certificates_if_new(rows)
             if recorded:

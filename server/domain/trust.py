@@ -152,7 +152,12 @@ class TrustStatePublisher:
                 tx.audit(actor, "trust_state.publish", str(version), roots=root_set)
         log.info("published trust state version %d", version)
         for listener in self._listeners:
-            listener(version)
+            # The version is committed: a listener that fails (its event loop closed)
+            # must not turn the change that published it into an error.
+            try:
+                listener(version)
+            except Exception:
+                log.exception("a trust-state listener failed for version %d", version)
         return version
 
     def latest_version(self) -> int:

@@ -147,7 +147,9 @@ class ZoneServicer(zone_service_pb2_grpc.ZoneServiceServicer):
         self, request: zone_service_pb2.RedeemEnrollmentTokenRequest, context: Context
     ) -> zone_service_pb2.RedeemEnrollmentTokenResponse:
         # Concurrent redemptions share one commit; only that is waited for off the loop.
-        pending = self._enrollment.redeem_token_pending(caller(), request.token, request.subject)
+        pending = self._enrollment.redeem_token_pending(
+            caller(), request.token, request.subject, request.certificate_der
+        )
         await asyncio.wrap_future(pending)
         return zone_service_pb2.RedeemEnrollmentTokenResponse()
 
