@@ -50,7 +50,7 @@ lint: install
 
 # Benchmarks: one table, medians, ratios; BENCH_QUICK=1 for a short try (bench/README.md).
 bench-deps:
-	@scripts/system-packages.sh cfssl=golang-cfssl softhsm2-util=softhsm2
+	@scripts/system-packages.sh cfssl=golang-cfssl softhsm2-util=softhsm2 h2load=nghttp2-client
 
 bench: install bench-deps
 	$(BIN)/python -m bench.run

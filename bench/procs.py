@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -163,6 +165,44 @@ class ServerProcess(LoggedProcess):
     def pids(self) -> list[int]:
         """The server process and its descendants (worker processes, if any)."""
         return [self.pid, *descendants(self.pid)]
+
+    def signed_since(self, since: float) -> list[float]:
+        """When (time.time()) each certificate recorded since `since` was signed, sorted;
+        from the state DB, read-only beside the running server (WAL lets a reader in)."""
+        cutoff = datetime.datetime.fromtimestamp(since - 1, datetime.UTC).isoformat()
+        db = sqlite3.connect(f"file:{self.data_dir / 'keyplane.db'}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = db.execute(
+                "SELECT issued_at FROM certificates WHERE issued_at >= ?", (cutoff,)
+            ).fetchall()
+        finally:
+            db.close()
+        times = (datetime.datetime.fromisoformat(row[0]).timestamp() for row in rows)
+        return sorted(t for t in times if t >= since)
+
+    def signed_since_settled(self, since: float, timeout: float = 10.0) -> list[float]:
+        """signed_since once the count stops growing: the server finishes the calls it had
+        begun when their client hung up (and drops those whose commit had not begun)."""
+        signed = self.signed_since(since)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            again = self.signed_since(since)
+            if len(again) == len(signed):
+                break
+            signed = again
+        return signed
+
+    def errors_logged_since(self, offset: int) -> list[str]:
+        """The error lines the server logged past `offset` (a size its log had)."""
+        with self.log.open("rb") as log:
+            log.seek(offset)
+            text = log.read().decode(errors="replace")
+        return [
+            line.strip()
+            for line in text.splitlines()
+            if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")
+        ]
 
 
 def run_cli(data_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -49,8 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument(
         "--workers",
         type=int,
-        help="serving processes sharing the ports (SO_REUSEPORT) over one state DB; "
-        "default 1 (config: workers)",
+        help="serving processes sharing the ports (SO_REUSEPORT) over one state DB, under a "
+        "supervisor that restarts any that dies (config: workers). Without it, one process "
+        "serves and exits with status 70 if a part it needs stops (for systemd to restart it)",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.set_defaults(func=run_serve)
@@ -72,12 +73,14 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"keyplane serve: configuration error: {exc}", file=sys.stderr)
         return 2
+    # --workers N (or `workers` in the config), 1 included: N processes under a
+    # supervisor that restarts any that dies. Neither: this process serves alone.
     workers = args.workers if args.workers is not None else config.workers
-    if workers < 1 or workers > 64:
+    if workers is not None and not 1 <= workers <= 64:
         print("keyplane serve: --workers must be between 1 and 64", file=sys.stderr)
         return 2
     try:
-        if workers == 1:
+        if workers is None:
             return asyncio.run(_serve(KeyplaneServer(config)))
         return _supervise(config, args, workers)
     except (BackendError, ConfigError) as exc:

@@ -84,7 +84,8 @@ class ServerConfig:
         default_factory=lambda: MappingProxyType({"software": MappingProxyType({})})
     )
     rotation_check_seconds: float = 60.0
-    workers: int = 1
+    # Serving processes under a supervisor (--workers); None: one process, unsupervised.
+    workers: int | None = None
     # Testing only: the crash point (server/domain/faults.py) at which to SIGKILL itself.
     kill_at: str = ""
     # Testing only: the group-commit thread dies after this many batches (a fault hook).

@@ -669,12 +669,13 @@ class ZoneServer:
     async def wait(self) -> None:
         """Until the gRPC server terminates or a vital part dies (see vital_part_died)."""
         assert self._server is not None and self._vital_part_died is not None  # noqa: S101
-        terminated = asyncio.create_task(self._server.wait_for_termination())
+        # Never cancelled: grpc's wait_for_termination shares its future with shutdown(),
+        # which a cancellation would break; it ends when the server stops.
+        terminated = asyncio.ensure_future(self._server.wait_for_termination())
         died = asyncio.create_task(self._vital_part_died.wait())
         try:
             await asyncio.wait([terminated, died], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            terminated.cancel()
             died.cancel()
 
     def close(self) -> None:
