@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import sqlite3
 import threading
 import time
@@ -44,6 +45,8 @@ from keyplane.v1 import (
     settings_service_pb2,
     settings_service_pb2_grpc,
     trust_state_pb2,
+    trust_state_service_pb2,
+    trust_state_service_pb2_grpc,
     zone_service_pb2,
     zone_service_pb2_grpc,
 )
@@ -51,7 +54,7 @@ from keyplane.v1 import (
     enrollment_service_pb2 as enroll_pb,
 )
 from tests.bursts import Call, Outcome, fire
-from tests.serverkit import ServerProcess, run_cli
+from tests.serverkit import RunningServer, ServerProcess, run_cli
 from tests.softhsm import SoftHsmToken
 from tests.test_enrollment import make_csr, p256
 from tests.test_fleet import Process, wait_until
@@ -635,6 +638,55 @@ def test_bursts_of_abandoned_calls_leave_every_write_path_working(
         _check_acknowledged(deployment, zone_acks)
         for channel in channels:
             channel.close()
+    # Nothing the clients did was an error on the server's side.
+    for log in (deployment.server.output(), deployment.zone.output()):
+        assert "Traceback" not in log and "internal error" not in log
+
+
+@pytest.mark.timeout(120)
+def test_abandoned_trust_state_watchers_leave_the_fanout_working(
+    server: RunningServer, admin: KeyplaneClient
+) -> None:
+    """Watchers that hang up at random moments while versions are published: the next
+    watcher gets the newest version at once, and publishing goes on."""
+    rng = random.Random(11)
+    token = admin.create_enrollment_token(uses=41).token
+    roots = (server.admin_dir / "ca.pem").read_bytes()
+    with bootstrap_channel_for(server.bootstrap, roots) as channel:
+        stub = trust_state_service_pb2_grpc.TrustStateServiceStub(channel)
+        enrolled = [
+            KeyplaneClient(channel).enroll(make_csr(p256(), cn=f"w-{i}"), token) for i in range(41)
+        ]
+        watches = []
+        for i in range(400):
+            call = stub.WatchTrustState(
+                trust_state_service_pb2.WatchTrustStateRequest(since_version=rng.randint(0, 5)),
+                timeout=rng.uniform(0.001, 0.1),
+            )
+            watches.append(call)
+            if rng.random() < 0.3:
+                call.cancel()
+            if i % 10 == 0:  # a new version while watchers come and go
+                admin.revoke_certificate(enrolled[i // 10].serial, "watched")
+        for call in watches:
+            try:
+                for _ in call:
+                    pass
+            except grpc.RpcError as exc:
+                assert exc.code() in (
+                    grpc.StatusCode.CANCELLED,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ), exc
+        latest = server.hierarchy.trust.latest_version()
+        fresh = stub.WatchTrustState(
+            trust_state_service_pb2.WatchTrustStateRequest(since_version=0), timeout=5
+        )
+        first = next(iter(fresh))
+        fresh.cancel()
+        body = trust_state_pb2.TrustStateBody.FromString(first.versions[-1].body)
+        assert body.version == latest
+        admin.revoke_certificate(enrolled[-1].serial, "after")
+        assert server.hierarchy.trust.latest_version() == latest + 1
 
 
 def _reported(deployment: Deployment, serials: set[str]) -> bool:

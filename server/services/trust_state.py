@@ -44,6 +44,11 @@ def _version_of(signed: bytes) -> int:
     return trust_state_pb2.TrustStateBody.FromString(body).version
 
 
+def _retrieve(task: asyncio.Task[_Answer]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 @dataclass(frozen=True)
 class _Answer:
     """What a holder of one version is sent: the versions, the message, the newest number."""
@@ -76,6 +81,8 @@ class TrustStateServicer(trust_state_service_pb2_grpc.TrustStateServiceServicer)
             if len(self._answers) > ANSWER_CACHE_SIZE:
                 self._answers.clear()
             task = asyncio.ensure_future(self._load(since))
+            # Every watcher waiting for it may hang up first: its error is still seen.
+            task.add_done_callback(_retrieve)
             self._answers[key] = task
         try:
             return await asyncio.shield(task)
