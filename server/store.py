@@ -29,6 +29,7 @@ T = TypeVar("T")
 class StoreError(Exception):
     """The state DB cannot be used as it is; the message says why."""
 
+
 SCHEMA_VERSION = 2
 
 _SCHEMA = """
@@ -245,9 +246,7 @@ _CERT_COLUMNS = (
 )
 
 
-def certificate_row(
-    record: CertificateRecord, token_hash: str | None = None
-) -> tuple[object, ...]:
+def certificate_row(record: CertificateRecord, token_hash: str | None = None) -> tuple[object, ...]:
     """A certificate record as the values of an INSERT INTO certificates (with the
     enrollment token it spent, if `token_hash` is given)."""
     return (
