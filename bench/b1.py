@@ -288,18 +288,19 @@ def after_run(
 
 def h2load_then_python(
     server: ServerProcess,
-    token: str,
+    tokens: tuple[str, str],
     csrs: list[bytes],
     ctx: Context,
     batch: int,
     before: LoadResult,
     run_name: str,
 ) -> tuple[H2loadRun, AfterRun]:
-    """An h2load window, then the Python row again against the same server."""
+    """An h2load window (with the first token), then the Python row again against the same
+    server (with the second)."""
     pids = server.pids()
     log_offset = server.log.stat().st_size
-    h2 = h2load_run(server, token, csrs[0], ctx, batch)
-    after = after_run(server, token, csrs, ctx, batch, before, pids, log_offset)
+    h2 = h2load_run(server, tokens[0], csrs[0], ctx, batch)
+    after = after_run(server, tokens[1], csrs, ctx, batch, before, pids, log_offset)
     what = "Enroll" if batch == 1 else f"EnrollBatch x{batch}"
     stalled = f"; STALLED: {'; '.join(after.stalls)}" if after.stalls else ""
     progress(
@@ -390,6 +391,9 @@ def run(ctx: Context) -> RowResult:
         started.append(server)
         with server.admin() as admin:
             token = admin.create_enrollment_token(uses=1_000_000, ttl_seconds=86400).token
+            # h2load's windows spend a token of their own (a fast machine could spend most
+            # of a million in them).
+            h2_token = admin.create_enrollment_token(uses=1_000_000, ttl_seconds=86400).token
         cfssl = CfsslProcess(work / "cfssl")
         started.append(cfssl)
         row.details["cfssl_version"] = cfssl.version
@@ -401,7 +405,9 @@ def run(ctx: Context) -> RowResult:
                 server_cpu.setdefault(concurrency, []).append(cpu)
                 if concurrency == max(CONCURRENCIES):
                     run_name = f"run {rep + 1}/{settings.repeats}"
-                    h2, after = h2load_then_python(server, token, csrs, ctx, 1, kp, run_name)
+                    h2, after = h2load_then_python(
+                        server, (h2_token, token), csrs, ctx, 1, kp, run_name
+                    )
                     h2_runs["enroll"].append(h2)
                     afters["enroll"].append(after)
                     with profiled(f"b1-enroll-batch{batch}", server.pid):
@@ -415,7 +421,9 @@ def run(ctx: Context) -> RowResult:
                         f"EnrollBatch x{batch} {kb.rate:.0f} certs/s (p99 per call "
                         f"{kb.p99 * 1000:.1f} ms, errors {kb.errors})"
                     )
-                    h2, after = h2load_then_python(server, token, csrs, ctx, batch, kb, run_name)
+                    h2, after = h2load_then_python(
+                        server, (h2_token, token), csrs, ctx, batch, kb, run_name
+                    )
                     h2_runs["batch"].append(h2)
                     afters["batch"].append(after)
                 cf = asyncio.run(cfssl_run(cfssl, bodies, concurrency, ctx))
