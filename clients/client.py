@@ -301,13 +301,39 @@ class KeyplaneClient:
         return list(response.certificates)
 
     def revoke_certificate(
-        self, serial: str, reason: str = ""
+        self, serial: str, reason: str = "", confirm: bool = False, force: bool = False
     ) -> certificate_service_pb2.CertificateRecord:
+        """Revoke one certificate; `confirm` for a person's credential, `force` as well
+        for the one this client calls with."""
         response: certificate_service_pb2.RevokeCertificateResponse = self._call(
             self._certs.RevokeCertificate,
-            certificate_service_pb2.RevokeCertificateRequest(serial=serial, reason=reason),
+            certificate_service_pb2.RevokeCertificateRequest(
+                serial=serial, reason=reason, confirm=confirm, force=force
+            ),
         )
         return response.certificate
+
+    def list_zone_servers(self, include_revoked: bool = False) -> list[zone_service_pb2.ZoneServer]:
+        response: zone_service_pb2.ListZoneServersResponse = self._call(
+            self._zones.ListZoneServers,
+            zone_service_pb2.ListZoneServersRequest(include_revoked=include_revoked),
+        )
+        return list(response.zone_servers)
+
+    def get_zone_server(self, name: str) -> zone_service_pb2.ZoneServer:
+        response: zone_service_pb2.GetZoneServerResponse = self._call(
+            self._zones.GetZoneServer, zone_service_pb2.GetZoneServerRequest(name=name)
+        )
+        return response.zone_server
+
+    def revoke_zone_server(
+        self, name: str, reason: str, confirm: bool
+    ) -> zone_service_pb2.ZoneServer:
+        response: zone_service_pb2.RevokeZoneServerResponse = self._call(
+            self._zones.RevokeZoneServer,
+            zone_service_pb2.RevokeZoneServerRequest(name=name, reason=reason, confirm=confirm),
+        )
+        return response.zone_server
 
     def enroll(self, csr: bytes, token: str) -> enrollment_service_pb2.IssuedCertificate:
         response: enrollment_service_pb2.EnrollResponse = self._call(
@@ -332,14 +358,17 @@ class KeyplaneClient:
         return response.certificate
 
     def renew_with_proof(
-        self, csr: bytes, certificate_chain_pem: str, proof: bytes
+        self, csr: bytes, certificate_chain_pem: str, proof: bytes, proof_time: int
     ) -> enrollment_service_pb2.IssuedCertificate:
         """Renew with the current certificate and a proof by its key in the request
-        (see renewal_proof), over any connection."""
+        (see keyplane.clients.renewal.renewal_proof), over any connection."""
         response: enrollment_service_pb2.RenewResponse = self._call(
             self._enrollment.RenewWithProof,
             enrollment_service_pb2.RenewWithProofRequest(
-                csr=csr, certificate_chain_pem=certificate_chain_pem, proof=proof
+                csr=csr,
+                certificate_chain_pem=certificate_chain_pem,
+                proof=proof,
+                proof_time=proof_time,
             ),
         )
         return response.certificate

@@ -17,28 +17,28 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from keyplane.plugins.manager import KeyBackends
 from keyplane.server.config import ServerConfig, format_address
+from keyplane.server.domain.bundles import Bundles
 from keyplane.server.domain.clock import Clock, SystemClock
 from keyplane.server.domain.enrollment import Enrollment
 from keyplane.server.domain.hierarchy import Hierarchy, StartReport, TlsMaterial
 from keyplane.server.domain.signing import MAX_PAYLOAD, MessageSigner
+from keyplane.server.domain.zones import Zones
 from keyplane.server.interceptor import KeyplaneInterceptor
-from keyplane.server.services.enrollment import (
-    BundleServicer,
-    CertificateServicer,
-    EnrollmentServicer,
-    ZoneServicer,
-)
+from keyplane.server.logs import quiet_client_cancellations
+from keyplane.server.services.bundles import BundleServicer
+from keyplane.server.services.certificates import CertificateServicer
+from keyplane.server.services.enrollment import EnrollmentServicer
 from keyplane.server.services.keys import KeyServicer
 from keyplane.server.services.message_signing import MessageSigningServicer
 from keyplane.server.services.root_keys import RootKeyServicer
 from keyplane.server.services.settings import SettingsServicer
 from keyplane.server.services.trust_state import TrustStateServicer, VersionNotifier
+from keyplane.server.services.zones import ZoneServicer
 from keyplane.server.store import StateStore
 from keyplane.server.vitals import Vitals
 from keyplane.v1 import (
@@ -159,10 +159,6 @@ class KeyplaneServer:
             configuration(material), fetch, require_client_authentication=require_client_auth
         )
 
-    def _still_valid(self, cert: x509.Certificate) -> str | None:
-        assert self.hierarchy is not None  # noqa: S101
-        return self.hierarchy.check_client_certificate(cert)
-
     def _advertised(self) -> tuple[str, str]:
         """The addresses components should use: the bound ports, on a connectable host."""
         assert self.endpoints is not None  # noqa: S101 - start() ran
@@ -173,11 +169,12 @@ class KeyplaneServer:
             await asyncio.to_thread(self.open)
         assert self.hierarchy is not None  # noqa: S101
         hierarchy = self.hierarchy
+        quiet_client_cancellations()
         loop = asyncio.get_running_loop()
         # Enough threads that concurrent requests share a group commit.
         loop.set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="keyplane"))
         server = grpc.aio.server(
-            interceptors=[KeyplaneInterceptor(self._still_valid)],
+            interceptors=[KeyplaneInterceptor(hierarchy.admission.admit)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -217,14 +214,17 @@ class KeyplaneServer:
                 enrollment_service_pb2_grpc.add_EnrollmentServiceServicer_to_server,
                 EnrollmentServicer(enrollment),
             ),
-            (zone_service_pb2_grpc.add_ZoneServiceServicer_to_server, ZoneServicer(enrollment)),
+            (
+                zone_service_pb2_grpc.add_ZoneServiceServicer_to_server,
+                ZoneServicer(Zones(hierarchy, enrollment.tokens)),
+            ),
             (
                 certificate_service_pb2_grpc.add_CertificateServiceServicer_to_server,
                 CertificateServicer(enrollment),
             ),
             (
                 bundle_service_pb2_grpc.add_BundleServiceServicer_to_server,
-                BundleServicer(enrollment, self._advertised),
+                BundleServicer(Bundles(hierarchy), self._advertised),
             ),
         ]
         for add, servicer in servicers:

@@ -3,8 +3,9 @@
 Calls arrive on two listeners of one server: the mutual-TLS listener, where the TLS
 stack has verified the client's chain against the active roots, and the bootstrap
 listener (server TLS only), where there is no client identity. The same table decides
-for both: PUBLIC methods need nothing; every other method needs a verified identity
-whose issuer is active and whose certificate is not revoked, and the role listed here.
+for both: PUBLIC methods need nothing; every other method needs a caller admitted by
+the domain (issuer live and allowed to confer its roles, certificate unrevoked; see
+server/domain/admission.py) with the role listed here.
 """
 
 from __future__ import annotations
@@ -61,47 +62,39 @@ ACCESS: dict[str, Access] = {
     "/keyplane.v1.ZoneService/RenewZoneServer": Access.ZONE,
     "/keyplane.v1.ZoneService/ReportIssuedCertificates": Access.ZONE,
     "/keyplane.v1.ZoneService/RedeemEnrollmentToken": Access.ZONE,
+    "/keyplane.v1.ZoneService/ListZoneServers": Access.ADMIN,
+    "/keyplane.v1.ZoneService/GetZoneServer": Access.ADMIN,
+    "/keyplane.v1.ZoneService/RevokeZoneServer": Access.ADMIN,
     # Signed documents, verified by the component against the roots it pins.
     "/keyplane.v1.TrustStateService/GetTrustState": Access.PUBLIC,
     "/keyplane.v1.TrustStateService/WatchTrustState": Access.PUBLIC,
 }
 
 
-def identity_from_pem(pem: bytes) -> Identity:
-    return Identity.of(x509.load_pem_x509_certificate(pem))
+# Admits a verified client certificate: the caller's identity, or PermissionDenied
+# saying why not. Provided by the domain (the server's Admission, a zone's own).
+Admit = Callable[[x509.Certificate], Identity]
 
 
-# Answers whether a verified client certificate is still good: issued by an active
-# key of this hierarchy and not revoked. Provided by the domain.
-CertificateCheck = Callable[[x509.Certificate], str | None]
-
-
-def authorize(
-    method: str,
-    peer_pem: bytes | None,
-    still_valid: CertificateCheck,
-    known: Identity | None = None,
-) -> Identity | None:
-    """The caller's identity if it may call `method`; raises the status-carrying error if not.
-
-    `known` is the identity already parsed from the same `peer_pem`, if any.
-    """
+def authorize(method: str, peer: x509.Certificate | None, admit: Admit) -> Identity | None:
+    """The caller's identity if it may call `method`; raises the status-carrying error if
+    not. `peer` is the client certificate the TLS stack verified, if any."""
     access = ACCESS.get(method)
     if access is Access.PUBLIC:
-        if not peer_pem:
+        if peer is None:
             return None
-        return known or identity_from_pem(peer_pem)
-    if peer_pem is None:
+        try:
+            return admit(peer)
+        except PermissionDenied:
+            return None  # a public call needs no identity; it just has none
+    if peer is None:
         raise Unauthenticated(
             "this call needs a client certificate from this server's hierarchy; call the "
             "mutual-TLS listener with a credential (e.g. the admin credential)"
         )
-    identity = known or identity_from_pem(peer_pem)
-    problem = still_valid(identity.certificate)
-    if problem is not None:
-        raise PermissionDenied(f"the client certificate is refused: {problem}")
     if access is None:
         raise PermissionDenied(f"method {method} is not open to any caller")
+    identity = admit(peer)
     if access.value not in identity.roles:
         raise PermissionDenied(
             f"this call needs the {access.value} role; the client certificate "

@@ -159,6 +159,12 @@ async def _serve_worker(server: KeyplaneServer) -> None:
 
 
 async def _serve(server: KeyplaneServer) -> int:
+    # Before anything starts: a SIGTERM that comes as soon as the endpoint note exists
+    # stops the server cleanly instead of killing it.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
     report = await asyncio.to_thread(server.open)
     endpoints = await server.start()
     root = report.issuing_root
@@ -168,10 +174,6 @@ async def _serve(server: KeyplaneServer) -> int:
     print(f"bootstrap listener on {endpoints.bootstrap_listen} (server TLS)", flush=True)
     print(f"issuing root: {root.name} sha256:{root.fingerprint}", flush=True)
     print(f"admin credential: {server.config.data_dir / 'admin'}", flush=True)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
     waiter = asyncio.create_task(server.wait())
     await asyncio.wait(
         [waiter, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED

@@ -74,6 +74,12 @@ class ConfirmationRequired(FailedPrecondition):
     reason = "CONFIRMATION_REQUIRED"
 
 
+class RevokesCaller(FailedPrecondition):
+    """The request would revoke the credential it is made with, and lacks force."""
+
+    reason = "REVOKES_CALLER"
+
+
 class Unauthenticated(KeyplaneError):
     """The call carries no verified client identity."""
 

@@ -16,12 +16,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from cryptography import x509
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from keyplane.plugins import errors as backend_errors
-from keyplane.server.auth import CertificateCheck, authorize
+from keyplane.server.auth import Admit, authorize
 from keyplane.server.domain.identity import Identity
 from keyplane.server.errors import KeyplaneError
 
@@ -80,11 +81,11 @@ def _peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> bytes | No
 class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
     """Authorises every call from one table and maps errors to statuses."""
 
-    def __init__(self, still_valid: CertificateCheck) -> None:
-        self._still_valid = still_valid
+    def __init__(self, admit: Admit) -> None:
+        self._admit_certificate = admit
         # Parsing the peer's PEM certificate on every call is the costliest part of
         # admission; a connection presents the same bytes each time.
-        self._identities: dict[bytes, Identity] = {}
+        self._certificates: dict[bytes, x509.Certificate] = {}
 
     async def intercept_service(
         self,
@@ -119,15 +120,20 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
             handler.response_serializer,
         )
 
-    async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def _peer(self, context: grpc.aio.ServicerContext[Any, Any]) -> x509.Certificate | None:
         pem = _peer_certificate(context)
-        known = self._identities.get(pem) if pem is not None else None
-        identity = authorize(method, pem, self._still_valid, known)
-        if identity is not None and pem is not None and known is None:
-            if len(self._identities) > IDENTITY_CACHE_SIZE:
-                self._identities.clear()
-            self._identities[pem] = identity
-        current_identity.set(identity)
+        if pem is None:
+            return None
+        cert = self._certificates.get(pem)
+        if cert is None:
+            cert = x509.load_pem_x509_certificate(pem)
+            if len(self._certificates) > IDENTITY_CACHE_SIZE:
+                self._certificates.clear()
+            self._certificates[pem] = cert
+        return cert
+
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        current_identity.set(authorize(method, self._peer(context), self._admit_certificate))
 
     async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
         code, message, reason = status_for(exc)

@@ -54,7 +54,7 @@ from keyplane.v1 import (
     enrollment_service_pb2 as enroll_pb,
 )
 from tests.bursts import Call, Outcome, fire
-from tests.serverkit import RunningServer, ServerProcess, run_cli
+from tests.serverkit import FQDN, RunningServer, ServerProcess, run_cli
 from tests.softhsm import SoftHsmToken
 from tests.test_enrollment import make_csr, p256
 from tests.test_fleet import Process, wait_until
@@ -244,10 +244,16 @@ def _enroll_agents(
     return [Agent(k, i.certificate_chain_pem, i.serial) for k, i in zip(keys, issued, strict=True)]
 
 
-def _renew_with_proof_call(stub: Any, agent: Agent, acks: Acks) -> Call:
+def _proof(key: object, chain_pem: str, csr: bytes, audience: str) -> tuple[bytes, int]:
+    leaf = x509.load_pem_x509_certificate(chain_pem.encode())
+    return renewal_proof(key, leaf, csr, audience)  # type: ignore[arg-type]
+
+
+def _renew_with_proof_call(stub: Any, agent: Agent, acks: Acks, audience: str) -> Call:
     csr = make_csr(p256(), cn=agent.name)
+    proof, made = _proof(agent.key, agent.chain_pem, csr, audience)
     request = enroll_pb.RenewWithProofRequest(
-        csr=csr, certificate_chain_pem=agent.chain_pem, proof=renewal_proof(agent.key, csr)
+        csr=csr, certificate_chain_pem=agent.chain_pem, proof=proof, proof_time=made
     )
     return Call(
         "RenewWithProof",
@@ -368,7 +374,7 @@ def _server_burst(
         )
         channels.append(channel)
         calls.append(_renew_call(channel, agent, acks))
-    calls += [_renew_with_proof_call(stub, agent, acks) for agent in provers]
+    calls += [_renew_with_proof_call(stub, agent, acks, FQDN) for agent in provers]
     for agent in victims:
         request = cert_pb.RevokeCertificateRequest(serial=agent.serial, reason="burst")
         calls.append(
@@ -501,7 +507,7 @@ def _zone_burst(
     acks.serials.update(a.serial for a in holders + provers)
     stub = enrollment_service_pb2_grpc.EnrollmentServiceStub(boot)
     calls = [_enroll_call(stub, token, f"ze-{i}", acks) for i in range(ZONE_BURST["Enroll"])]
-    calls += [_renew_with_proof_call(stub, agent, acks) for agent in provers]
+    calls += [_renew_with_proof_call(stub, agent, acks, endpoint.name) for agent in provers]
     for agent in holders:
         channel = _mtls(endpoint.listen, agent.chain_pem.encode(), _key_pem(agent.key), roots)
         channels.append(channel)
@@ -563,7 +569,7 @@ def _check_acknowledged(deployment: Deployment, acks: Acks) -> None:
         assert acks.tokens <= tokens
         keys = {r[0] for r in db.execute("SELECT fingerprint FROM keys")}
         assert acks.keys <= keys
-        zones = {r[0] for r in db.execute("SELECT name FROM zone_servers")}
+        zones = {r[0] for r in db.execute("SELECT name FROM zones WHERE revoked_at IS NULL")}
         assert acks.zones <= zones
         values = {
             json.loads(d).get("value")
@@ -586,7 +592,9 @@ def _check_acknowledged(deployment: Deployment, acks: Acks) -> None:
     assert acks.revoked <= set(body.revoked_serials)
 
 
-def _writes_at_once(deployment: Deployment, admin: KeyplaneClient, address: str) -> None:
+def _writes_at_once(
+    deployment: Deployment, admin: KeyplaneClient, address: str, audience: str
+) -> None:
     """Writes, each answered within AT_ONCE seconds (trusting the roots active now: a
     root the burst created may sign the server's certificate)."""
     roots = deployment.roots()
@@ -595,9 +603,8 @@ def _writes_at_once(deployment: Deployment, admin: KeyplaneClient, address: str)
         key = p256()
         issued = client.enroll(make_csr(key, cn="after-burst"), token)
         csr = make_csr(p256(), cn="after-burst")
-        renewed = client.renew_with_proof(
-            csr, issued.certificate_chain_pem, renewal_proof(key, csr)
-        )
+        proof, made = _proof(key, issued.certificate_chain_pem, csr, audience)
+        renewed = client.renew_with_proof(csr, issued.certificate_chain_pem, proof, made)
         assert renewed.serial != issued.serial
 
 
@@ -616,7 +623,7 @@ def test_bursts_of_abandoned_calls_leave_every_write_path_working(
         _quiet(deployment)
         roots = deployment.roots()
         assert _serving(deployment.server_bootstrap(), roots)
-        _writes_at_once(deployment, admin, deployment.server_bootstrap())
+        _writes_at_once(deployment, admin, deployment.server_bootstrap(), FQDN)
         _check_tokens(deployment, tokens)
         _check_acknowledged(deployment, acks)
         for channel in channels:
@@ -630,7 +637,7 @@ def test_bursts_of_abandoned_calls_leave_every_write_path_working(
         _report(outcome)
         endpoint = deployment.zone_endpoint()
         assert _serving(endpoint.bootstrap_listen, roots)
-        _writes_at_once(deployment, admin, endpoint.bootstrap_listen)
+        _writes_at_once(deployment, admin, endpoint.bootstrap_listen, endpoint.name)
         # What the zone acknowledged reaches the server: enrollments at once (the token
         # use and the certificate are one transaction there), renewals by report.
         wait_until("the zone's reports", lambda: _reported(deployment, zone_acks.serials), 30)
@@ -822,15 +829,15 @@ def test_a_dead_report_writer_takes_its_zone_worker_down_and_a_fresh_one_serves(
             key = p256()
             issued = client.enroll(make_csr(key, cn="m"), token)
             csr = make_csr(p256(), cn="m")
-            client.renew_with_proof(csr, issued.certificate_chain_pem, renewal_proof(key, csr))
+            proof, made = _proof(key, issued.certificate_chain_pem, csr, "zone1")
+            client.renew_with_proof(csr, issued.certificate_chain_pem, proof, made)
             # The second report batch kills the writer: the caller is told at once.
             key2 = p256()
             issued2 = client.enroll(make_csr(key2, cn="n"), token)
             csr = make_csr(p256(), cn="n")
+            proof, made = _proof(key2, issued2.certificate_chain_pem, csr, "zone1")
             with pytest.raises(Exception) as caught:
-                client.renew_with_proof(
-                    csr, issued2.certificate_chain_pem, renewal_proof(key2, csr)
-                )
+                client.renew_with_proof(csr, issued2.certificate_chain_pem, proof, made)
             assert "UNAVAILABLE" in str(caught.value)
         wait_until(
             "the zone's log line",
@@ -847,7 +854,9 @@ def test_a_dead_report_writer_takes_its_zone_worker_down_and_a_fresh_one_serves(
             _until(
                 "a fresh zone worker",
                 lambda: client.renew_with_proof(
-                    csr, issued2.certificate_chain_pem, renewal_proof(key2, csr)
+                    csr,
+                    issued2.certificate_chain_pem,
+                    *_proof(key2, issued2.certificate_chain_pem, csr, "zone1"),
                 ),
             )
         assert _serving(endpoint.bootstrap_listen, roots)

@@ -24,6 +24,7 @@ from keyplane.server.domain import certs
 from keyplane.server.store import CertificateRecord
 from keyplane.v1 import root_key_service_pb2, root_key_service_pb2_grpc
 from tests.serverkit import RunningServer, running_server
+from tests.test_enrollment import make_csr
 
 
 @pytest.fixture
@@ -100,11 +101,27 @@ def test_mutual_tls_listener_requires_a_client_certificate(server: RunningServer
 
 
 def test_a_certificate_without_the_admin_role_is_permission_denied(server: RunningServer) -> None:
+    with server.admin_client() as admin:
+        token = admin.create_enrollment_token().token
+    key = ec.generate_private_key(ec.SECP256R1())
+    with KeyplaneClient(server.bootstrap_channel()) as anonymous:
+        issued = anonymous.enroll(make_csr(key, cn="agent-1"), token)
+    error = call_list(server, issued.certificate_chain_pem.encode(), _pem(key))
+    assert error is not None
+    assert error.code == grpc.StatusCode.PERMISSION_DENIED
+    assert "admin role" in error.message
+
+
+def test_a_root_issued_certificate_claiming_the_agent_role_is_refused(
+    server: RunningServer,
+) -> None:
+    """Roles come from the issuer: a root confers admin, operator, auditor and
+    zone-server, never agent, whatever the certificate says."""
     chain, key = issue_client(server, "agent")
     error = call_list(server, chain, key)
     assert error is not None
     assert error.code == grpc.StatusCode.PERMISSION_DENIED
-    assert "admin role" in error.message
+    assert "which a root may not confer" in error.message
 
 
 def test_an_unrecorded_certificate_is_refused(server: RunningServer) -> None:

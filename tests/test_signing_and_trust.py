@@ -146,7 +146,7 @@ def test_trust_state_drops_expired_retired_keys(tmp_path: Path) -> None:
     with running_server(tmp_path / "data", clock=clock) as server:
         hierarchy = server.hierarchy
         first = hierarchy.active_key("message_signing").fingerprint
-        hierarchy.rotate_key("test", "message_signing")
+        hierarchy.rotation.rotate_key("test", "message_signing")
         signed = trust_state_pb2.SignedTrustState.FromString(hierarchy.trust.versions_since(0)[0])
         body = trust_state_pb2.TrustStateBody.FromString(signed.body)
         assert first in {c.fingerprint for c in body.message_signing}

@@ -122,13 +122,13 @@ def run_zone(args: argparse.Namespace) -> int:
 
 
 async def _serve(zone: ZoneServer) -> int:
-    await zone.start()
-    print(f"zone server {zone.options.name} listening on {zone.listen} (mutual TLS)", flush=True)
-    print(f"bootstrap listener on {zone.bootstrap} (server TLS)", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
+    await zone.start()
+    print(f"zone server {zone.options.name} listening on {zone.listen} (mutual TLS)", flush=True)
+    print(f"bootstrap listener on {zone.bootstrap} (server TLS)", flush=True)
     signalled = asyncio.create_task(stopping.wait())
     served = asyncio.create_task(zone.wait())
     await asyncio.wait([signalled, served], return_when=asyncio.FIRST_COMPLETED)

@@ -1,5 +1,6 @@
-"""The zone server's own small database (`zone.db`): its enrollment, the trust-state
-versions it relays, and the certificates it issued but has not reported yet."""
+"""The zone server's own small database (`zone.db`): its enrollment, its intermediates,
+the trust-state versions it relays, the certificates it renewed (each renews once), and
+the certificates it issued but has not reported yet."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
+from keyplane.server.errors import PermissionDenied
 from keyplane.server.groupcommit import GroupCommitter, Outcome
+
+# A queued report: serial, DER, component, and the serial it renews (if a renewal).
+_Report = tuple[str, bytes, str, str | None]
 
 _SCHEMA = """
 BEGIN IMMEDIATE;
@@ -23,6 +28,16 @@ CREATE TABLE IF NOT EXISTS pending_reports (
     serial TEXT PRIMARY KEY,
     der BLOB NOT NULL,
     component TEXT NOT NULL
+);
+-- Every intermediate this zone has held: it renews only what they issued.
+CREATE TABLE IF NOT EXISTS intermediates (
+    fingerprint TEXT PRIMARY KEY,
+    certificate_pem TEXT NOT NULL
+);
+-- A certificate renews once: its serial, and what it was renewed to.
+CREATE TABLE IF NOT EXISTS renewals (
+    serial TEXT PRIMARY KEY,
+    successor TEXT NOT NULL
 );
 COMMIT;
 """
@@ -111,31 +126,80 @@ class ZoneStore:
         """Record an issued certificate for reporting; returns once it is durable."""
         self.queue_report_pending(serial, der, component).result()
 
-    def queue_report_pending(self, serial: str, der: bytes, component: str) -> Future[object]:
+    def queue_report_pending(
+        self, serial: str, der: bytes, component: str, renews: str | None = None
+    ) -> Future[object]:
         """Record an issued certificate for reporting; the future completes once it is
-        durable. Concurrent callers share one transaction and one fsync. If the future
+        durable. `renews` is the serial it renews: claimed in the same transaction, so a
+        certificate renews once (PERMISSION_DENIED for a second renewal, and nothing is
+        recorded). Concurrent callers share one transaction and one fsync. If the future
         is cancelled before its batch begins (the client hung up), nothing is written."""
-        return self._reports.submit((serial, der, component))
+        return self._reports.submit((serial, der, component, renews))
 
     @property
-    def report_writer(self) -> GroupCommitter[tuple[str, bytes, str]]:
+    def report_writer(self) -> GroupCommitter[_Report]:
         """The thread that writes queued reports (its health is watched)."""
         return self._reports
 
-    def _write_reports(self, reports: Sequence[tuple[str, bytes, str]]) -> list[Outcome]:
+    def _write_reports(self, reports: Sequence[_Report]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO pending_reports (serial, der, component) "
-                    "VALUES (?, ?, ?)",
-                    reports,
-                )
+                for serial, der, component, renews in reports:
+                    self._db.execute("SAVEPOINT item")
+                    try:
+                        if renews is not None:
+                            self._db.execute(
+                                "INSERT INTO renewals (serial, successor) VALUES (?, ?)",
+                                (renews, serial),
+                            )
+                        self._db.execute(
+                            "INSERT OR IGNORE INTO pending_reports (serial, der, component) "
+                            "VALUES (?, ?, ?)",
+                            (serial, der, component),
+                        )
+                    except sqlite3.IntegrityError:
+                        self._db.execute("ROLLBACK TO item")
+                        self._db.execute("RELEASE item")
+                        outcomes.append(
+                            (
+                                None,
+                                PermissionDenied(
+                                    f"certificate {renews} was renewed already; a certificate "
+                                    "renews once (renew from the newest one)"
+                                ),
+                            )
+                        )
+                        continue
+                    self._db.execute("RELEASE item")
+                    outcomes.append((None, None))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-        return [(None, None)] * len(reports)
+        return outcomes
+
+    def renewed(self, serial: str) -> bool:
+        """Whether this zone renewed the certificate with this serial already."""
+        with self._read_lock:
+            row = self._reader.execute(
+                "SELECT 1 FROM renewals WHERE serial = ?", (serial,)
+            ).fetchone()
+        return row is not None
+
+    def add_intermediate(self, fingerprint: str, certificate_pem: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO intermediates (fingerprint, certificate_pem) VALUES (?, ?)",
+                (fingerprint, certificate_pem),
+            )
+
+    def intermediates(self) -> set[str]:
+        """Fingerprints of every intermediate this zone has held."""
+        with self._read_lock:
+            rows = self._reader.execute("SELECT fingerprint FROM intermediates").fetchall()
+        return {str(r[0]) for r in rows}
 
     def pending_reports(self, limit: int = 500) -> list[tuple[str, bytes, str]]:
         with self._lock:

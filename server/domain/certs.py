@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keyplane.plugins.keys import BackendPrivateKey, PublicKey, algorithm_of, fingerprint
-from keyplane.server.domain import der
+from keyplane.server.domain import authority, der
 from keyplane.server.store import CertificateRecord
 
 # What a component's certificate may certify: any key keyplane accepts in a CSR.
@@ -48,6 +48,14 @@ def new_serial() -> int:
 
 def serial_hex(cert: x509.Certificate) -> str:
     return f"{cert.serial_number:032x}"
+
+
+def key_fingerprint(cert: x509.Certificate) -> str:
+    """The fingerprint of the certificate's key: SHA-256 of its SubjectPublicKeyInfo."""
+    der = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
 
 
 def to_pem(cert: x509.Certificate) -> str:
@@ -470,9 +478,15 @@ def build_intermediate_certificate(
     now: datetime.datetime,
     validity: datetime.timedelta,
 ) -> x509.Certificate:
-    """An intermediate CA (pathLen 0) that signs client TLS certificates."""
+    """An intermediate CA (pathLen 0) that signs agent certificates and nothing else:
+    its EKU is clientAuth only and its name constraints permit no real DNS name or IP
+    address (see authority), so no TLS stack takes what it signs for a server's."""
     subject = _name(common_name, "intermediate")
-    builder = _leaf(issuer_key, issuer_cert, subject, public_key, now, validity, ca=True)
+    builder = (
+        _leaf(issuer_key, issuer_cert, subject, public_key, now, validity, ca=True)
+        .add_extension(authority.INTERMEDIATE_NAME_CONSTRAINTS, critical=True)
+        .add_extension(authority.INTERMEDIATE_EKU, critical=False)
+    )
     return builder.sign(issuer_key, algorithm_of(issuer_key.public_key()).signature_hash)
 
 

@@ -15,6 +15,7 @@ from keyplane.server.domain import certs
 from keyplane.server.domain.hierarchy import Hierarchy
 from keyplane.server.domain.trust import sign_with
 from keyplane.server.errors import InvalidArgument
+from keyplane.server.kinds import KeyKind
 from keyplane.v1 import message_signing_service_pb2 as pb
 
 MESSAGE_CONTEXT = b"keyplane-message-v1\0"
@@ -62,7 +63,7 @@ class MessageSigner:
 
     def _sign_all(self, payloads: Sequence[bytes]) -> list[pb.SignedMessage]:
         with self.hierarchy.store.snapshot():
-            record = self.hierarchy.active_key("message_signing")
+            record = self.hierarchy.active_key(KeyKind.MESSAGE_SIGNING)
             issuer = self.hierarchy.store.key(record.issuer_fingerprint or "")
             version = self.hierarchy.trust.latest_version()
         key = self.hierarchy.backends.private_key(record.key_uri)

@@ -26,13 +26,20 @@ from keyplane.server.domain import certs
 from keyplane.server.domain.clock import Clock
 from keyplane.server.domain.faults import Faults
 from keyplane.server.domain.settings import Settings
-from keyplane.server.store import KeyRecord, StateStore, TrustStateRecord
+from keyplane.server.kinds import KeyKind, KeyState
+from keyplane.server.store import KeyRecord, StateStore, Transaction, TrustStateRecord
+from keyplane.server.store.reads import Reads
 from keyplane.v1 import trust_state_pb2
 
 log = logging.getLogger(__name__)
 
 TRUST_STATE_CONTEXT = b"keyplane-trust-state-v1\0"
-SUBORDINATE_KINDS = ("intermediate_tls", "zone_intermediate", "message_signing", "server_tls")
+SUBORDINATE_KINDS = (
+    KeyKind.INTERMEDIATE_TLS,
+    KeyKind.ZONE_INTERMEDIATE,
+    KeyKind.MESSAGE_SIGNING,
+    KeyKind.SERVER_TLS,
+)
 
 
 def sign_with(key: BackendPrivateKey, algorithm: KeyAlgorithm, data: bytes) -> bytes:
@@ -80,34 +87,38 @@ class TrustStatePublisher:
             fingerprint=record.fingerprint,
             certificate_der=certs.to_der(certs.load_pem(record.certificate_pem or "")),
             name=record.name,
-            state=record.state if record.kind != "root" else "active",
+            state=record.state if record.kind != KeyKind.ROOT else KeyState.ACTIVE,
             issuer_fingerprint=record.issuer_fingerprint or "",
+            kind=record.kind,
         )
 
-    def _content(self) -> trust_state_pb2.TrustStateBody:
-        """Everything but the version and time: what a change of state changes."""
+    def _content(self, reads: Reads) -> trust_state_pb2.TrustStateBody:
+        """Everything but the version and time: what a change of state changes. Read
+        through `reads`, so that a transaction can publish what it is about to commit."""
         now = self.clock.now()
         body = trust_state_pb2.TrustStateBody(server_fqdn=self.fqdn)
-        roots = self.store.keys("root", ("active",))
+        roots = reads.keys(KeyKind.ROOT, (KeyState.ACTIVE,))
         body.roots.extend(self._certificate(r) for r in roots)
         body.revoked_root_fingerprints.extend(
-            r.fingerprint for r in self.store.keys("root", ("revoked",))
+            r.fingerprint for r in reads.keys(KeyKind.ROOT, (KeyState.REVOKED,))
         )
         lists = {
-            "intermediate_tls": body.intermediates,
-            "zone_intermediate": body.intermediates,
-            "message_signing": body.message_signing,
-            "server_tls": body.server_tls,
+            KeyKind.INTERMEDIATE_TLS: body.intermediates,
+            KeyKind.ZONE_INTERMEDIATE: body.intermediates,
+            KeyKind.MESSAGE_SIGNING: body.message_signing,
+            KeyKind.SERVER_TLS: body.server_tls,
         }
         revoked_keys: list[str] = []
         for kind in SUBORDINATE_KINDS:
-            for record in self.store.keys(kind):
-                if record.state == "revoked":
+            for record in reads.keys(kind):
+                if record.state == KeyState.REVOKED:
                     revoked_keys.append(record.fingerprint)
                 elif record.not_after is None or record.not_after > now:
                     lists[kind].append(self._certificate(record))
         body.revoked_key_fingerprints.extend(sorted(revoked_keys))
-        body.revoked_serials.extend(self.store.revoked_serials(now))
+        live = [(s, f) for s, f, not_after in reads.revoked_certificates() if not_after > now]
+        body.revoked_serials.extend(s for s, _ in live)
+        body.revoked_certificate_key_fingerprints.extend(sorted({f for _, f in live}))
         body.client_settings.update(self.settings.client_values())
         values = self.settings.values()
         body.zone_settings.update(
@@ -125,31 +136,44 @@ class TrustStatePublisher:
     def publish(self, actor: str) -> int:
         """Publish a new version if the content changed; return the latest version."""
         with self._lock:
-            body = self._content()
-            digest = self._digest(body)
-            latest = self.store.latest_trust_state()
-            if latest is not None and latest.content_digest == digest:
-                return latest.version
-            version = (latest.version if latest else 0) + 1
-            now = self.clock.now()
-            body.version = version
-            body.issue_time.FromDatetime(now)
-            body_bytes = body.SerializeToString(deterministic=True)
-            signed = trust_state_pb2.SignedTrustState(body=body_bytes)
-            roots = self.store.keys("root", ("active",))
-            for root in roots:
-                key = self.backends.private_key(root.key_uri)
-                signature = sign_with(
-                    key, KeyAlgorithm(root.algorithm), TRUST_STATE_CONTEXT + body_bytes
-                )
-                signed.signatures.add(root_fingerprint=root.fingerprint, signature=signature)
-            self.faults.checkpoint("trust.signed")
-            root_set = ",".join(sorted(r.fingerprint for r in roots))
-            with self.store.transaction(now) as tx:
-                tx.insert_trust_state(
-                    TrustStateRecord(version, digest, root_set, signed.SerializeToString(), now)
-                )
-                tx.audit(actor, "trust_state.publish", str(version), roots=root_set)
+            with self.store.transaction(self.clock.now()) as tx:
+                version = self.publish_in(tx, actor)
+        return version
+
+    def publish_in(self, tx: Transaction, actor: str) -> int:
+        """Publish, inside `tx`, a version with what `tx` has written so far, if the
+        content changed; return the latest version. If signing fails, this raises and
+        `tx` rolls back: a change that must be published (a revocation) is then not made
+        at all. Listeners hear of the version once `tx` has committed."""
+        body = self._content(tx.reads)
+        digest = self._digest(body)
+        found = tx.reads.trust_states("ORDER BY version DESC LIMIT 1", ())
+        latest = found[0] if found else None
+        if latest is not None and latest.content_digest == digest:
+            return latest.version
+        version = (latest.version if latest else 0) + 1
+        now = self.clock.now()
+        body.version = version
+        body.issue_time.FromDatetime(now)
+        body_bytes = body.SerializeToString(deterministic=True)
+        signed = trust_state_pb2.SignedTrustState(body=body_bytes)
+        roots = tx.reads.keys(KeyKind.ROOT, (KeyState.ACTIVE,))
+        for root in roots:
+            key = self.backends.private_key(root.key_uri)
+            signature = sign_with(
+                key, KeyAlgorithm(root.algorithm), TRUST_STATE_CONTEXT + body_bytes
+            )
+            signed.signatures.add(root_fingerprint=root.fingerprint, signature=signature)
+        self.faults.checkpoint("trust.signed")
+        root_set = ",".join(sorted(r.fingerprint for r in roots))
+        tx.insert_trust_state(
+            TrustStateRecord(version, digest, root_set, signed.SerializeToString(), now)
+        )
+        tx.audit(actor, "trust_state.publish", str(version), roots=root_set)
+        tx.on_commit(lambda: self._published(version))
+        return version
+
+    def _published(self, version: int) -> None:
         log.info("published trust state version %d", version)
         for listener in self._listeners:
             # The version is committed: a listener that fails (its event loop closed)
@@ -158,7 +182,6 @@ class TrustStatePublisher:
                 listener(version)
             except Exception:
                 log.exception("a trust-state listener failed for version %d", version)
-        return version
 
     def latest_version(self) -> int:
         latest = self.store.latest_trust_state()

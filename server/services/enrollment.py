@@ -1,28 +1,18 @@
-"""EnrollmentService, ZoneService, CertificateService and BundleService: thin servicers
-over the enrollment domain."""
+"""EnrollmentService: a thin servicer, for the server's Enrollment and for a zone
+server's issuer alike."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from keyplane.server.domain.enrollment import Enrollment, Issued, check_renewal_proof
+from keyplane.server.domain.enrollment import Enrollment, Issued
 from keyplane.server.domain.identity import Identity
 from keyplane.server.errors import FailedPrecondition
 from keyplane.server.services import convert
-from keyplane.server.services.root_keys import Context, actor, caller
-from keyplane.v1 import (
-    bundle_service_pb2,
-    bundle_service_pb2_grpc,
-    certificate_service_pb2,
-    certificate_service_pb2_grpc,
-    enrollment_service_pb2,
-    enrollment_service_pb2_grpc,
-    zone_service_pb2,
-    zone_service_pb2_grpc,
-)
+from keyplane.server.services.context import Context, caller
+from keyplane.v1 import enrollment_service_pb2, enrollment_service_pb2_grpc
 
 # Batches up to this size are signed on the event loop (~10 ms): threads would contend
 # for the GIL and cost more than the wait. Larger ones go to a thread.
@@ -44,11 +34,13 @@ class ClientIssuer(Protocol):
 
     def enroll(self, csr_data: bytes, token: str) -> Issued: ...
 
-    def renew(self, identity: Identity, csr_data: bytes) -> Issued: ...
-
     def renew_pending(self, identity: Identity, csr_data: bytes) -> tuple[Issued, Future[Any]]: ...
 
     def identity_from_chain(self, chain_pem: bytes) -> Identity: ...
+
+    def check_proof(
+        self, identity: Identity, csr: bytes, proof: bytes, proof_time: int
+    ) -> None: ...
 
 
 class EnrollmentServicer(enrollment_service_pb2_grpc.EnrollmentServiceServicer):
@@ -101,129 +93,8 @@ class EnrollmentServicer(enrollment_service_pb2_grpc.EnrollmentServiceServicer):
         self, request: enrollment_service_pb2.RenewWithProofRequest, context: Context
     ) -> enrollment_service_pb2.RenewResponse:
         identity = self._enrollment.identity_from_chain(request.certificate_chain_pem.encode())
-        check_renewal_proof(identity.certificate, request.csr, request.proof)
+        self._enrollment.check_proof(identity, request.csr, request.proof, request.proof_time)
         # Signed here, on the loop; only the durable record is waited for.
         value, pending = self._enrollment.renew_pending(identity, request.csr)
         await asyncio.wrap_future(pending)
         return enrollment_service_pb2.RenewResponse(certificate=issued(value))
-
-
-class ZoneServicer(zone_service_pb2_grpc.ZoneServiceServicer):
-    """Zone-server enrollment, renewal and issuance reports."""
-
-    def __init__(self, enrollment: Enrollment) -> None:
-        self._enrollment = enrollment
-
-    async def EnrollZoneServer(
-        self, request: zone_service_pb2.EnrollZoneServerRequest, context: Context
-    ) -> zone_service_pb2.EnrollZoneServerResponse:
-        chain, tls = await asyncio.to_thread(
-            self._enrollment.enroll_zone_server,
-            request.token,
-            request.intermediate_csr,
-            request.tls_csr,
-            request.name,
-            request.listen,
-            request.bootstrap_listen,
-        )
-        return zone_service_pb2.EnrollZoneServerResponse(
-            intermediate_chain_pem=chain, tls_certificate=issued(tls)
-        )
-
-    async def RenewZoneServer(
-        self, request: zone_service_pb2.RenewZoneServerRequest, context: Context
-    ) -> zone_service_pb2.RenewZoneServerResponse:
-        chain, tls = await asyncio.to_thread(
-            self._enrollment.renew_zone_server,
-            caller(),
-            request.intermediate_csr,
-            request.tls_csr,
-        )
-        return zone_service_pb2.RenewZoneServerResponse(
-            intermediate_chain_pem=chain, tls_certificate=issued(tls)
-        )
-
-    async def RedeemEnrollmentToken(
-        self, request: zone_service_pb2.RedeemEnrollmentTokenRequest, context: Context
-    ) -> zone_service_pb2.RedeemEnrollmentTokenResponse:
-        # Concurrent redemptions share one commit; only that is waited for off the loop.
-        pending = self._enrollment.redeem_token_pending(
-            caller(), request.token, request.subject, request.certificate_der
-        )
-        await asyncio.wrap_future(pending)
-        return zone_service_pb2.RedeemEnrollmentTokenResponse()
-
-    async def ReportIssuedCertificates(
-        self, request: zone_service_pb2.ReportIssuedCertificatesRequest, context: Context
-    ) -> zone_service_pb2.ReportIssuedCertificatesResponse:
-        reports = [(c.certificate_der, c.component) for c in request.certificates]
-        recorded = await asyncio.to_thread(self._enrollment.record_reported, caller(), reports)
-        return zone_service_pb2.ReportIssuedCertificatesResponse(recorded=recorded)
-
-
-class CertificateServicer(certificate_service_pb2_grpc.CertificateServiceServicer):
-    """Issued certificates and enrollment tokens."""
-
-    def __init__(self, enrollment: Enrollment) -> None:
-        self._enrollment = enrollment
-
-    async def ListCertificates(
-        self, request: certificate_service_pb2.ListCertificatesRequest, context: Context
-    ) -> certificate_service_pb2.ListCertificatesResponse:
-        records = await asyncio.to_thread(
-            self._enrollment.certificates, request.component, request.page_size
-        )
-        return certificate_service_pb2.ListCertificatesResponse(
-            certificates=[convert.certificate(r) for r in records]
-        )
-
-    async def RevokeCertificate(
-        self, request: certificate_service_pb2.RevokeCertificateRequest, context: Context
-    ) -> certificate_service_pb2.RevokeCertificateResponse:
-        record = await asyncio.to_thread(
-            self._enrollment.revoke_certificate, actor(), request.serial, request.reason
-        )
-        return certificate_service_pb2.RevokeCertificateResponse(
-            certificate=convert.certificate(record)
-        )
-
-    async def CreateEnrollmentToken(
-        self, request: certificate_service_pb2.CreateEnrollmentTokenRequest, context: Context
-    ) -> certificate_service_pb2.CreateEnrollmentTokenResponse:
-        token = await asyncio.to_thread(
-            self._enrollment.create_token,
-            actor(),
-            request.uses,
-            request.ttl_seconds,
-            request.role,
-        )
-        return certificate_service_pb2.CreateEnrollmentTokenResponse(
-            token=token.token,
-            token_id=token.token_id,
-            expire_time=convert.timestamp(token.expires_at),
-            uses=token.uses,
-            role=token.role,
-        )
-
-
-class BundleServicer(bundle_service_pb2_grpc.BundleServiceServicer):
-    """Init bundles and the legacy public key file."""
-
-    def __init__(self, enrollment: Enrollment, endpoints: Callable[[], tuple[str, str]]) -> None:
-        self._enrollment = enrollment
-        self._endpoints = endpoints
-
-    async def GetInitBundle(
-        self, request: bundle_service_pb2.GetInitBundleRequest, context: Context
-    ) -> bundle_service_pb2.GetInitBundleResponse:
-        listen, bootstrap = self._endpoints()
-        bundle = await asyncio.to_thread(self._enrollment.init_bundle, listen, bootstrap)
-        return bundle_service_pb2.GetInitBundleResponse(bundle=bundle)
-
-    async def GetLegacyPublicKey(
-        self, request: bundle_service_pb2.GetLegacyPublicKeyRequest, context: Context
-    ) -> bundle_service_pb2.GetLegacyPublicKeyResponse:
-        pem, fingerprint = await asyncio.to_thread(self._enrollment.legacy_public_key)
-        return bundle_service_pb2.GetLegacyPublicKeyResponse(
-            public_key_pem=pem, fingerprint=fingerprint
-        )

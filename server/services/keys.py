@@ -6,7 +6,7 @@ import asyncio
 
 from keyplane.server.domain.hierarchy import Hierarchy
 from keyplane.server.services import convert
-from keyplane.server.services.root_keys import Context, actor
+from keyplane.server.services.context import Context, actor
 from keyplane.v1 import key_service_pb2 as pb
 from keyplane.v1 import key_service_pb2_grpc
 
@@ -27,5 +27,5 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
     ) -> pb.RotateKeyResponse:
         kind = convert.kind_from_proto(request.kind, required=True)
         assert kind is not None  # noqa: S101 - required=True
-        record = await asyncio.to_thread(self._hierarchy.rotate_key, actor(), kind)
+        record = await asyncio.to_thread(self._hierarchy.rotation.rotate_key, actor(), kind)
         return pb.RotateKeyResponse(key=convert.key(record))

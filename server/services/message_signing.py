@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from keyplane.server.domain.signing import MessageSigner
-from keyplane.server.services.root_keys import Context
+from keyplane.server.services.context import Context
 from keyplane.v1 import message_signing_service_pb2 as pb
 from keyplane.v1 import message_signing_service_pb2_grpc
 

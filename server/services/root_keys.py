@@ -3,35 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TypeAlias
-
-import grpc
 
 from keyplane.server.domain.hierarchy import Hierarchy
-from keyplane.server.domain.identity import Identity
-from keyplane.server.errors import FailedPrecondition, Unauthenticated
-from keyplane.server.interceptor import current_identity
+from keyplane.server.errors import FailedPrecondition
+from keyplane.server.kinds import KeyKind
 from keyplane.server.services import convert
+from keyplane.server.services.context import Context, actor
 from keyplane.v1 import root_key_service_pb2 as pb
 from keyplane.v1 import root_key_service_pb2_grpc
-
-Context: TypeAlias = grpc.aio.ServicerContext
-
-
-def caller() -> Identity:
-    """The caller the interceptor admitted (mutual TLS)."""
-    identity = current_identity.get()
-    if identity is None:  # the access table admits no anonymous caller here
-        raise Unauthenticated("this call needs a client certificate")
-    return identity
-
-
-def actor() -> str:
-    """The audit name of the caller the interceptor admitted."""
-    identity = current_identity.get()
-    if identity is None:  # the access table admits no anonymous caller here
-        raise Unauthenticated("this call needs a client certificate")
-    return identity.actor
 
 
 class RootKeyServicer(root_key_service_pb2_grpc.RootKeyServiceServicer):
@@ -44,7 +23,7 @@ class RootKeyServicer(root_key_service_pb2_grpc.RootKeyServiceServicer):
         self, request: pb.CreateRootKeyRequest, context: Context
     ) -> pb.CreateRootKeyResponse:
         algorithm = convert.algorithm_from_proto(request.algorithm)
-        record = await asyncio.to_thread(self._hierarchy.create_root, actor(), algorithm)
+        record = await asyncio.to_thread(self._hierarchy.roots.create, actor(), algorithm)
         return pb.CreateRootKeyResponse(root_key=convert.root_key(record))
 
     async def ListRootKeys(
@@ -64,7 +43,7 @@ class RootKeyServicer(root_key_service_pb2_grpc.RootKeyServiceServicer):
         self, request: pb.GetRootKeyRequest, context: Context
     ) -> pb.GetRootKeyResponse:
         record = await asyncio.to_thread(self._hierarchy.root, request.fingerprint)
-        if record.kind == "legacy_root":
+        if record.kind == KeyKind.LEGACY_ROOT:
             raise FailedPrecondition(
                 "that is the legacy root, which has no certificate; use GetLegacyRootKey"
             )
@@ -74,7 +53,7 @@ class RootKeyServicer(root_key_service_pb2_grpc.RootKeyServiceServicer):
         self, request: pb.RevokeRootKeyRequest, context: Context
     ) -> pb.RevokeRootKeyResponse:
         record = await asyncio.to_thread(
-            self._hierarchy.revoke_root,
+            self._hierarchy.roots.revoke,
             actor(),
             request.fingerprint,
             request.reason,

@@ -6,7 +6,7 @@ import asyncio
 
 from keyplane.server.domain.hierarchy import Hierarchy
 from keyplane.server.services import convert
-from keyplane.server.services.root_keys import Context, actor
+from keyplane.server.services.context import Context, actor
 from keyplane.v1 import settings_service_pb2 as pb
 from keyplane.v1 import settings_service_pb2_grpc
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from keyplane.server.services.root_keys import Context
+from keyplane.server.services.context import Context
 from keyplane.v1 import trust_state_pb2, trust_state_service_pb2_grpc
 from keyplane.v1 import trust_state_service_pb2 as pb
 

@@ -1,0 +1,206 @@
+"""Root keys: creating `<fqdn> Root <n>` (at most two active), the legacy root, and
+revoking a root for good with everything it issued.
+
+A revocation and the trust-state version that publishes it commit in one transaction:
+if the new version cannot be signed, nothing is revoked and the caller is told so.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from keyplane.plugins.errors import BackendError
+from keyplane.plugins.keys import KeyAlgorithm, fingerprint
+from keyplane.server.domain import certs
+from keyplane.server.domain.inputs import parse_fingerprint, parse_reason
+from keyplane.server.errors import (
+    AlreadyRevoked,
+    ConfirmationRequired,
+    LastActiveRoot,
+    LegacyRootImmutable,
+    RootLimitReached,
+    Unavailable,
+)
+from keyplane.server.kinds import LIVE_STATES, KeyKind, KeyState
+from keyplane.server.store import KeyRecord
+
+if TYPE_CHECKING:
+    from keyplane.server.domain.hierarchy import Hierarchy
+
+log = logging.getLogger(__name__)
+
+MAX_ACTIVE_ROOTS = 2
+LEGACY_ROOT_NAME = "legacy-root"
+SERVER_ACTOR = "keyplane-server"
+# The kinds a root issues that go with it when it is revoked.
+ISSUED_BY_ROOTS = (
+    KeyKind.SERVER_TLS,
+    KeyKind.INTERMEDIATE_TLS,
+    KeyKind.MESSAGE_SIGNING,
+    KeyKind.ZONE_INTERMEDIATE,
+)
+
+
+class Roots:
+    """Creates and revokes the hierarchy's roots."""
+
+    def __init__(self, hierarchy: Hierarchy) -> None:
+        self.h = hierarchy
+
+    def create(self, actor: str, algorithm: KeyAlgorithm | None = None) -> KeyRecord:
+        """Create `<fqdn> Root <n>` and re-issue the server's subordinates under it."""
+        with self.h.lock:
+            record = self.create_unlocked(actor, algorithm or self.h.config.root_algorithm)
+            self.h.rotation.reconcile_unlocked(actor)
+            return record
+
+    def _check_limit(self, active: list[KeyRecord]) -> None:
+        if len(active) >= MAX_ACTIVE_ROOTS:
+            names = ", ".join(r.name for r in active)
+            raise RootLimitReached(
+                f"{len(active)} root keys are active already ({names}); revoke one with "
+                "'keyplane roots revoke FINGERPRINT' before creating another"
+            )
+
+    def create_unlocked(self, actor: str, algorithm: KeyAlgorithm) -> KeyRecord:
+        h = self.h
+        self._check_limit(h.active_roots())
+        with h.store.transaction(h.clock.now()) as tx:
+            number = tx.next_root_number()
+        name = f"{h.config.fqdn} Root {number}"
+        backend = h.config.backend_for(KeyKind.ROOT)
+        generated = h.backends.generate_key(backend, name, algorithm)
+        h.faults.checkpoint("root.generated")
+        try:
+            now = h.clock.now()
+            key = h.backends.private_key(generated.uri)
+            cert = certs.build_root_certificate(key, name, now)
+            record = KeyRecord(
+                fingerprint=fingerprint(generated.public_key),
+                kind=KeyKind.ROOT,
+                name=name,
+                number=number,
+                algorithm=algorithm.value,
+                backend=backend,
+                key_uri=generated.uri,
+                state=KeyState.ACTIVE,
+                issuer_fingerprint=None,
+                certificate_pem=certs.to_pem(cert),
+                not_before=cert.not_valid_before_utc,
+                not_after=None,
+                created_at=now,
+            )
+            with h.store.transaction(now) as tx:
+                # Checked again inside the write lock: another worker may have won.
+                self._check_limit(tx.reads.keys(KeyKind.ROOT, (KeyState.ACTIVE,)))
+                tx.insert_key(record)
+                tx.audit(
+                    actor,
+                    "root.create",
+                    record.fingerprint,
+                    name=name,
+                    backend=backend,
+                    algorithm=algorithm.value,
+                    key_uri=generated.uri,
+                )
+        except BaseException:
+            # No key is left behind for a root that was not recorded.
+            h.destroy_quietly(generated.uri)
+            raise
+        h.faults.checkpoint("root.recorded")
+        log.info("created root key %s (%s) in %s", name, record.fingerprint, backend)
+        return record
+
+    def create_legacy(self) -> KeyRecord:
+        h = self.h
+        backend = h.config.backend_for(KeyKind.LEGACY_ROOT)
+        algorithm = h.config.root_algorithm
+        generated = h.backends.generate_key(backend, LEGACY_ROOT_NAME, algorithm)
+        now = h.clock.now()
+        record = KeyRecord(
+            fingerprint=fingerprint(generated.public_key),
+            kind=KeyKind.LEGACY_ROOT,
+            name=LEGACY_ROOT_NAME,
+            number=None,
+            algorithm=algorithm.value,
+            backend=backend,
+            key_uri=generated.uri,
+            state=KeyState.ACTIVE,
+            issuer_fingerprint=None,
+            certificate_pem=None,
+            not_before=now,
+            not_after=None,
+            created_at=now,
+        )
+        try:
+            with h.store.transaction(now) as tx:
+                tx.insert_key(record)
+                tx.audit(SERVER_ACTOR, "legacy_root.create", record.fingerprint)
+        except BaseException:
+            h.destroy_quietly(generated.uri)
+            raise
+        return record
+
+    def revoke(self, actor: str, fingerprint_text: str, reason: str, confirm: bool) -> KeyRecord:
+        """Revoke a root for good, with everything it issued, publish that, then destroy
+        its key."""
+        h = self.h
+        fp = parse_fingerprint(fingerprint_text)
+        reason = parse_reason(reason)
+        if not confirm:
+            raise ConfirmationRequired(
+                "revoking a root is permanent and destroys its private key; "
+                "confirm it explicitly (--yes on the command line)"
+            )
+        with h.lock:
+            record = h.root(fp)
+            if record.kind == KeyKind.LEGACY_ROOT:
+                raise LegacyRootImmutable("the legacy root is never revoked or rotated")
+            if record.state == KeyState.REVOKED:
+                raise AlreadyRevoked(f"{record.name} ({fp}) is revoked already")
+            if len(h.active_roots()) <= 1:
+                raise LastActiveRoot(
+                    f"{record.name} is the only active root; create a new root with "
+                    "'keyplane roots create' first, then revoke this one"
+                )
+            subordinates = [
+                k
+                for kind in ISSUED_BY_ROOTS
+                for k in h.store.keys(kind, LIVE_STATES)
+                if k.issuer_fingerprint == fp
+            ]
+            because = f"issuing root revoked: {reason}"
+            try:
+                with h.store.transaction(h.clock.now()) as tx:
+                    tx.revoke_key(fp, KeyKind.ROOT, actor, reason)
+                    for sub in subordinates:
+                        tx.revoke_key(sub.fingerprint, sub.kind, actor, because)
+                    certificates = tx.revoke_certificates_issued_by(fp, actor, because)
+                    for sub in subordinates:
+                        # Everything the root's intermediates issued goes with them.
+                        certificates += tx.revoke_certificates_issued_by(
+                            sub.fingerprint, actor, because
+                        )
+                    tx.audit(
+                        actor,
+                        "root.revoke",
+                        fp,
+                        name=record.name,
+                        reason=reason,
+                        subordinates=[s.fingerprint for s in subordinates],
+                        certificates=certificates,
+                    )
+                    h.trust.publish_in(tx, actor)
+            except BackendError as exc:
+                raise Unavailable(
+                    f"{record.name} was not revoked: the trust state that publishes the "
+                    f"revocation could not be signed ({exc}); nothing changed, try again"
+                ) from None
+            h.faults.checkpoint("revoke.recorded")
+            log.info("revoked root key %s (%s): %s", record.name, fp, reason)
+            h.destroy_revoked_keys()
+            h.rotation.reconcile_unlocked(actor)
+            revoked = h.store.key(fp)
+            assert revoked is not None  # noqa: S101 - just written
+            return revoked

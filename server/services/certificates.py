@@ -1,0 +1,63 @@
+"""CertificateService: issued certificates and enrollment tokens; thin over the
+enrollment and tokens domain."""
+
+from __future__ import annotations
+
+import asyncio
+
+from keyplane.server.domain.enrollment import Enrollment
+from keyplane.server.services import convert
+from keyplane.server.services.context import Context, actor, caller
+from keyplane.v1 import certificate_service_pb2, certificate_service_pb2_grpc
+
+
+class CertificateServicer(certificate_service_pb2_grpc.CertificateServiceServicer):
+    """Issued certificates and enrollment tokens."""
+
+    def __init__(self, enrollment: Enrollment) -> None:
+        self._enrollment = enrollment
+
+    async def ListCertificates(
+        self, request: certificate_service_pb2.ListCertificatesRequest, context: Context
+    ) -> certificate_service_pb2.ListCertificatesResponse:
+        records = await asyncio.to_thread(
+            self._enrollment.certificates, request.component, request.page_size
+        )
+        return certificate_service_pb2.ListCertificatesResponse(
+            certificates=[convert.certificate(r) for r in records]
+        )
+
+    async def RevokeCertificate(
+        self, request: certificate_service_pb2.RevokeCertificateRequest, context: Context
+    ) -> certificate_service_pb2.RevokeCertificateResponse:
+        who = caller()
+        record = await asyncio.to_thread(
+            self._enrollment.revoke_certificate,
+            who.actor,
+            request.serial,
+            request.reason,
+            request.confirm,
+            request.force,
+            who,
+        )
+        return certificate_service_pb2.RevokeCertificateResponse(
+            certificate=convert.certificate(record)
+        )
+
+    async def CreateEnrollmentToken(
+        self, request: certificate_service_pb2.CreateEnrollmentTokenRequest, context: Context
+    ) -> certificate_service_pb2.CreateEnrollmentTokenResponse:
+        token = await asyncio.to_thread(
+            self._enrollment.tokens.create,
+            actor(),
+            request.uses,
+            request.ttl_seconds,
+            request.role,
+        )
+        return certificate_service_pb2.CreateEnrollmentTokenResponse(
+            token=token.token,
+            token_id=token.token_id,
+            expire_time=convert.timestamp(token.expires_at),
+            uses=token.uses,
+            role=token.role,
+        )

@@ -1,0 +1,210 @@
+"""The state DB's schema: the current one for a new `keyplane.db`, and the steps that
+bring an older one up to date (each in its own transaction, so a crash mid-way leaves
+the DB at one version or the next, never between)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA_VERSION = 3
+
+# The current schema, for a new DB.
+SCHEMA = """
+CREATE TABLE meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE keys (
+    fingerprint TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('root', 'legacy_root', 'server_tls',
+        'intermediate_tls', 'message_signing', 'zone_intermediate')),
+    name TEXT NOT NULL,
+    number INTEGER,
+    algorithm TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    key_uri TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('prepared', 'active', 'retired', 'revoked')),
+    issuer_fingerprint TEXT REFERENCES keys (fingerprint),
+    certificate_pem TEXT,
+    not_before TEXT,
+    not_after TEXT,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT,
+    revoked_by TEXT,
+    revoke_reason TEXT,
+    destroyed_at TEXT
+);
+CREATE UNIQUE INDEX keys_root_number ON keys (number) WHERE kind = 'root';
+CREATE INDEX keys_kind_state ON keys (kind, state);
+CREATE TABLE certificates (
+    serial TEXT PRIMARY KEY,
+    -- SHA-256 of the certificate's key: a key is certified once, and never again once
+    -- a certificate for it was revoked.
+    fingerprint TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    role TEXT NOT NULL,
+    issuer_fingerprint TEXT NOT NULL REFERENCES keys (fingerprint),
+    not_before TEXT NOT NULL,
+    not_after TEXT NOT NULL,
+    certificate_pem TEXT NOT NULL,
+    issued_at TEXT NOT NULL,
+    revoked_at TEXT,
+    revoke_reason TEXT,
+    -- The enrollment token a use of which this certificate spent.
+    token_hash TEXT,
+    -- The certificate this one was renewed to: a certificate renews once.
+    renewed_to TEXT
+);
+CREATE INDEX certificates_issuer ON certificates (issuer_fingerprint);
+-- Newest first, by role or not, straight from an index: ListCertificates reads a page
+-- without sorting the table.
+CREATE INDEX certificates_newest ON certificates (issued_at, serial);
+CREATE INDEX certificates_role_newest ON certificates (role, issued_at, serial);
+-- The revoked few, without a scan of every certificate.
+CREATE INDEX certificates_revoked ON certificates (serial) WHERE revoked_at IS NOT NULL;
+CREATE INDEX certificates_key ON certificates (fingerprint);
+CREATE TABLE revocations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    target_kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    revoked_at TEXT NOT NULL,
+    revoked_by TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    scope TEXT NOT NULL CHECK (scope IN ('global', 'local')),
+    updated_at TEXT NOT NULL,
+    updated_by TEXT NOT NULL
+);
+CREATE TABLE trust_states (
+    version INTEGER PRIMARY KEY,
+    content_digest TEXT NOT NULL,
+    root_set TEXT NOT NULL,
+    signed BLOB NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE enrollment_tokens (
+    token_hash TEXT PRIMARY KEY,
+    role TEXT NOT NULL CHECK (role IN ('agent', 'zone-server')),
+    uses_left INTEGER NOT NULL CHECK (uses_left >= 0),
+    uses INTEGER NOT NULL,
+    expires_at TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    created_by TEXT NOT NULL
+);
+-- Zone servers. Identified by their enrolled certificates, not their names: a name is
+-- taken while its zone is live, and free again once that zone is revoked (the revoked
+-- row stays, as history).
+CREATE TABLE zones (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    listen TEXT NOT NULL,
+    bootstrap_listen TEXT NOT NULL,
+    tls_serial TEXT,
+    previous_tls_serial TEXT,
+    registered_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    last_seen TEXT,
+    revoked_at TEXT,
+    revoked_by TEXT,
+    revoke_reason TEXT
+);
+CREATE UNIQUE INDEX zones_live_name ON zones (name) WHERE revoked_at IS NULL;
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    details TEXT NOT NULL
+);
+"""
+
+# schema version -> the statements that turn the version before it into it.
+MIGRATIONS: dict[int, str] = {
+    2: """
+DROP INDEX IF EXISTS certificates_issued;
+DROP INDEX IF EXISTS certificates_role_issued;
+CREATE INDEX IF NOT EXISTS certificates_newest ON certificates (issued_at, serial);
+CREATE INDEX IF NOT EXISTS certificates_role_newest ON certificates (role, issued_at, serial);
+CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates (serial)
+    WHERE revoked_at IS NOT NULL;
+ALTER TABLE certificates ADD COLUMN token_hash TEXT;
+""",
+    3: """
+ALTER TABLE certificates ADD COLUMN renewed_to TEXT;
+CREATE INDEX certificates_key ON certificates (fingerprint);
+CREATE TABLE zones (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    listen TEXT NOT NULL,
+    bootstrap_listen TEXT NOT NULL,
+    tls_serial TEXT,
+    previous_tls_serial TEXT,
+    registered_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    last_seen TEXT,
+    revoked_at TEXT,
+    revoked_by TEXT,
+    revoke_reason TEXT
+);
+CREATE UNIQUE INDEX zones_live_name ON zones (name) WHERE revoked_at IS NULL;
+INSERT INTO zones (name, listen, bootstrap_listen, registered_at, updated_at)
+    SELECT name, listen, bootstrap_listen, registered_at, updated_at FROM zone_servers;
+UPDATE keys SET key_uri = (
+    SELECT 'zone:' || z.name || '#' || z.id FROM zones z WHERE 'zone:' || z.name = keys.key_uri
+) WHERE kind = 'zone_intermediate' AND key_uri IN (SELECT 'zone:' || name FROM zones);
+DROP TABLE zone_servers;
+""",
+}
+
+
+class SchemaError(Exception):
+    """The state DB's schema cannot be used by this keyplane."""
+
+
+def initialise(db: sqlite3.Connection, name: str) -> None:
+    """Create the schema in a new DB, or migrate an older one; each step commits alone."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        fresh = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None
+        if fresh:
+            for statement in _statements(SCHEMA):
+                db.execute(statement)
+            db.execute(
+                "INSERT INTO meta (name, value) VALUES ('schema_version', ?), ('generation', '0')",
+                (str(SCHEMA_VERSION),),
+            )
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    row = db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+    version = int(row[0]) if row else 1
+    if version > SCHEMA_VERSION:
+        raise SchemaError(
+            f"{name} has schema version {version}, newer than this keyplane knows "
+            f"({SCHEMA_VERSION}); run the keyplane version that wrote it"
+        )
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(MIGRATIONS[step]):
+                db.execute(statement)
+            db.execute(
+                "INSERT INTO meta (name, value) VALUES ('schema_version', ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (str(step),),
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a script (none of ours has a ';' inside a statement)."""
+    lines = [line for line in script.splitlines() if not line.lstrip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

@@ -1,0 +1,256 @@
+"""Writes to the state DB, inside one BEGIN IMMEDIATE ... COMMIT. Every change audits
+itself in the same transaction; `reads` sees what the transaction has written so far."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sqlite3
+from collections.abc import Callable
+
+from keyplane.server.kinds import KeyKind, KeyState
+from keyplane.server.store.reads import Reads, on
+from keyplane.server.store.records import (
+    CERT_COLUMNS,
+    KEY_COLUMNS,
+    CertificateRecord,
+    KeyRecord,
+    TrustStateRecord,
+    certificate_row,
+    ts,
+)
+
+
+class Transaction:
+    """One write transaction of the state DB."""
+
+    def __init__(self, db: sqlite3.Connection, now: datetime.datetime) -> None:
+        self._db = db
+        self.now = now
+        self.reads = Reads(lambda: on(db))
+        # Set by writes that change what cached reads return (keys, settings,
+        # revocations, trust states, zones); the commit then bumps the generation.
+        self.changes_hierarchy = False
+        self.after_commit: list[Callable[[], None]] = []
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once this transaction has committed (never if it rolls back)."""
+        self.after_commit.append(callback)
+
+    def audit(self, actor: str, action: str, target: str, **details: object) -> None:
+        self._db.execute(
+            "INSERT INTO audit (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?)",
+            (ts(self.now), actor, action, target, json.dumps(details, sort_keys=True)),
+        )
+
+    def audit_many(self, entries: list[tuple[str, str, str, str]]) -> None:
+        """Audit lines (actor, action, target, details as JSON) at this transaction's time."""
+        at = ts(self.now)
+        self._db.executemany(
+            "INSERT INTO audit (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?)",
+            [(at, *entry) for entry in entries],
+        )
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def next_root_number(self) -> int:
+        row = self._db.execute(
+            "SELECT value FROM meta WHERE name = 'highest_root_number'"
+        ).fetchone()
+        return int(row[0]) + 1 if row else 0
+
+    def insert_key(self, record: KeyRecord) -> None:
+        self.changes_hierarchy = True
+        self._db.execute(
+            f"INSERT INTO keys ({KEY_COLUMNS}) VALUES ({', '.join('?' * 16)})",  # noqa: S608
+            (
+                record.fingerprint,
+                record.kind,
+                record.name,
+                record.number,
+                record.algorithm,
+                record.backend,
+                record.key_uri,
+                record.state,
+                record.issuer_fingerprint,
+                record.certificate_pem,
+                ts(record.not_before),
+                ts(record.not_after),
+                ts(record.created_at),
+                ts(record.revoked_at),
+                record.revoked_by,
+                record.revoke_reason,
+            ),
+        )
+        if record.kind == KeyKind.ROOT and record.number is not None:
+            self._db.execute(
+                "INSERT INTO meta (name, value) VALUES ('highest_root_number', ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = max(CAST(value AS INTEGER), "
+                "excluded.value)",
+                (str(record.number),),
+            )
+
+    def set_key_state(self, fingerprint: str, state: KeyState) -> None:
+        self.changes_hierarchy = True
+        self._db.execute("UPDATE keys SET state = ? WHERE fingerprint = ?", (state, fingerprint))
+
+    def mark_key_destroyed(self, fingerprint: str) -> None:
+        self.changes_hierarchy = True
+        self._db.execute(
+            "UPDATE keys SET destroyed_at = ? WHERE fingerprint = ?", (ts(self.now), fingerprint)
+        )
+
+    def revoke_key(self, fingerprint: str, kind: str, by: str, reason: str) -> None:
+        self.changes_hierarchy = True
+        self._db.execute(
+            "UPDATE keys SET state = 'revoked', revoked_at = ?, revoked_by = ?, "
+            "revoke_reason = ? WHERE fingerprint = ?",
+            (ts(self.now), by, reason, fingerprint),
+        )
+        self._record_revocation(kind, fingerprint, by, reason)
+
+    def _record_revocation(self, kind: str, target: str, by: str, reason: str) -> None:
+        self._db.execute(
+            "INSERT INTO revocations (target_kind, target, revoked_at, revoked_by, reason) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (kind, target, ts(self.now), by, reason),
+        )
+
+    # -- certificates --------------------------------------------------------------------
+
+    def insert_certificate(self, record: CertificateRecord) -> None:
+        self.insert_certificates([certificate_row(record)])
+
+    def insert_certificates(self, rows: list[tuple[object, ...]]) -> None:
+        """Insert certificate_row()s: many rows, one statement."""
+        self._db.executemany(
+            f"INSERT INTO certificates ({CERT_COLUMNS}) VALUES ({', '.join('?' * 13)})",  # noqa: S608
+            rows,
+        )
+
+    def insert_certificates_if_new(self, rows: list[tuple[object, ...]]) -> int:
+        """Insert the certificate_row()s whose serial is not recorded yet; how many were."""
+        before = self._db.total_changes
+        self._db.executemany(
+            f"INSERT OR IGNORE INTO certificates ({CERT_COLUMNS}) "  # noqa: S608
+            f"VALUES ({', '.join('?' * 13)})",
+            rows,
+        )
+        return self._db.total_changes - before
+
+    def mark_renewed(self, serial: str, successor: str) -> bool:
+        """Record that `serial` was renewed to `successor`; False if it had been already
+        (a certificate renews once)."""
+        return (
+            self._db.execute(
+                "UPDATE certificates SET renewed_to = ? WHERE serial = ? AND renewed_to IS NULL",
+                (successor, serial),
+            ).rowcount
+            == 1
+        )
+
+    def revoke_certificate(self, serial: str, by: str, reason: str) -> bool:
+        """Revoke one certificate; False if it was revoked already."""
+        self.changes_hierarchy = True
+        changed = self._db.execute(
+            "UPDATE certificates SET revoked_at = ?, revoke_reason = ? "
+            "WHERE serial = ? AND revoked_at IS NULL",
+            (ts(self.now), reason, serial),
+        ).rowcount
+        if changed:
+            self._record_revocation("certificate", serial, by, reason)
+        return changed == 1
+
+    def revoke_certificates_issued_by(self, issuer_fingerprint: str, by: str, reason: str) -> int:
+        serials = [
+            r[0]
+            for r in self._db.execute(
+                "SELECT serial FROM certificates WHERE issuer_fingerprint = ? "
+                "AND revoked_at IS NULL",
+                (issuer_fingerprint,),
+            )
+        ]
+        for serial in serials:
+            self.revoke_certificate(serial, by, reason)
+        return len(serials)
+
+    # -- tokens --------------------------------------------------------------------------
+
+    def insert_token(
+        self, token_hash: str, role: str, uses: int, expires_at: datetime.datetime, by: str
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO enrollment_tokens (token_hash, role, uses_left, uses, expires_at, "
+            "created_at, created_by) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (token_hash, role, uses, uses, ts(expires_at), ts(self.now), by),
+        )
+
+    def consume_token(self, token_hash: str, role: str, uses: int = 1) -> bool:
+        """Use the token `uses` times if it exists, has the role, is unexpired and has
+        that many uses left; otherwise change nothing."""
+        return (
+            self._db.execute(
+                "UPDATE enrollment_tokens SET uses_left = uses_left - ? WHERE token_hash = ? "
+                "AND role = ? AND uses_left >= ? AND expires_at > ?",
+                (uses, token_hash, role, max(uses, 1), ts(self.now)),
+            ).rowcount
+            == 1
+        )
+
+    # -- zones ---------------------------------------------------------------------------
+
+    def insert_zone(self, name: str, listen: str, bootstrap_listen: str) -> int:
+        """A new live zone; its id. The name must not be taken by a live zone."""
+        self.changes_hierarchy = True
+        cursor = self._db.execute(
+            "INSERT INTO zones (name, listen, bootstrap_listen, registered_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (name, listen, bootstrap_listen, ts(self.now), ts(self.now)),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def set_zone_certificate(self, zone_id: int, serial: str) -> None:
+        """The zone's TLS certificate is now `serial`; the one before stays usable (for
+        calls already in flight) until it expires, but cannot renew."""
+        self.changes_hierarchy = True
+        self._db.execute(
+            "UPDATE zones SET previous_tls_serial = tls_serial, tls_serial = ?, updated_at = ? "
+            "WHERE id = ?",
+            (serial, ts(self.now), zone_id),
+        )
+
+    def zone_seen(self, zone_id: int) -> None:
+        self._db.execute("UPDATE zones SET last_seen = ? WHERE id = ?", (ts(self.now), zone_id))
+
+    def revoke_zone(self, zone_id: int, by: str, reason: str) -> None:
+        self.changes_hierarchy = True
+        self._db.execute(
+            "UPDATE zones SET revoked_at = ?, revoked_by = ?, revoke_reason = ? WHERE id = ?",
+            (ts(self.now), by, reason, zone_id),
+        )
+        self._record_revocation("zone", str(zone_id), by, reason)
+
+    # -- settings and the trust state ----------------------------------------------------
+
+    def set_setting(self, name: str, value: str, scope: str, by: str) -> None:
+        self.changes_hierarchy = True
+        self._db.execute(
+            "INSERT INTO settings (name, value, scope, updated_at, updated_by) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value, "
+            "updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+            (name, value, scope, ts(self.now), by),
+        )
+
+    def insert_trust_state(self, record: TrustStateRecord) -> None:
+        self.changes_hierarchy = True
+        self._db.execute(
+            "INSERT INTO trust_states (version, content_digest, root_set, signed, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (
+                record.version,
+                record.content_digest,
+                record.root_set,
+                record.signed,
+                ts(record.created_at),
+            ),
+        )

@@ -1,0 +1,207 @@
+"""What a zone server does for its clients: admits them (by the trust state it relays,
+with the server's authority rules), enrolls them (its server spends the token and
+records the certificate), and renews the certificates its own intermediate issued,
+each once, without a round trip to the server."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+from concurrent.futures import Future
+from typing import TYPE_CHECKING
+
+import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+
+from keyplane.clients.client import KeyplaneClientError
+from keyplane.plugins.keys import BackendPrivateKey, fingerprint
+from keyplane.server.domain import authority, certs, renewal
+from keyplane.server.domain.csr_policy import SubjectKey, check_csr
+from keyplane.server.domain.enrollment import Issued, renew_after
+from keyplane.server.domain.identity import Identity
+from keyplane.server.domain.tokens import MAX_TOKEN_LENGTH, TOKEN_PREFIX
+from keyplane.server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from keyplane.server.kinds import Role
+
+if TYPE_CHECKING:
+    from keyplane.zone.runtime import ZoneServer
+
+log = logging.getLogger(__name__)
+
+VERDICT_CACHE_SIZE = 100_000
+_PASSED_ON: dict[grpc.StatusCode, type[Exception]] = {
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+}
+
+
+def refuse(reason: str) -> PermissionDenied:
+    return PermissionDenied(f"the certificate is refused: {reason}")
+
+
+class ZoneIssuer:
+    """The zone's EnrollmentService backend, and its admission."""
+
+    def __init__(self, zone: ZoneServer) -> None:
+        self.zone = zone
+        self._lock = threading.Lock()
+        self._issuer_cache: tuple[x509.Certificate, BackendPrivateKey] | None = None
+        self._issuer_pem = ""
+        self._verdicts: dict[bytes, tuple[int, Identity]] = {}
+
+    # -- the intermediate ----------------------------------------------------------------
+
+    def intermediate(self) -> x509.Certificate:
+        return self._issuer()[0]
+
+    def _issuer(self) -> tuple[x509.Certificate, BackendPrivateKey]:
+        """The intermediate's certificate and key, parsed once per intermediate. zone.db
+        is asked on every call, so that a worker issues from a renewed intermediate as
+        soon as worker 0 has stored it, even before this worker's trust state shows the
+        new root."""
+        store = self.zone.store
+        chain_pem = store.get("intermediate_chain_pem") or ""
+        with self._lock:
+            cached = self._issuer_cache
+            if cached is None or self._issuer_pem != chain_pem:
+                cached = (
+                    x509.load_pem_x509_certificates(chain_pem.encode())[0],
+                    self.zone.backends.private_key(store.get("intermediate_uri") or ""),
+                )
+                self._issuer_cache, self._issuer_pem = cached, chain_pem
+            return cached
+
+    def _settings_hours(self, name: str, default: int) -> datetime.timedelta:
+        state = self.zone.relay.state
+        value = state.body.zone_settings.get(name) if state else None
+        return datetime.timedelta(hours=int(value) if value else default)
+
+    def _build(self, key: SubjectKey, common_name: str) -> tuple[Issued, x509.Certificate]:
+        """An agent certificate from the zone's intermediate."""
+        issuer_cert, issuer_key = self._issuer()
+        state = self.zone.relay.state
+        roots_pem = (state.roots_pem() if state else b"").decode()
+        validity = self._settings_hours("PKIClientTLSKeyValidityHours", 168)
+        window = self._settings_hours("PKIClientTLSKeyRenewalWindowHours", 4)
+        cert = certs.build_client_certificate(
+            issuer_key,
+            issuer_cert,
+            key,
+            common_name,
+            Role.AGENT,
+            self.zone.clock.now(),
+            validity,
+            names=[authority.AGENT_DNS_NAME],
+        )
+        return Issued(
+            chain_pem=certs.to_pem(cert) + certs.to_pem(issuer_cert),
+            roots_pem=roots_pem,
+            serial=certs.serial_hex(cert),
+            not_after=cert.not_valid_after_utc,
+            renew_after=renew_after(cert.not_valid_after_utc, window),
+        ), cert
+
+    # -- enrollment and renewal ----------------------------------------------------------
+
+    def enroll(self, csr_data: bytes, token: str) -> Issued:
+        """Issue, then have the server spend the token and record the certificate in one
+        transaction; only then is the certificate handed out."""
+        if token and (len(token) > MAX_TOKEN_LENGTH or not token.startswith(TOKEN_PREFIX)):
+            raise Unauthenticated("the enrollment token is unknown, spent or expired")
+        _, key, common_name = check_csr(csr_data)
+        view = self.zone.relay.view()
+        if view is not None and fingerprint(key) in view.revoked_keys:
+            raise AlreadyExists("this key's certificate was revoked: make a new key")
+        issued, cert = self._build(key, common_name)
+        try:
+            self.zone.upstream.shared_client().redeem_enrollment_token(
+                token, common_name, certs.to_der(cert)
+            )
+        except KeyplaneClientError as exc:
+            # The server's answer about the token or the key is the client's answer.
+            error = _PASSED_ON.get(exc.code)
+            if error is not None:
+                raise error(exc.message) from None
+            raise Unavailable(
+                f"the zone server cannot reach its server to check the token ({exc.code.name})"
+            ) from None
+        return issued
+
+    def renew_pending(self, identity: Identity, csr_data: bytes) -> tuple[Issued, Future[object]]:
+        """Renew a certificate this zone's intermediate issued: once, for a new key never
+        revoked. The future completes once the renewal and its report are durable."""
+        _, key, common_name = check_csr(csr_data)
+        renewal.check_renewal(identity, key, common_name)
+        if identity.issuer_fingerprint not in self.zone.store.intermediates():
+            raise FailedPrecondition(
+                "this certificate was not issued by this zone server: renew it where it "
+                "was issued (a certificate renews where its issuer lives)"
+            )
+        if self.zone.store.renewed(identity.serial):
+            raise PermissionDenied(
+                f"certificate {identity.serial} was renewed already; a certificate renews "
+                "once (renew from the newest one)"
+            )
+        view = self.zone.relay.view()
+        if view is not None and fingerprint(key) in view.revoked_keys:
+            raise AlreadyExists("this key's certificate was revoked: make a new key")
+        issued, cert = self._build(key, common_name)
+        durable = self.zone.store.queue_report_pending(
+            issued.serial, certs.to_der(cert), Role.AGENT, renews=identity.serial
+        )
+        return issued, durable
+
+    def identity_from_chain(self, chain_pem: bytes) -> Identity:
+        """The caller of RenewWithProof: admitted as a mutual-TLS caller would be."""
+        return self.admit(renewal.presented_certificate(chain_pem))
+
+    def check_proof(self, identity: Identity, csr: bytes, proof: bytes, proof_time: int) -> None:
+        renewal.check_renewal_proof(
+            identity.certificate, csr, proof, self.zone.options.name, proof_time,
+            self.zone.clock.now(),
+        )  # fmt: skip
+
+    # -- admission -----------------------------------------------------------------------
+
+    def admit(self, cert: x509.Certificate) -> Identity:
+        """The identity of a client holding `cert`, by the trust state: issued by a live
+        intermediate it lists, unexpired, not revoked, its key never revoked, and only
+        the roles an intermediate may confer (agent). PERMISSION_DENIED otherwise."""
+        view = self.zone.relay.view()
+        if view is None:
+            raise refuse("the zone server has no trust state yet")
+        if cert.not_valid_after_utc < self.zone.clock.now():
+            raise refuse("it has expired")
+        if certs.serial_hex(cert) in view.revoked_serials:
+            raise refuse("it was revoked")
+        if certs.key_fingerprint(cert) in view.revoked_keys:
+            raise refuse("its key was revoked")
+        # A verdict holds until the next trust-state version. It is keyed by the whole
+        # certificate, not its serial: RenewWithProof certificates come unverified.
+        digest = cert.fingerprint(hashes.SHA256())
+        hit = self._verdicts.get(digest)
+        if hit is not None and hit[0] == view.version:
+            return hit[1]
+        for issuer in view.by_subject.get(cert.issuer, ()):
+            try:
+                cert.verify_directly_issued_by(issuer.certificate)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            try:
+                identity = Identity.admitted(cert, issuer.kind, issuer.fingerprint)
+            except PermissionDenied as exc:
+                raise refuse(str(exc).removeprefix("the certificate ")) from None
+            if len(self._verdicts) > VERDICT_CACHE_SIZE:
+                self._verdicts.clear()
+            self._verdicts[digest] = (view.version, identity)
+            return identity
+        raise refuse("its issuer is not a trusted intermediate")
