@@ -76,29 +76,45 @@ KEY_KINDS = {
 KEY_KIND_NAMES = {v: k for k, v in KEY_KINDS.items()}
 # Room for a 4 MiB payload to sign plus its envelope.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # A watch stream on a connection that died silently is noticed within ~80 s.
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-]
+# A watch stream on a connection that died silently is noticed within ~80 s: pings go on
+# however long the stream is quiet (by default gRPC stops after two pings without data,
+# and a dead connection would then go unnoticed). Servers accept data-less pings down to
+# every 30 s (server/grpc_options.py; tests/test_keepalive.py pins both).
+KEEPALIVE_TIME_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
 
 
-def channel_for(address: str, credential: Credential) -> grpc.Channel:
+def channel_options(keepalive_ms: int = KEEPALIVE_TIME_MS) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+CHANNEL_OPTIONS = channel_options()
+
+
+def channel_for(
+    address: str, credential: Credential, keepalive_ms: int = KEEPALIVE_TIME_MS
+) -> grpc.Channel:
     """A mutual-TLS channel to `address` presenting `credential`."""
     creds = grpc.ssl_channel_credentials(
         root_certificates=credential.root_certificates_pem,
         private_key=credential.private_key_pem,
         certificate_chain=credential.certificate_chain_pem,
     )
-    return grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(address, creds, options=channel_options(keepalive_ms))
 
 
-def bootstrap_channel_for(address: str, root_certificates_pem: bytes) -> grpc.Channel:
+def bootstrap_channel_for(
+    address: str, root_certificates_pem: bytes, keepalive_ms: int = KEEPALIVE_TIME_MS
+) -> grpc.Channel:
     """A server-TLS channel to a bootstrap listener, trusting `root_certificates_pem`."""
     creds = grpc.ssl_channel_credentials(root_certificates=root_certificates_pem)
-    return grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(address, creds, options=channel_options(keepalive_ms))
 
 
 class TrustStateWatch:

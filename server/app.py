@@ -26,9 +26,10 @@ from keyplane.server.domain.bundles import Bundles
 from keyplane.server.domain.clock import Clock, SystemClock
 from keyplane.server.domain.enrollment import Enrollment
 from keyplane.server.domain.hierarchy import Hierarchy, StartReport, TlsMaterial
-from keyplane.server.domain.signing import MAX_PAYLOAD, MessageSigner
+from keyplane.server.domain.signing import MessageSigner
 from keyplane.server.domain.zones import Zones
-from keyplane.server.interceptor import KeyplaneInterceptor
+from keyplane.server.grpc_options import server_options
+from keyplane.server.interceptor import CallLimits, KeyplaneInterceptor
 from keyplane.server.logs import quiet_client_cancellations
 from keyplane.server.services.bundles import BundleServicer
 from keyplane.server.services.certificates import CertificateServicer
@@ -81,8 +82,6 @@ SERVICE_NAMES = tuple(
 )
 # How often each process looks for trust-state versions that other workers published.
 VERSION_POLL_SECONDS = 0.1
-# Room for a 4 MiB payload to sign plus its envelope.
-MAX_MESSAGE_BYTES = MAX_PAYLOAD + 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -174,15 +173,13 @@ class KeyplaneServer:
         # Enough threads that concurrent requests share a group commit.
         loop.set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="keyplane"))
         server = grpc.aio.server(
-            interceptors=[KeyplaneInterceptor(hierarchy.admission.admit)],
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                # Several worker processes may listen on one port (--workers).
-                ("grpc.so_reuseport", 1),
-                # Clients ping every 60 s while they watch; allow it.
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
+            interceptors=[
+                KeyplaneInterceptor(
+                    hierarchy.admission.admit,
+                    CallLimits(self.config.max_calls_per_listener, self.config.max_streams),
+                )
             ],
+            options=server_options(self.config.min_ping_interval_ms),
         )
         enrollment = Enrollment(hierarchy)
         notifier = VersionNotifier()

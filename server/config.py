@@ -35,6 +35,7 @@ from typing import Any
 from keyplane.plugins.errors import UnsupportedAlgorithmError
 from keyplane.plugins.keys import KeyAlgorithm
 from keyplane.server.errors import ConfigError
+from keyplane.server.grpc_options import MIN_PING_INTERVAL_MS
 
 DEFAULT_LISTEN = "127.0.0.1:7443"
 # Steps of root and subordinate rotation at which a test may have the server SIGKILL
@@ -84,12 +85,18 @@ class ServerConfig:
         default_factory=lambda: MappingProxyType({"software": MappingProxyType({})})
     )
     rotation_check_seconds: float = 60.0
+    # Calls served at once per listener, and trust-state watch streams per process:
+    # beyond them RESOURCE_EXHAUSTED at once.
+    max_calls_per_listener: int = 1024
+    max_streams: int = 50_000
     # Serving processes under a supervisor (--workers); None: one process, unsupervised.
     workers: int | None = None
     # Testing only: the crash point (server/domain/faults.py) at which to SIGKILL itself.
     kill_at: str = ""
     # Testing only: the group-commit thread dies after this many batches (a fault hook).
     commit_thread_dies_after: int | None = None
+    # Testing only: the least time between a client's data-less pings the server allows.
+    min_ping_interval_ms: int = MIN_PING_INTERVAL_MS
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -141,6 +148,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         "key_backends",
         "backends",
         "rotation_check_seconds",
+        "max_calls_per_listener",
+        "max_streams",
         "workers",
         "testing",
     }
@@ -162,13 +171,24 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         if not isinstance(seconds, int | float) or seconds <= 0:
             raise ConfigError("rotation_check_seconds must be a positive number")
         values["rotation_check_seconds"] = float(seconds)
+    for name in ("max_calls_per_listener", "max_streams"):
+        if name in raw:
+            limit = raw[name]
+            if not isinstance(limit, int) or not 1 <= limit <= 1_000_000:
+                raise ConfigError(f"{name} must be a whole number from 1 to 1000000")
+            values[name] = limit
     if "workers" in raw:
         workers = raw["workers"]
         if not isinstance(workers, int) or not 1 <= workers <= 64:
             raise ConfigError("workers must be a whole number from 1 to 64")
         values["workers"] = workers
     testing = dict(raw.get("testing", {}))
-    _known(testing, {"kill_at", "commit_thread_dies_after"}, "[testing]")
+    _known(testing, {"kill_at", "commit_thread_dies_after", "min_ping_interval_ms"}, "[testing]")
+    if "min_ping_interval_ms" in testing:
+        interval = testing["min_ping_interval_ms"]
+        if not isinstance(interval, int) or interval < 1:
+            raise ConfigError("[testing] min_ping_interval_ms must be a positive whole number")
+        values["min_ping_interval_ms"] = interval
     if "kill_at" in testing:
         if testing["kill_at"] not in KILL_POINTS:
             raise ConfigError(f"[testing] kill_at must be one of: {', '.join(KILL_POINTS)}")

@@ -8,11 +8,13 @@ with a generic message and an id to find the traceback in the server log.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -24,7 +26,7 @@ from grpc_status import rpc_status
 from keyplane.plugins import errors as backend_errors
 from keyplane.server.auth import Admit, authorize
 from keyplane.server.domain.identity import Identity
-from keyplane.server.errors import KeyplaneError
+from keyplane.server.errors import InvalidArgument, KeyplaneError, ResourceExhausted
 
 log = logging.getLogger(__name__)
 DOMAIN = "keyplane.dev"
@@ -78,11 +80,56 @@ def _peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> bytes | No
     return bytes(certs[0]) if certs else None
 
 
-class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
-    """Authorises every call from one table and maps errors to statuses."""
+@dataclass(frozen=True)
+class CallLimits:
+    """How many calls a process serves at once, per listener: beyond them a call gets
+    RESOURCE_EXHAUSTED at once, before any of its work is done. Streams (trust-state
+    watchers) are long-lived and counted apart."""
 
-    def __init__(self, admit: Admit) -> None:
+    unary_per_listener: int = 1024
+    streams: int = 50_000
+
+
+class _Undecodable:
+    """A request body that did not parse: the handler answers INVALID_ARGUMENT."""
+
+    def __init__(self, message_type: str) -> None:
+        self.message_type = message_type
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any]:
+    """The handler's deserializer, turning garbage into an _Undecodable instead of an
+    exception (which grpc would answer with its own status and exception text)."""
+    message_type = method.rsplit("/", 1)[-1] + "Request"
+
+    def deserialize(data: bytes) -> Any:
+        if deserializer is None:
+            return data
+        try:
+            return deserializer(data)
+        except Exception:
+            return _Undecodable(message_type)
+
+    return deserialize
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(
+            f"the request is not a valid keyplane.v1.{request.message_type} message "
+            "(protobuf); check the client's generated code"
+        )
+
+
+class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
+    """Authorises every call from one table, bounds how many run at once, and maps
+    errors to statuses."""
+
+    def __init__(self, admit: Admit, limits: CallLimits | None = None) -> None:
         self._admit_certificate = admit
+        self._limits = limits or CallLimits()
+        # Calls running now: unary calls per listener (mutual TLS or bootstrap), streams.
+        self._running = {"mutual-TLS": 0, "bootstrap": 0, "streams": 0}
         # Parsing the peer's PEM certificate on every call is the costliest part of
         # admission; a connection presents the same bytes each time.
         self._certificates: dict[bytes, x509.Certificate] = {}
@@ -96,27 +143,28 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        deserializer = _safe(handler.request_deserializer, method)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),
-                handler.request_deserializer,
+                deserializer,
                 handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(method, handler.unary_stream),
-                handler.request_deserializer,
+                deserializer,
                 handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.stream_unary),
-                handler.request_deserializer,
+                deserializer,
                 handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
             self._wrap_stream(method, handler.stream_stream),
-            handler.request_deserializer,
+            deserializer,
             handler.response_serializer,
         )
 
@@ -132,6 +180,26 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
             self._certificates[pem] = cert
         return cert
 
+    @contextlib.contextmanager
+    def _slot(self, kind: str, limit: int) -> Iterator[None]:
+        """One of `limit` places for a running call; RESOURCE_EXHAUSTED when none is free.
+        (Everything here runs on the event loop: no lock is needed.)"""
+        if self._running[kind] >= limit:
+            raise ResourceExhausted(
+                f"the server is running {limit} calls at once on its {kind} listener, its "
+                "limit; retry with backoff"
+                if kind != "streams"
+                else f"the server holds {limit} streams, its limit; retry with backoff"
+            )
+        self._running[kind] += 1
+        try:
+            yield
+        finally:
+            self._running[kind] -= 1
+
+    def _listener(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        return "mutual-TLS" if _peer_certificate(context) is not None else "bootstrap"
+
     async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         current_identity.set(authorize(method, self._peer(context), self._admit_certificate))
 
@@ -143,8 +211,10 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_unary(self, method: str, behavior: Any) -> Any:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
-                await self._admit(method, context)
-                return await behavior(request, context)
+                with self._slot(self._listener(context), self._limits.unary_per_listener):
+                    await self._admit(method, context)
+                    _check_decoded(request)
+                    return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # every other error becomes a status
@@ -159,9 +229,11 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 try:
-                    await self._admit(method, context)
-                    async for response in behavior(request, context):
-                        yield response
+                    with self._slot("streams", self._limits.streams):
+                        await self._admit(method, context)
+                        _check_decoded(request)
+                        async for response in behavior(request, context):
+                            yield response
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:
@@ -171,8 +243,10 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
-                await self._admit(method, context)
-                return await behavior(request, context)
+                with self._slot("streams", self._limits.streams):
+                    await self._admit(method, context)
+                    _check_decoded(request)
+                    return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:

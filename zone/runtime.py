@@ -21,11 +21,12 @@ from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from keyplane.clients.bundle import Bundle, load_bundle
-from keyplane.clients.client import CHANNEL_OPTIONS, KeyplaneClientError
+from keyplane.clients.client import KeyplaneClientError
 from keyplane.plugins.manager import KeyBackends
 from keyplane.server.config import format_address, parse_address
 from keyplane.server.domain import certs
 from keyplane.server.domain.clock import Clock, SystemClock
+from keyplane.server.grpc_options import server_options
 from keyplane.server.interceptor import KeyplaneInterceptor
 from keyplane.server.logs import quiet_client_cancellations
 from keyplane.server.services.enrollment import EnrollmentServicer
@@ -183,8 +184,7 @@ class ZoneServer:
         quiet_client_cancellations()
         server = grpc.aio.server(
             interceptors=[KeyplaneInterceptor(self.issuing.admit)],
-            # Several worker processes may listen on the same ports (--workers).
-            options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 1)],
+            options=server_options(),
         )
         notifier = VersionNotifier()
         if self.relay.state is not None:
