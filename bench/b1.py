@@ -221,10 +221,15 @@ def cut_note(runs: list[LoadResult]) -> str:
     cut = [r for r in runs if r.cut_short]
     if not cut:
         return ""
+    shortest = min(r.seconds for r in cut)
+    when = (
+        "during the warm-up, so with no time measured (0/s)"
+        if not shortest
+        else f"early (shortest {shortest:.2f} s of {cut[0].planned_seconds:g} s)"
+    )
     return (
-        f"{len(cut)} of {len(runs)} window(s) ran out of fresh CSRs and ended early "
-        f"(shortest {min(r.seconds for r in cut):.2f} s of {cut[0].planned_seconds:g} s; "
-        "a key is certified once, so none is reused): the figure is over the time measured"
+        f"{len(cut)} of {len(runs)} window(s) ran out of fresh CSRs and ended {when}; "
+        "a key is certified once, so none is reused: the figure is over the time measured"
     )
 
 
