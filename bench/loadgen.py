@@ -27,7 +27,8 @@ CHANNEL_OPTIONS = [
 @dataclass
 class LoadResult:
     """One measured window: completions, their latencies, failures, and the CPU the load
-    generator itself used (to tell when it, not the server, is the limit)."""
+    generator itself used (to tell when it, not the server, is the limit). `seconds` is
+    the window measured: shorter than planned when `cut_short` (the inputs ran out)."""
 
     completed: int
     seconds: float
@@ -37,6 +38,11 @@ class LoadResult:
     client_cpu_seconds: float = 0.0
     # Items (certificates, signatures) per call: more than 1 for batch RPCs.
     per_call: int = 1
+    # Calls started, warm-up and calls in flight at the end included (inputs spent).
+    started: int = 0
+    # The window ended early because every input had been handed out.
+    cut_short: bool = False
+    planned_seconds: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -64,12 +70,28 @@ class LoadResult:
             "client_cpu_share": round(self.client_cpu_seconds / self.seconds, 3)
             if self.seconds
             else None,
+            "calls_started": self.started,
+            **(
+                {"cut_short": True, "planned_seconds": round(self.planned_seconds, 3)}
+                if self.cut_short
+                else {}
+            ),
         }
 
 
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+async def _wait(event: asyncio.Event, until: float) -> None:
+    """Until `event` is set or time.perf_counter() reaches `until`."""
+    remaining = until - time.perf_counter()
+    if remaining > 0 and not event.is_set():
+        try:
+            await asyncio.wait_for(event.wait(), remaining)
+        except TimeoutError:
+            pass
 
 
 async def closed_loop(
@@ -81,49 +103,60 @@ async def closed_loop(
 ) -> LoadResult:
     """Run every worker in a loop; count what completes inside [warm-up, warm-up + duration].
     Each call gets a sequence number (to pick its input) and carries `per_call` items.
-    Stops at `max_ops` calls."""
+
+    At most `max_ops` calls start (sequence numbers 0 .. max_ops - 1: inputs that may be
+    used once). When a worker finds them all handed out, the window ends there and then
+    (`cut_short`): what completed by that moment is the figure, over the shorter window;
+    the calls still in flight are not counted, as at a window's planned end."""
     sequence = 0
-    latencies: list[float] = []
-    errors = 0
-    first_error = ""
+    spans: list[tuple[float, float]] = []
+    failures: list[tuple[float, str]] = []
     start = time.perf_counter()
     window_start = start + warmup
     window_end = window_start + duration
+    ran_out = asyncio.Event()
+    ran_out_at = float("inf")
     done = False
 
     async def run(op: Operation) -> None:
-        nonlocal sequence, errors, first_error
-        while not done and sequence < max_ops:
+        nonlocal sequence, ran_out_at
+        while not done:
+            if sequence >= max_ops:
+                if not ran_out.is_set():
+                    ran_out_at = time.perf_counter()
+                    ran_out.set()
+                return
             index = sequence
             sequence += 1
             began = time.perf_counter()
             try:
                 await op(index)
             except Exception as exc:
-                ended = time.perf_counter()
-                if window_start <= ended <= window_end:
-                    errors += 1
-                    first_error = first_error or _describe(exc)
+                failures.append((time.perf_counter(), _describe(exc)))
                 continue
-            ended = time.perf_counter()
-            if window_start <= began and ended <= window_end:
-                latencies.append(ended - began)
+            spans.append((began, time.perf_counter()))
 
     tasks = [asyncio.create_task(run(op)) for op in workers]
-    await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
+    await _wait(ran_out, window_start)
     cpu_before = _cpu()
-    await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
+    await _wait(ran_out, window_end)
     cpu_after = _cpu()
+    end = min(window_end, ran_out_at)
     done = True
     await asyncio.gather(*tasks, return_exceptions=True)
+    latencies = [e - b for b, e in spans if window_start <= b and e <= end]
+    errors = [what for t, what in failures if window_start <= t <= end]
     return LoadResult(
         completed=len(latencies),
-        seconds=duration,
+        seconds=max(0.0, end - window_start),
         latencies=latencies,
-        errors=errors,
-        first_error=first_error,
+        errors=len(errors),
+        first_error=errors[0] if errors else "",
         client_cpu_seconds=cpu_after - cpu_before,
         per_call=per_call,
+        started=sequence,
+        cut_short=end < window_end,
+        planned_seconds=duration,
     )
 
 
