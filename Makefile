@@ -1,7 +1,7 @@
 # keyplane — the targets a newcomer can guess.
 #   make run    set up .venv, install, generate the API, start a server on 127.0.0.1:7443
 #   make test   the same set-up plus SoftHSM, then the whole suite
-#   make lint   ruff + mypy
+#   make lint   ruff, mypy and the import layers
 #   make proto  regenerate keyplane.v1 from proto/
 #   make bench  benchmarks against cfssl and the crypto ceiling (bench/README.md)
 #   make clean  remove the venv, generated code and local data
@@ -47,6 +47,8 @@ lint: install
 	@ln -s ../../../gen/keyplane/v1 build/typecheck/keyplane/v1
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml \
 	    -p keyplane.server -p keyplane.plugins -p keyplane.clients -p keyplane.zone
+	@# The layers of DESIGN.md, over the same tree (contracts in pyproject.toml).
+	cd build/typecheck && PYTHONPATH=. ../../$(BIN)/lint-imports ../../pyproject.toml
 
 # Benchmarks: one table, medians, ratios; BENCH_QUICK=1 for a short try (bench/README.md).
 bench-deps:

@@ -50,6 +50,8 @@ KILL_POINTS = (
     "subordinate.activated",
     "trust.signed",
 )
+# Where a test may have the key backend fail ([testing] fail_at).
+FAIL_POINTS = ("trust.sign",)
 KEY_KINDS = ("root", "legacy_root", "server_tls", "intermediate_tls", "message_signing")
 # The legacy root never lives in an HSM: it is pinned to the software backend.
 PINNED_KINDS = MappingProxyType({"legacy_root": "software"})
@@ -93,6 +95,8 @@ class ServerConfig:
     workers: int | None = None
     # Testing only: the crash point (server/domain/faults.py) at which to SIGKILL itself.
     kill_at: str = ""
+    # Testing only: the failure point (server/domain/faults.py) at which the backend fails.
+    fail_at: str = ""
     # Testing only: the group-commit thread dies after this many batches (a fault hook).
     commit_thread_dies_after: int | None = None
     # Testing only: the least time between a client's data-less pings the server allows.
@@ -183,7 +187,15 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
             raise ConfigError("workers must be a whole number from 1 to 64")
         values["workers"] = workers
     testing = dict(raw.get("testing", {}))
-    _known(testing, {"kill_at", "commit_thread_dies_after", "min_ping_interval_ms"}, "[testing]")
+    _known(
+        testing,
+        {"kill_at", "fail_at", "commit_thread_dies_after", "min_ping_interval_ms"},
+        "[testing]",
+    )
+    if "fail_at" in testing:
+        if testing["fail_at"] not in FAIL_POINTS:
+            raise ConfigError(f"[testing] fail_at must be one of: {', '.join(FAIL_POINTS)}")
+        values["fail_at"] = str(testing["fail_at"])
     if "min_ping_interval_ms" in testing:
         interval = testing["min_ping_interval_ms"]
         if not isinstance(interval, int) or interval < 1:

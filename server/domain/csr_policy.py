@@ -130,6 +130,12 @@ def check_csr(data: bytes) -> tuple[x509.CertificateSigningRequest, SubjectKey, 
     """Parse and validate a CSR: (request, its key, its common name)."""
     csr = parse_csr(data)
     key = check_public_key(csr)
+    return csr, key, check_request(csr)
+
+
+def check_request(csr: x509.CertificateSigningRequest) -> str:
+    """The rest of check_csr, after the key: its signature (the dearest part, so a
+    caller may refuse a known key before) and its subject; the common name."""
     if not csr.is_signature_valid:
         raise InvalidArgument("the CSR's signature does not verify (proof of possession)")
     subject = csr.subject  # built anew on every access: read it once
@@ -155,4 +161,4 @@ def check_csr(data: bytes) -> tuple[x509.CertificateSigningRequest, SubjectKey, 
                     "the CSR may ask only for DNS names in its SAN; roles and addresses "
                     "are assigned by the server"
                 )
-    return csr, key, common_name
+    return common_name

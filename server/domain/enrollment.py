@@ -23,7 +23,13 @@ from cryptography import x509
 from keyplane.plugins.errors import BackendError
 from keyplane.plugins.keys import BackendPrivateKey, fingerprint
 from keyplane.server.domain import authority, certs, renewal
-from keyplane.server.domain.csr_policy import SubjectKey, check_csr
+from keyplane.server.domain.csr_policy import (
+    SubjectKey,
+    check_csr,
+    check_public_key,
+    check_request,
+    parse_csr,
+)
 from keyplane.server.domain.hierarchy import Hierarchy
 from keyplane.server.domain.identity import Identity
 from keyplane.server.domain.inputs import parse_reason
@@ -206,8 +212,10 @@ class Enrollment:
     def enroll_pending(self, csr_data: bytes, token: str) -> tuple[Issued, Future[object]]:
         with self.store.snapshot():
             digest = self.tokens.check(token, Role.AGENT)  # before the CSR is looked at
-            _, key, common_name = check_csr(csr_data)
-            self._refuse_known_key(key)
+            csr = parse_csr(csr_data)
+            key = check_public_key(csr)
+            self._refuse_known_key(key)  # before its signature is verified: a replay is cheap
+            common_name = check_request(csr)
             issued, record = self._build(key, common_name)
         pending = self._record_pending(f"enrollment ({common_name})", digest or None, [record])
         return issued, pending
@@ -229,8 +237,10 @@ class Enrollment:
             seen: set[str] = set()
             for index, data in enumerate(csrs):
                 try:
-                    _, key, common_name = check_csr(data)
+                    csr = parse_csr(data)
+                    key = check_public_key(csr)
                     fp = self._refuse_known_key(key)
+                    common_name = check_request(csr)
                 except (InvalidArgument, AlreadyExists) as exc:
                     raise type(exc)(f"csrs[{index}]: {exc}") from None
                 if fp in seen:

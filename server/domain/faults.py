@@ -1,8 +1,10 @@
-"""Named crash points for testing crash safety.
+"""Named crash and failure points for testing crash safety and failure handling.
 
 A server configured with `[testing] kill_at = "<point>"` sends itself SIGKILL when it
 reaches that point, so tests can prove that a real process killed at each step of a
-rotation restarts into a consistent state. Unset (the default), a checkpoint does nothing.
+rotation restarts into a consistent state; with `[testing] fail_at = "<point>"` the
+key backend fails there (as an HSM that went away would), so tests can prove that a
+change that cannot be completed is not half made. Unset (the default), nothing happens.
 """
 
 from __future__ import annotations
@@ -11,18 +13,26 @@ import os
 import signal
 from dataclasses import dataclass
 
-from keyplane.server.config import KILL_POINTS
+from keyplane.plugins.errors import BackendUnavailableError
+from keyplane.server.config import FAIL_POINTS, KILL_POINTS
 
 # The crash points, named in configuration ([testing] kill_at).
 POINTS = KILL_POINTS
+__all__ = ["FAIL_POINTS", "POINTS", "Faults"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Faults:
-    """Which crash point, if any, kills this process."""
+    """Which crash point, if any, kills this process, and which failure point fails
+    (a test may set fail_at on a running server: the hierarchy shares this object)."""
 
     kill_at: str = ""
+    fail_at: str = ""
 
     def checkpoint(self, point: str) -> None:
         if self.kill_at and self.kill_at == point:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def failpoint(self, point: str) -> None:
+        if self.fail_at and self.fail_at == point:
+            raise BackendUnavailableError(f"the key backend failed at {point} (a fault hook)")

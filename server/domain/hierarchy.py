@@ -69,7 +69,7 @@ class Hierarchy:
         self.store = store
         self.backends = backends
         self.clock = clock
-        self.faults = faults or Faults(config.kill_at)
+        self.faults = faults or Faults(config.kill_at, config.fail_at)
         self.settings = Settings(store, backends.secret_store())
         self.trust = TrustStatePublisher(
             config.fqdn, store, backends, self.settings, clock, self.faults

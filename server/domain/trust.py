@@ -158,6 +158,7 @@ class TrustStatePublisher:
         body_bytes = body.SerializeToString(deterministic=True)
         signed = trust_state_pb2.SignedTrustState(body=body_bytes)
         roots = tx.reads.keys(KeyKind.ROOT, (KeyState.ACTIVE,))
+        self.faults.failpoint("trust.sign")
         for root in roots:
             key = self.backends.private_key(root.key_uri)
             signature = sign_with(
