@@ -29,6 +29,7 @@ from keyplane.server.domain.clock import ManualClock
 from tests.serverkit import FQDN, RunningServer, ServerProcess, run_cli
 from tests.test_enrollment import make_csr, p256
 from tests.test_fleet import Process, wait_until
+from tests.zonekit import enroll_fake_zone, key_pem, mtls_channel
 
 
 def _refused(code: grpc.StatusCode, call: object, *args: object) -> KeyplaneClientError:
@@ -309,8 +310,33 @@ def test_renew_with_proof_through_a_zone_server(tmp_path: Path, workers: str) ->
                 "zone1",
             )
             assert "not a trusted intermediate" in error.message
-            # The server does not renew what the zone issued: it renews where it lives.
+            # Another zone's credentials at this zone: what it mints claiming admin is
+            # refused outright, its agents are agents, and they renew where they were issued.
             boot = json.loads((data / "admin" / "endpoint.json").read_text())["bootstrap_listen"]
+            other_token = run_cli(
+                "tokens", "create", "--role", "zone-server", data_dir=data, check=True
+            ).stdout.strip()
+            other = enroll_fake_zone(boot, bundle.roots_pem(), other_token, "zone2")  # type: ignore[attr-defined]
+            minted, minted_key = other.mint("boss", ["agent", "admin"])
+            theirs, theirs_key = other.mint("meter-x", ["agent"])
+            wait_until(
+                "zone1 to relay zone2's intermediate",
+                lambda: _zone_knows(client, other.intermediate),
+                20,
+            )
+            roots = bundle.roots_pem()  # type: ignore[attr-defined]
+            for cert, cert_key, code, words in (
+                (minted, minted_key, grpc.StatusCode.PERMISSION_DENIED, "may not confer"),
+                (theirs, theirs_key, grpc.StatusCode.FAILED_PRECONDITION, "not issued by this"),
+            ):
+                with KeyplaneClient(
+                    mtls_channel(endpoint.listen, other.chain(cert), key_pem(cert_key), roots)
+                ) as holder:
+                    error = _refused(
+                        code, holder.renew, make_csr(p256(), cn=certs.common_name_of(cert))
+                    )
+                    assert words in error.message, error.message
+            # The server does not renew what the zone issued: it renews where it lives.
             with KeyplaneClient(bootstrap_channel_for(boot, bundle.roots_pem())) as at_server:  # type: ignore[attr-defined]
                 error = _refused(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -369,6 +395,14 @@ def test_renew_with_proof_through_a_zone_server(tmp_path: Path, workers: str) ->
         if zone is not None:
             zone.stop()
         server.stop()
+
+
+def _zone_knows(client: KeyplaneClient, intermediate: x509.Certificate) -> bool:
+    versions = client.get_trust_state(0)
+    if not versions:
+        return False
+    body = load_trust_state(versions[-1].SerializeToString()).body
+    return certs.key_fingerprint(intermediate) in {i.fingerprint for i in body.intermediates}
 
 
 def _zone_revoked_serials(client: KeyplaneClient) -> set[str]:
