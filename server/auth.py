@@ -17,57 +17,69 @@ from cryptography import x509
 
 from keyplane.server.domain.identity import Identity
 from keyplane.server.errors import PermissionDenied, Unauthenticated
+from keyplane.server.kinds import Role
 
 
-class Access(enum.Enum):
-    """What a method needs."""
+class Public(enum.Enum):
+    """A method anyone may call: it carries its own credential (a token, a proof) or
+    serves signed documents, and the domain checks what it must."""
 
     PUBLIC = "public"
-    ADMIN = "admin"
-    AGENT = "agent"
-    ZONE = "zone-server"
 
 
-# Every RPC keyplane serves. A method missing here is refused, never let through.
+PUBLIC = Public.PUBLIC
+ADMIN = frozenset({Role.ADMIN})
+# Operators run the fleet: tokens, certificates, zones, bundles; they read keys and
+# settings. Auditors read everything and change nothing. Admins do everything.
+OPERATE = frozenset({Role.ADMIN, Role.OPERATOR})
+READ = frozenset({Role.ADMIN, Role.OPERATOR, Role.AUDITOR})
+AGENT = frozenset({Role.AGENT})
+ZONE = frozenset({Role.ZONE_SERVER})
+
+Access = Public | frozenset[Role]
+
+# Every RPC keyplane serves, and who may call it. A method missing here is refused,
+# never let through; tests walk every served method against it. Reading a protected
+# setting's value (reveal) needs the admin role as well: the domain checks that.
 ACCESS: dict[str, Access] = {
-    "/grpc.health.v1.Health/Check": Access.PUBLIC,
-    "/grpc.health.v1.Health/Watch": Access.PUBLIC,
-    "/grpc.health.v1.Health/List": Access.PUBLIC,
-    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": Access.PUBLIC,
-    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Access.PUBLIC,
-    "/keyplane.v1.RootKeyService/CreateRootKey": Access.ADMIN,
-    "/keyplane.v1.RootKeyService/ListRootKeys": Access.ADMIN,
-    "/keyplane.v1.RootKeyService/GetRootKey": Access.ADMIN,
-    "/keyplane.v1.RootKeyService/RevokeRootKey": Access.ADMIN,
-    "/keyplane.v1.RootKeyService/GetLegacyRootKey": Access.ADMIN,
-    "/keyplane.v1.KeyService/ListKeys": Access.ADMIN,
-    "/keyplane.v1.KeyService/RotateKey": Access.ADMIN,
-    "/keyplane.v1.SettingsService/ListSettings": Access.ADMIN,
-    "/keyplane.v1.SettingsService/GetSetting": Access.ADMIN,
-    "/keyplane.v1.SettingsService/UpdateSetting": Access.ADMIN,
-    "/keyplane.v1.MessageSigningService/SignMessage": Access.ADMIN,
-    "/keyplane.v1.MessageSigningService/SignMessages": Access.ADMIN,
-    "/keyplane.v1.BundleService/GetInitBundle": Access.ADMIN,
-    "/keyplane.v1.BundleService/GetLegacyPublicKey": Access.ADMIN,
-    "/keyplane.v1.CertificateService/ListCertificates": Access.ADMIN,
-    "/keyplane.v1.CertificateService/RevokeCertificate": Access.ADMIN,
-    "/keyplane.v1.CertificateService/CreateEnrollmentToken": Access.ADMIN,
+    "/grpc.health.v1.Health/Check": PUBLIC,
+    "/grpc.health.v1.Health/Watch": PUBLIC,
+    "/grpc.health.v1.Health/List": PUBLIC,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": PUBLIC,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": PUBLIC,
+    "/keyplane.v1.RootKeyService/CreateRootKey": ADMIN,
+    "/keyplane.v1.RootKeyService/ListRootKeys": READ,
+    "/keyplane.v1.RootKeyService/GetRootKey": READ,
+    "/keyplane.v1.RootKeyService/RevokeRootKey": ADMIN,
+    "/keyplane.v1.RootKeyService/GetLegacyRootKey": READ,
+    "/keyplane.v1.KeyService/ListKeys": READ,
+    "/keyplane.v1.KeyService/RotateKey": ADMIN,
+    "/keyplane.v1.SettingsService/ListSettings": READ,
+    "/keyplane.v1.SettingsService/GetSetting": READ,
+    "/keyplane.v1.SettingsService/UpdateSetting": ADMIN,
+    "/keyplane.v1.MessageSigningService/SignMessage": ADMIN,
+    "/keyplane.v1.MessageSigningService/SignMessages": ADMIN,
+    "/keyplane.v1.BundleService/GetInitBundle": READ,
+    "/keyplane.v1.BundleService/GetLegacyPublicKey": READ,
+    "/keyplane.v1.CertificateService/ListCertificates": READ,
+    "/keyplane.v1.CertificateService/RevokeCertificate": OPERATE,
+    "/keyplane.v1.CertificateService/CreateEnrollmentToken": OPERATE,
     # Enrollment carries its own credential (a token), checked by the domain.
-    "/keyplane.v1.EnrollmentService/Enroll": Access.PUBLIC,
-    "/keyplane.v1.EnrollmentService/EnrollBatch": Access.PUBLIC,
-    "/keyplane.v1.EnrollmentService/Renew": Access.AGENT,
+    "/keyplane.v1.EnrollmentService/Enroll": PUBLIC,
+    "/keyplane.v1.EnrollmentService/EnrollBatch": PUBLIC,
+    "/keyplane.v1.EnrollmentService/Renew": AGENT,
     # The current certificate and a proof by its key travel in the request.
-    "/keyplane.v1.EnrollmentService/RenewWithProof": Access.PUBLIC,
-    "/keyplane.v1.ZoneService/EnrollZoneServer": Access.PUBLIC,
-    "/keyplane.v1.ZoneService/RenewZoneServer": Access.ZONE,
-    "/keyplane.v1.ZoneService/ReportIssuedCertificates": Access.ZONE,
-    "/keyplane.v1.ZoneService/RedeemEnrollmentToken": Access.ZONE,
-    "/keyplane.v1.ZoneService/ListZoneServers": Access.ADMIN,
-    "/keyplane.v1.ZoneService/GetZoneServer": Access.ADMIN,
-    "/keyplane.v1.ZoneService/RevokeZoneServer": Access.ADMIN,
+    "/keyplane.v1.EnrollmentService/RenewWithProof": PUBLIC,
+    "/keyplane.v1.ZoneService/EnrollZoneServer": PUBLIC,
+    "/keyplane.v1.ZoneService/RenewZoneServer": ZONE,
+    "/keyplane.v1.ZoneService/ReportIssuedCertificates": ZONE,
+    "/keyplane.v1.ZoneService/RedeemEnrollmentToken": ZONE,
+    "/keyplane.v1.ZoneService/ListZoneServers": READ,
+    "/keyplane.v1.ZoneService/GetZoneServer": READ,
+    "/keyplane.v1.ZoneService/RevokeZoneServer": OPERATE,
     # Signed documents, verified by the component against the roots it pins.
-    "/keyplane.v1.TrustStateService/GetTrustState": Access.PUBLIC,
-    "/keyplane.v1.TrustStateService/WatchTrustState": Access.PUBLIC,
+    "/keyplane.v1.TrustStateService/GetTrustState": PUBLIC,
+    "/keyplane.v1.TrustStateService/WatchTrustState": PUBLIC,
 }
 
 
@@ -80,7 +92,7 @@ def authorize(method: str, peer: x509.Certificate | None, admit: Admit) -> Ident
     """The caller's identity if it may call `method`; raises the status-carrying error if
     not. `peer` is the client certificate the TLS stack verified, if any."""
     access = ACCESS.get(method)
-    if access is Access.PUBLIC:
+    if access is PUBLIC:
         if peer is None:
             return None
         try:
@@ -95,9 +107,10 @@ def authorize(method: str, peer: x509.Certificate | None, admit: Admit) -> Ident
     if access is None:
         raise PermissionDenied(f"method {method} is not open to any caller")
     identity = admit(peer)
-    if access.value not in identity.roles:
+    if not access & identity.roles:
+        needed = " or ".join(sorted(access))
         raise PermissionDenied(
-            f"this call needs the {access.value} role; the client certificate "
+            f"this call needs the {needed} role; the client certificate "
             f"{identity.common_name!r} has {', '.join(sorted(identity.roles)) or 'no role'}"
         )
     return identity

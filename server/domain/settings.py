@@ -13,7 +13,9 @@ import datetime
 from dataclasses import dataclass
 
 from keyplane.plugins.keys import SecretStore
-from keyplane.server.errors import InvalidArgument
+from keyplane.server.domain.identity import Identity
+from keyplane.server.errors import InvalidArgument, PermissionDenied
+from keyplane.server.kinds import Role
 from keyplane.server.store import StateStore
 
 MASK = "********"
@@ -187,7 +189,13 @@ class Settings:
         values = self.values()
         return {n: values[n] for n, d in DEFINITIONS.items() if d.affects == "client"}
 
-    def list(self, reveal: bool = False, actor: str = "") -> list[Setting]:
+    def _may_reveal(self, who: Identity | None) -> str:
+        if who is None or Role.ADMIN not in who.roles:
+            raise PermissionDenied("revealing a protected value needs the admin role")
+        return who.actor
+
+    def list(self, reveal: bool = False, who: Identity | None = None) -> list[Setting]:
+        actor = self._may_reveal(who) if reveal else ""
         stored = self.store.settings()
         protected = [
             n for n, d in DEFINITIONS.items() if d.value_type == "protected" and n in stored
@@ -206,9 +214,10 @@ class Settings:
             found.append(Setting(definition, value, name not in stored, at, by))
         return found
 
-    def get(self, name: str, reveal: bool = False, actor: str = "") -> Setting:
+    def get(self, name: str, reveal: bool = False, who: Identity | None = None) -> Setting:
         definition = self.definition(name)
-        values = self.list(False, actor)
+        actor = self._may_reveal(who) if reveal else ""
+        values = self.list(False)
         setting = next(s for s in values if s.definition.name == definition.name)
         if reveal and definition.value_type == "protected" and not setting.is_default:
             with self.store.transaction(datetime.datetime.now(datetime.UTC)) as tx:

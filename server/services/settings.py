@@ -6,7 +6,7 @@ import asyncio
 
 from keyplane.server.domain.hierarchy import Hierarchy
 from keyplane.server.services import convert
-from keyplane.server.services.context import Context, actor
+from keyplane.server.services.context import Context, actor, caller
 from keyplane.v1 import settings_service_pb2 as pb
 from keyplane.v1 import settings_service_pb2_grpc
 
@@ -20,14 +20,14 @@ class SettingsServicer(settings_service_pb2_grpc.SettingsServiceServicer):
     async def ListSettings(
         self, request: pb.ListSettingsRequest, context: Context
     ) -> pb.ListSettingsResponse:
-        values = await asyncio.to_thread(self._hierarchy.settings.list, request.reveal, actor())
+        values = await asyncio.to_thread(self._hierarchy.settings.list, request.reveal, caller())
         return pb.ListSettingsResponse(settings=[convert.setting(s) for s in values])
 
     async def GetSetting(
         self, request: pb.GetSettingRequest, context: Context
     ) -> pb.GetSettingResponse:
         value = await asyncio.to_thread(
-            self._hierarchy.settings.get, request.name, request.reveal, actor()
+            self._hierarchy.settings.get, request.name, request.reveal, caller()
         )
         return pb.GetSettingResponse(setting=convert.setting(value))
 
