@@ -109,7 +109,7 @@ def test_a_certificate_without_the_admin_role_is_permission_denied(server: Runni
     error = call_list(server, issued.certificate_chain_pem.encode(), _pem(key))
     assert error is not None
     assert error.code == grpc.StatusCode.PERMISSION_DENIED
-    assert "admin role" in error.message
+    assert "needs the admin or auditor or operator role" in error.message
 
 
 def test_a_root_issued_certificate_claiming_the_agent_role_is_refused(
