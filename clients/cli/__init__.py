@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -24,6 +24,11 @@ from keyplane.clients.trust import TrustStateError
 COMMAND_GROUP = "keyplane.commands"
 PROG = "keyplane"
 
+# What a command says to add when the server wants more than the command line gave:
+# ErrorInfo reason -> (the flag, the hint). A command lists its own (set_defaults(hints=)).
+Hints = Mapping[str, tuple[str, str]]
+CONFIRM_HINTS: Hints = {"CONFIRMATION_REQUIRED": ("--yes", "add --yes to confirm")}
+
 
 class CliError(Exception):
     """A problem with the command's own input; printed without a status name."""
@@ -35,6 +40,16 @@ def read_file(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def failure_line(exc: KeyplaneClientError, hints: Hints) -> str:
+    """`keyplane: STATUS: message`, naming the flag to add if the server's message does
+    not already."""
+    message = exc.message
+    flag, hint = hints.get(exc.reason, ("", ""))
+    if flag and flag not in message:
+        message = f"{message}; {hint}"
+    return f"{PROG}: {exc.code.name}: {message}"
 
 
 def connection_options() -> argparse.ArgumentParser:
@@ -67,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         signing,
         tokens,
         trust_state,
+        zones,
     )
 
     parser = argparse.ArgumentParser(
@@ -75,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = connection_options()
-    for noun in (roots, keys, settings, trust_state, signing, bundle, tokens, certs):
+    for noun in (roots, keys, settings, trust_state, signing, bundle, tokens, certs, zones):
         noun.register(commands, common)
     agent.register(commands)
     for entry in entry_points(group=COMMAND_GROUP):
@@ -102,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with KeyplaneClient.connect(server, args.credential) as client:
             return int(args.call(client, args))
     except KeyplaneClientError as exc:
-        print(f"{PROG}: {exc.code.name}: {exc.message}", file=sys.stderr)
+        print(failure_line(exc, getattr(args, "hints", {})), file=sys.stderr)
         return 1
     except (CliError, TrustStateError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
