@@ -7,13 +7,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from keyplane.clients.cli import PROG, read_file
+from keyplane.clients.cli import CONFIRM_HINTS, PROG, read_file
 from keyplane.clients.cli.output import print_json, table, timestamp
 from keyplane.clients.client import KeyplaneClient, KeyplaneClientError
 from keyplane.v1 import certificate_service_pb2
 
 # The server's limit per EnrollBatch call.
 ENROLL_BATCH = 1000
+
+REVOKE_HELP = """\
+Revoke one certificate for good. The revocation is published in the trust state before
+this command returns; the holder's next call is refused, and an agent stops and must
+enroll again with a new token. A person's credential (admin, operator, auditor) needs
+--yes; the credential this command calls with needs --force as well, since you lose
+access with it. A zone server's certificates go with the zone: 'keyplane zones revoke'.
+
+examples:
+  keyplane certs revoke 5d0c9a61e7f14b2f8a3c6e1d2b4f7a90 --reason "lost laptop"
+  keyplane certs revoke <an operator's serial> --reason "left the team" --yes
+"""
+REVOKE_HINTS = {
+    **CONFIRM_HINTS,
+    "REVOKES_CALLER": ("--force", "add --force to revoke the credential you are calling with"),
+}
 
 
 def cert_json(cert: certificate_service_pb2.CertificateRecord) -> dict[str, Any]:
@@ -93,7 +109,9 @@ def cmd_certs_issue(client: KeyplaneClient, args: argparse.Namespace) -> int:
 
 
 def cmd_certs_revoke(client: KeyplaneClient, args: argparse.Namespace) -> int:
-    cert = cert_json(client.revoke_certificate(args.serial, args.reason or ""))
+    cert = cert_json(
+        client.revoke_certificate(args.serial, args.reason or "", args.yes, args.force)
+    )
     if args.json:
         print_json(cert)
     else:
@@ -124,7 +142,19 @@ def register(
     )
     p.add_argument("--out-dir", type=Path, help="where to write (default: beside each CSR)")
     p.set_defaults(call=cmd_certs_issue)
-    p = verbs.add_parser("revoke", parents=[common], help="revoke one certificate")
+    p = verbs.add_parser(
+        "revoke",
+        parents=[common],
+        help="revoke one certificate",
+        description=REVOKE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("serial", help="serial number in hex, as 'certs list' shows")
     p.add_argument("--reason", help="why (kept in the audit log)")
-    p.set_defaults(call=cmd_certs_revoke)
+    p.add_argument("--yes", action="store_true", help="confirm revoking a person's credential")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="confirm revoking the very credential this command calls with (with --yes)",
+    )
+    p.set_defaults(call=cmd_certs_revoke, hints=REVOKE_HINTS)
