@@ -86,6 +86,10 @@ TRANSIENT_CODES = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
+# `agent run` exits with this once its certificate is revoked (a supervisor should not
+# restart it: only enrolling again with a new token helps).
+EXIT_REVOKED = 3
+REVOKED = "revoked: re-enroll with a new token"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 _random = secrets.SystemRandom()
 
@@ -96,6 +100,27 @@ A client agent: enrolls once with an enrollment token, then renews its client TL
 certificate by itself (when the server says, and soon after a new root appears), follows
 the signed trust state over mutual TLS, and verifies signed messages against it. Its key,
 certificate and state live in --data-dir; a restart resumes without a token.
+"""
+
+RUN_HELP = """\
+Enroll (first start, with --token) and run: renew the certificate, follow the trust
+state. Stop it with SIGTERM or SIGINT.
+
+When its certificate is revoked (the trust state lists its serial or its key, or a
+renewal is refused as revoked; revoking a zone server revokes everything it issued),
+the agent stops renewing, logs "revoked: re-enroll with a new token", shows state
+"revoked" in 'keyplane agent status' and exits with status 3, then again at every
+start. Its data dir is left as it is: to enroll again, move it aside and start the
+agent with a new token.
+"""
+
+RUN_EPILOG = """\
+exit status: 0 stopped by SIGTERM/SIGINT; 1 enrollment refused or failed; 2 a bad
+bundle, data dir or option; 3 its certificate is revoked (re-enroll with a new token).
+
+example:
+  keyplane agent run --data-dir var-agent --bundle keyplane-init.dat \\
+      --token "$(keyplane tokens create)" --fingerprint <root fingerprint>
 """
 
 
@@ -353,6 +378,20 @@ def _write_agent_json(
 # -- the runtime -----------------------------------------------------------------------------
 
 
+def _serial_number(serial: str) -> int | None:
+    """A hex serial as a number, so that "00ab" and "ab" are the same certificate."""
+    try:
+        return int(serial, 16)
+    except ValueError:
+        return None
+
+
+def says_revoked(error: KeyplaneClientError) -> bool:
+    """Whether the server (or zone) refused a call because the certificate, its key or
+    its issuer is revoked: then no retry can succeed."""
+    return error.code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in error.message
+
+
 class Backoff:
     """Exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling."""
 
@@ -388,6 +427,8 @@ class Agent:
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._errors: dict[str, str] = {}
+        # Why this agent's certificate is known to be revoked; None while it is not.
+        self._revoked: str | None = None
         self._watch: TrustStateWatch | None = None
         self._renew_channel: grpc.Channel | None = None
         self._renew_deadline = 0.0
@@ -428,6 +469,7 @@ class Agent:
         if stored_name != self.name or (self._issued is None and stored_endpoint):
             _write_agent_json(directory, self.name, None)
         self._trust = self._load_trust()
+        self._revoked = self._revoked_before(self._issued)
         if self._issued is not None:
             self._install(self._issued)
         with self._lock:
@@ -446,6 +488,27 @@ class Agent:
         except Exception as exc:  # protobuf's DecodeError or TrustStateError
             log.warning("ignoring a damaged %s (%s); following from the bundle", TRUST_FILE, exc)
             return None
+
+    def _revoked_before(self, issued: Issued | None) -> str | None:
+        """The revocation an earlier run found for this very certificate (status.json
+        keeps it: a renewal refusal is not in the trust state to be found again)."""
+        try:
+            data = json.loads((self.directory / STATUS_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or issued is None:
+            return None
+        if data.get("state") == "revoked" and data.get("serial") == issued.serial:
+            return str(data.get("revoked_because") or "found revoked by an earlier run")
+        return None
+
+    @property
+    def revoked(self) -> str | None:
+        """The message saying this agent is revoked and why, None if it is not."""
+        with self._lock:
+            if self._revoked is None or self._issued is None:
+                return None
+            return f"{REVOKED} (certificate {self._issued.serial}: {self._revoked})"
 
     @property
     def enrolled(self) -> bool:
@@ -486,13 +549,23 @@ class Agent:
             self._errors.pop(source, None)
 
     def _last_error(self) -> str | None:
+        revoked = self.revoked
+        if revoked is not None:
+            # In the "STATUS: message" form of the other errors: it is what the server
+            # answers this certificate now.
+            return f"PERMISSION_DENIED: {revoked}"
         return next(reversed(self._errors.values()), None)
 
     def status(self) -> dict[str, Any]:
         with self._lock:
             issued = self._issued
+            if self._revoked is not None:
+                state = "revoked"
+            else:
+                state = "enrolled" if issued is not None else "not-enrolled"
             return {
                 "name": self.name,
+                "state": state,
                 "serial": issued.serial if issued else None,
                 "not_after": _iso(issued.not_after) if issued else None,
                 "renew_after": _iso(issued.renew_after) if issued else None,
@@ -502,6 +575,7 @@ class Agent:
                 "endpoint": endpoint_json(self._endpoint),
                 "renewals": issued.renewals if issued else 0,
                 "last_error": self._last_error(),
+                "revoked_because": self._revoked,
                 "updated": _iso(_now()),
             }
 
@@ -518,13 +592,40 @@ class Agent:
             self._renew_deadline = time.monotonic() + max(0.0, wait)
             self._soon = None
             self._retry_at = None
+            self._check_revoked()
             self._check_triggers()
         self._wake.set()
 
-    def _check_triggers(self) -> None:
-        """Renew soon when the trust state says so: a newer root is ready, or we are revoked."""
+    def _check_revoked(self) -> None:
+        """Stop for good when the trust state lists this certificate's serial or key as
+        revoked."""
         state, issued = self._trust, self._issued
-        if state is None or issued is None or self._soon is not None:
+        if state is None or issued is None or self._revoked is not None:
+            return
+        body = state.body
+        if _serial_number(issued.serial) in {_serial_number(s) for s in body.revoked_serials}:
+            self._mark_revoked(issued.serial, "the trust state lists it as revoked")
+        elif trust.key_fingerprint(issued.chain[0]) in body.revoked_certificate_key_fingerprints:
+            self._mark_revoked(issued.serial, "the trust state lists its key as revoked")
+
+    def _mark_revoked(self, serial: str, because: str) -> None:
+        """Record that the certificate `serial` is revoked, if it is still the current
+        one, and end the run: no renewal can succeed, only a new enrollment."""
+        with self._lock:
+            if self._revoked is not None or self._issued is None or self._issued.serial != serial:
+                return
+            self._revoked = because
+            self._soon = None
+            self._retry_at = None
+            self._write_status()
+        log.error("%s (certificate %s: %s)", REVOKED, serial, because)
+        self._stop.set()
+        self._wake.set()
+
+    def _check_triggers(self) -> None:
+        """Renew soon when the trust state says a newer root is ready."""
+        state, issued = self._trust, self._issued
+        if state is None or issued is None or self._soon is not None or self._revoked:
             return
         reason = ""
         newest = state.body.roots[-1].fingerprint if state.body.roots else ""
@@ -535,8 +636,6 @@ class Agent:
         )
         if newest and ready and self._chain_root() != newest:
             reason = f"the trust state's newest root is {newest[:16]}…"
-        elif issued.serial in state.body.revoked_serials:
-            reason = "the trust state lists this agent's certificate as revoked"
         if reason and self._retry_at is None:
             self._soon = time.monotonic() + _random.uniform(0, SOON_MAX_SECONDS)
             self._soon_reason = reason
@@ -693,6 +792,7 @@ class Agent:
         with self._lock:
             self._trust = state
             self._clear_error("trust")
+            self._check_revoked()
             self._check_triggers()
             self._write_status()
         log.info(
@@ -702,7 +802,7 @@ class Agent:
         )
 
     def _renew_loop(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self._revoked is None:
             self._wake.clear()
             with self._lock:
                 # After a failure only the retry (or a new trigger) counts, not the schedule.
@@ -748,15 +848,22 @@ class Agent:
                 return
             self._renew_channel = channel
         error = ""
+        refused_as_revoked = False
         try:
             response = KeyplaneClient(channel, timeout=RPC_TIMEOUT).renew(csr_pem)
             issued = issued_from(response, key_pem, self.name, current.renewals + 1)
-        except (KeyplaneClientError, AgentError) as exc:
+        except KeyplaneClientError as exc:
+            error = str(exc)
+            refused_as_revoked = says_revoked(exc)
+        except AgentError as exc:
             error = str(exc)
         finally:
             with self._lock:
                 self._renew_channel = None
             channel.close()
+        if refused_as_revoked:
+            self._mark_revoked(current.serial, f"the renewal was refused: {error}")
+            return
         if self._stop.is_set():
             return
         if error:
@@ -820,7 +927,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(str(exc), 2)
     except OSError as exc:
         return _fail(f"cannot use the data dir {args.data_dir}: {exc.strerror}", 2)
-    if not agent.enrolled:
+    if agent.revoked is None and not agent.enrolled:
         try:
             if not agent.enroll(args.token or ""):
                 return 0
@@ -830,7 +937,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             return _fail(f"enrollment failed: {exc}", 1)
         except OSError as exc:
             return _fail(f"cannot save the certificate in {args.data_dir}: {exc.strerror}", 1)
-    agent.run()
+    if agent.revoked is None:
+        agent.run()
+    revoked = agent.revoked
+    if revoked is not None:
+        return _fail(
+            f"{revoked}; the data dir {args.data_dir} is kept as it is: move it aside and "
+            "start 'keyplane agent run' with a new --token",
+            EXIT_REVOKED,
+        )
     return 0
 
 
@@ -859,6 +974,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     endpoint = data.get("endpoint") or {}
     rows = [
         ("name", data.get("name")),
+        ("state", data.get("state")),
         ("serial", data.get("serial")),
         ("not after", data.get("not_after")),
         ("renew after", data.get("renew_after")),
@@ -950,6 +1066,9 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     p = verbs.add_parser(
         "run",
         help="enroll (first start) and run: renew, follow the trust state; stop with SIGTERM",
+        description=RUN_HELP,
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--bundle",

@@ -1,5 +1,6 @@
 """`keyplane agent` against a real `keyplane serve` subprocess: enrollment, restart,
-renewal, refusals, root rotation, revocation, and verifying signed messages."""
+renewal, refusals, root rotation, revocation (the agent stops), and verifying signed
+messages."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import signal
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,8 +21,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keyplane.clients.agent import Issued, load_issued, new_key_and_csr, save_issued
-from tests.serverkit import KEYPLANE, ServerProcess, run_cli
+from keyplane.clients.agent import (
+    EXIT_REVOKED,
+    Agent,
+    Issued,
+    load_issued,
+    new_key_and_csr,
+    save_issued,
+)
+from keyplane.clients.bundle import load_bundle
+from keyplane.clients.client import KeyplaneClient
+from tests.serverkit import KEYPLANE, RunningServer, ServerProcess, run_cli
 
 Status = dict[str, Any]
 
@@ -355,7 +366,7 @@ def test_root_rotation_moves_the_agent_to_the_new_root(
     assert agent.stop() == 0
 
 
-def test_a_revoked_agent_cannot_renew(
+def test_a_revoked_agent_stops_and_says_to_enroll_again(
     served: ServerProcess,
     bundle: Path,
     agents: Callable[..., AgentProcess],
@@ -364,17 +375,74 @@ def test_a_revoked_agent_cannot_renew(
     data = tmp_path / "agent"
     agent = agents(data, bundle, "--token", new_token(served))
     enrolled = agent.wait_enrolled()
-    key_before = (data / "key.pem").read_bytes()
+    assert enrolled["state"] == "enrolled"
+    kept = ("agent.json", "key.pem", "cert.pem", "roots.pem", "issued.json")
+    files_before = {name: (data / name).read_bytes() for name in kept}
 
-    run_cli("certs", "revoke", enrolled["serial"], data_dir=served.data_dir).check_returncode()
-    refused = agent.wait_for(
-        "a refused renewal", lambda s: (s["last_error"] or "").startswith("PERMISSION_DENIED")
-    )
-    assert "revoked" in refused["last_error"]
-    assert refused["serial"] == enrolled["serial"] and refused["renewals"] == 0
-    assert (data / "key.pem").read_bytes() == key_before  # the old certificate is kept
-    assert agent.proc.poll() is None
-    assert agent.stop() == 0
+    run_cli(
+        "certs", "revoke", enrolled["serial"], "--reason", "stolen", data_dir=served.data_dir
+    ).check_returncode()
+    assert agent.proc.wait(timeout=30) == EXIT_REVOKED, agent.output()
+    assert agent.stop() == EXIT_REVOKED
+    said = f"revoked: re-enroll with a new token (certificate {enrolled['serial']}"
+    assert said in agent.output()
+    status = agent.status()
+    assert status is not None and status["state"] == "revoked"
+    assert said in status["last_error"] and status["renewals"] == 0
+    # Its key and certificate are left as they were (and no renewal was tried).
+    assert {name: (data / name).read_bytes() for name in kept} == files_before
+    assert "renewing" not in agent.output()
+    shown = agent_cli("status", "--data-dir", str(data))
+    assert shown.returncode == 0
+    assert "state:" in shown.stdout and "revoked" in shown.stdout and said in shown.stdout
+
+    # It stays stopped: every start says so and exits the same way.
+    again = agent_cli("run", "--bundle", str(bundle), "--data-dir", str(data))
+    assert again.returncode == EXIT_REVOKED and said in again.stderr
+    assert "move it aside" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_an_agent_revoked_while_stopped_stops_at_its_next_start(
+    served: ServerProcess,
+    bundle: Path,
+    agents: Callable[..., AgentProcess],
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "agent"
+    first = agents(data, bundle, "--token", new_token(served))
+    serial = first.wait_enrolled()["serial"]
+    assert first.stop() == 0
+    run_cli("certs", "revoke", serial, data_dir=served.data_dir).check_returncode()
+
+    second = agents(data, bundle)
+    assert second.proc.wait(timeout=30) == EXIT_REVOKED, second.output()
+    assert f"revoked: re-enroll with a new token (certificate {serial}" in second.output()
+    assert second.stop() == EXIT_REVOKED
+
+
+def test_a_renewal_refused_as_revoked_stops_the_agent(
+    server: RunningServer, admin: KeyplaneClient, tmp_path: Path
+) -> None:
+    bundle = load_bundle(admin.get_init_bundle().SerializeToString())
+    data = tmp_path / "agent"
+    data.mkdir(mode=0o700)
+    stop = threading.Event()
+    agent = Agent(data, bundle, "edge-1", 1.0, stop)
+    assert agent.enroll(admin.create_enrollment_token().token)
+    serial = agent.status()["serial"]
+    admin.revoke_certificate(serial, "stolen")
+
+    # Before it follows the trust state that says so, the server's answer to its
+    # renewal is enough (the renewal thread's one step, run here).
+    agent._renew_once()
+    assert stop.is_set()
+    assert agent.revoked is not None and serial in agent.revoked
+    status = json.loads((data / "status.json").read_text())
+    assert status["state"] == "revoked" and status["serial"] == serial
+    assert "the renewal was refused: PERMISSION_DENIED" in status["revoked_because"]
+    # A new agent over the same dir knows it without asking anyone.
+    again = Agent(data, bundle, None, 1.0, threading.Event())
+    assert again.revoked == agent.revoked
 
 
 def test_agent_verify_accepts_a_signed_file_and_rejects_a_tampered_one(
