@@ -408,7 +408,8 @@ class Zones:
     def list(self, include_revoked: bool = False) -> list[ZoneView]:
         views = []
         intermediates = self.store.keys(KeyKind.ZONE_INTERMEDIATE)
-        for zone in self.store.zones(include_revoked):
+        # Read afresh, not from the cache: last_seen changes without a new generation.
+        for zone in self.store.reads.zones(include_revoked):
             mine = [k for k in intermediates if k.key_uri == zone.key_uri]
             active = [k for k in mine if k.state == KeyState.ACTIVE]
             count = sum(self.store.reads.issued_by_count(k.fingerprint) for k in mine)
