@@ -14,7 +14,8 @@ from pathlib import Path
 from keyplane.plugins.errors import BackendError
 from keyplane.server.app import KeyplaneServer
 from keyplane.server.config import ServerConfig, format_address, load_config
-from keyplane.server.errors import ConfigError
+from keyplane.server.datadir import private_umask
+from keyplane.server.errors import ConfigError, StartRefused
 from keyplane.server.supervisor import serve_as_worker, supervise
 from keyplane.server.vitals import EXIT_VITAL_PART_DIED
 
@@ -24,7 +25,9 @@ SERVE_HELP = """\
 Run a keyplane server. The first start initialises the data dir: the state DB
 (keyplane.db), the software key store (pki.db), the first root key "<fqdn> Root 0",
 the legacy root, a server TLS certificate, and an admin credential in
-<data dir>/admin/ that the CLI uses by default. Later starts reuse all of it.
+<data dir>/admin/ that the CLI uses by default. Later starts reuse all of it. Only an
+empty data dir is initialised: one that holds part of a state (pki.db without
+keyplane.db, say) is refused, and nothing in it is changed.
 
 Two listeners serve the same API: --listen requires a client certificate from this
 hierarchy (mutual TLS); --bootstrap-listen (default: the next port) is server-TLS only,
@@ -58,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    private_umask()  # before any file is created: files 0600, directories 0700
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -83,6 +87,9 @@ def run_serve(args: argparse.Namespace) -> int:
         if workers is None:
             return asyncio.run(_serve(KeyplaneServer(config)))
         return _supervise(config, args, workers)
+    except StartRefused as exc:
+        print(f"keyplane serve: refused to start: {exc}", file=sys.stderr)
+        return 2
     except (BackendError, ConfigError) as exc:
         print(f"keyplane serve: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -140,6 +147,7 @@ def _worker_main(
     log_level: str,
     index: int,
 ) -> None:
+    private_umask()
     logging.basicConfig(
         level=getattr(logging, str(log_level).upper(), logging.INFO),
         format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s",

@@ -39,7 +39,7 @@ from keyplane.server.errors import ConfigError
 DEFAULT_LISTEN = "127.0.0.1:7443"
 # Steps of root and subordinate rotation at which a test may have the server SIGKILL
 # itself ([testing] kill_at; see server/domain/faults.py).
-KILL_POINTS = (
+ROTATION_KILL_POINTS = (
     "root.generated",
     "root.recorded",
     "revoke.recorded",
@@ -49,6 +49,8 @@ KILL_POINTS = (
     "subordinate.activated",
     "trust.signed",
 )
+# ...and of a start: the key backends are open (pki.db made), the state DB not yet.
+KILL_POINTS = (*ROTATION_KILL_POINTS, "start.backends_opened")
 KEY_KINDS = ("root", "legacy_root", "server_tls", "intermediate_tls", "message_signing")
 # The legacy root never lives in an HSM: it is pinned to the software backend.
 PINNED_KINDS = MappingProxyType({"legacy_root": "software"})

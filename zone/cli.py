@@ -16,7 +16,8 @@ from keyplane.clients.bundle import BundleError
 from keyplane.clients.client import KeyplaneClientError
 from keyplane.plugins.errors import BackendError
 from keyplane.server.config import parse_address
-from keyplane.server.errors import ConfigError
+from keyplane.server.datadir import private_umask
+from keyplane.server.errors import ConfigError, StartRefused
 from keyplane.server.supervisor import serve_as_worker, supervise
 from keyplane.server.vitals import EXIT_VITAL_PART_DIED
 from keyplane.zone.runtime import ZoneError, ZoneOptions, ZoneServer
@@ -69,6 +70,7 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
 
 
 def run_zone(args: argparse.Namespace) -> int:
+    private_umask()  # before any file is created: files 0600, directories 0700
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -110,6 +112,9 @@ def run_zone(args: argparse.Namespace) -> int:
         if args.workers is not None:
             zone.close()  # enrolled and up to date: the workers take it from here
             return _supervise(zone, options, args)
+    except StartRefused as exc:
+        print(f"keyplane zone serve: refused to start: {exc}", file=sys.stderr)
+        return 2
     except (ZoneError, BundleError, BackendError, ConfigError, OSError) as exc:
         print(f"keyplane zone serve: cannot start: {exc}", file=sys.stderr)
         return 2
@@ -172,6 +177,7 @@ def _accepts(address: str) -> bool:
 
 
 def _worker_main(options: ZoneOptions, fingerprint: str | None, log_level: str, index: int) -> None:
+    private_umask()
     logging.basicConfig(
         level=getattr(logging, str(log_level).upper(), logging.INFO),
         format=f"%(asctime)s %(levelname)s zone-worker{index} %(name)s: %(message)s",

@@ -24,6 +24,7 @@ from keyplane.clients.bundle import Bundle, load_bundle
 from keyplane.clients.client import CHANNEL_OPTIONS, KeyplaneClientError
 from keyplane.plugins.manager import KeyBackends
 from keyplane.server.config import format_address, parse_address
+from keyplane.server.datadir import DataDir, DataDirState, private_umask
 from keyplane.server.domain import certs
 from keyplane.server.domain.clock import Clock, SystemClock
 from keyplane.server.interceptor import KeyplaneInterceptor
@@ -34,7 +35,7 @@ from keyplane.server.vitals import Vitals
 from keyplane.v1 import enrollment_service_pb2_grpc, trust_state_service_pb2_grpc
 from keyplane.zone.issuing import ZoneIssuer
 from keyplane.zone.relay import Relay
-from keyplane.zone.state import ZoneStore
+from keyplane.zone.state import ZoneStore, stored_addresses
 from keyplane.zone.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -69,17 +70,37 @@ class ZoneOptions:
 class ZoneServer:
     """One zone server process."""
 
-    def __init__(self, options: ZoneOptions, clock: Clock | None = None, worker: int = 0) -> None:
+    def __init__(
+        self,
+        options: ZoneOptions,
+        clock: Clock | None = None,
+        worker: int = 0,
+    ) -> None:
+        """Open the data dir as a server does (server/datadir.py): initialise an empty
+        one, finish an interrupted first start, refuse one with part of a state."""
         self.options = options
         # Worker 0 (the only one without --workers) renews the intermediate and reports
         # what every worker issued; further workers serve and follow the trust state,
         # and pick a renewed intermediate up from zone.db.
         self.worker = worker
         self.clock = clock or SystemClock()
-        options.data_dir.mkdir(parents=True, exist_ok=True)
-        options.data_dir.chmod(0o700)
+        private_umask()
         configured = options.backends or {"software": {}}
         configured.setdefault("software", {})
+        self.data_dir = DataDir.of_zone(options.data_dir, configured["software"])
+        found = self.data_dir.check()
+        # The listeners it enrolled with, kept across restarts; else the options'.
+        stored = stored_addresses(options.data_dir / "zone.db")
+        listen, bootstrap = stored or (options.listen, options.bootstrap_listen)
+        host, port = parse_address(listen, "--listen")
+        boot_host, boot_port = parse_address(bootstrap, "--bootstrap-listen")
+        self.listen = format_address(host, port or free_port(host))
+        self.bootstrap = format_address(boot_host, boot_port or free_port(boot_host))
+        if found is DataDirState.EMPTY:
+            self.data_dir.begin_first_start()
+        elif found is DataDirState.UNFINISHED:
+            log.warning("the first start of %s did not finish; finishing it", options.data_dir)
+        self.data_dir.tighten_modes()
         self.backends = KeyBackends(configured, options.data_dir)
         self.store = ZoneStore(options.data_dir / "zone.db")
         self.store.report_writer.die_after_batches = options.report_writer_dies_after
@@ -93,8 +114,6 @@ class ZoneServer:
         self._health: health.aio.HealthServicer | None = None
         self._vital_part_died: asyncio.Event | None = None
         self._monitor: asyncio.Task[None] | None = None
-        self.listen = ""
-        self.bootstrap = ""
 
     @property
     def enrolled(self) -> bool:
@@ -109,17 +128,11 @@ class ZoneServer:
     def prepare(
         self, bundle_data: bytes | None, fingerprint: str | None, token: str | None
     ) -> None:
-        """Pick ports, enroll on first start, and fetch the trust state once."""
-        host, port = parse_address(self.options.listen, "--listen")
-        boot_host, boot_port = parse_address(self.options.bootstrap_listen, "--bootstrap-listen")
-        if self.enrolled:
-            self.listen = self.store.get("listen") or ""
-            self.bootstrap = self.store.get("bootstrap_listen") or ""
-        else:
+        """Enroll on first start, and fetch the trust state once; then the first start
+        is complete."""
+        if not self.enrolled:
             if bundle_data is None or not token:
                 raise ZoneError("first start: give --bundle FILE and --token TOKEN to enroll")
-            self.listen = format_address(host, port or free_port(host))
-            self.bootstrap = format_address(boot_host, boot_port or free_port(boot_host))
             self.upstream.enroll(bundle_data, fingerprint, token)
         # The intermediate it holds now is one of its own (zone.db from before kept none).
         current = self.issuing.intermediate()
@@ -138,6 +151,7 @@ class ZoneServer:
                 self.relay.state.version,
             )
         self.upstream.maybe_renew_quietly()
+        self.data_dir.first_start_done()
 
     # -- serving -------------------------------------------------------------------------
 

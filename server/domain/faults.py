@@ -2,7 +2,8 @@
 
 A server configured with `[testing] kill_at = "<point>"` sends itself SIGKILL when it
 reaches that point, so tests can prove that a real process killed at each step of a
-rotation restarts into a consistent state. Unset (the default), a checkpoint does nothing.
+rotation (or of its first start) restarts into a consistent state. Unset (the default),
+a checkpoint does nothing.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import os
 import signal
 from dataclasses import dataclass
 
-from keyplane.server.config import KILL_POINTS
+from keyplane.server.config import KILL_POINTS, ROTATION_KILL_POINTS
 
-# The crash points, named in configuration ([testing] kill_at).
-POINTS = KILL_POINTS
+# The crash points of a rotation, named in configuration ([testing] kill_at); a start
+# has one more (KILL_POINTS).
+POINTS = ROTATION_KILL_POINTS
+START_POINTS = tuple(p for p in KILL_POINTS if p not in ROTATION_KILL_POINTS)
 
 
 @dataclass(frozen=True)
