@@ -32,6 +32,7 @@ from keyplane.server.domain.signing import MAX_PAYLOAD, MessageSigner
 from keyplane.server.domain.zones import Zones
 from keyplane.server.interceptor import KeyplaneInterceptor
 from keyplane.server.logs import quiet_client_cancellations
+from keyplane.server.ports import add_listener
 from keyplane.server.services.bundles import BundleServicer
 from keyplane.server.services.certificates import CertificateServicer
 from keyplane.server.services.enrollment import EnrollmentServicer
@@ -248,9 +249,14 @@ class KeyplaneServer:
         )
         host, port = self.config.listen_address
         boot_host, boot_port = self.config.bootstrap_address
-        bound = server.add_secure_port(format_address(host, port), self._credentials(True))
-        boot_bound = server.add_secure_port(
-            format_address(boot_host, boot_port), self._credentials(False)
+        bound = add_listener(
+            server, format_address(host, port), self._credentials(True), "--listen"
+        )
+        boot_bound = add_listener(
+            server,
+            format_address(boot_host, boot_port),
+            self._credentials(False),
+            "--bootstrap-listen",
         )
         await server.start()
         self._server = server

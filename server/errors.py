@@ -118,3 +118,7 @@ class StartRefused(Exception):
 
 class DataDirIncomplete(StartRefused):
     """The data dir holds part of a server's state: a file is missing beside the others."""
+
+
+class PortTaken(StartRefused):
+    """A port to listen on is held by another process."""

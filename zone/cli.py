@@ -106,15 +106,30 @@ def run_zone(args: argparse.Namespace) -> int:
         report_writer_dies_after=dies_after,
     )
     try:
-        zone = ZoneServer(options)
+        # This process owns the ports, claimed before the data dir is opened (its
+        # workers bind beside the claim): see server/ports.py.
+        zone = ZoneServer(options, own_ports=True)
+    except StartRefused as exc:
+        print(f"keyplane zone serve: refused to start: {exc}", file=sys.stderr)
+        return 2
+    except (BackendError, ConfigError, OSError) as exc:
+        print(f"keyplane zone serve: cannot start: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _run_prepared(zone, options, args)
+    finally:
+        if zone.ports is not None:
+            zone.ports.close()
+
+
+def _run_prepared(zone: ZoneServer, options: ZoneOptions, args: argparse.Namespace) -> int:
+    """Enroll (first start) and serve, alone or with --workers."""
+    try:
         bundle = args.bundle.read_bytes() if args.bundle else None
         zone.prepare(bundle, args.fingerprint, args.token)
         if args.workers is not None:
             zone.close()  # enrolled and up to date: the workers take it from here
             return _supervise(zone, options, args)
-    except StartRefused as exc:
-        print(f"keyplane zone serve: refused to start: {exc}", file=sys.stderr)
-        return 2
     except (ZoneError, BundleError, BackendError, ConfigError, OSError) as exc:
         print(f"keyplane zone serve: cannot start: {exc}", file=sys.stderr)
         return 2
@@ -123,7 +138,11 @@ def run_zone(args: argparse.Namespace) -> int:
             f"keyplane zone serve: cannot enroll: {exc.code.name}: {exc.message}", file=sys.stderr
         )
         return 1
-    return asyncio.run(_serve(zone))
+    try:
+        return asyncio.run(_serve(zone))
+    except StartRefused as exc:
+        print(f"keyplane zone serve: refused to start: {exc}", file=sys.stderr)
+        return 2
 
 
 async def _serve(zone: ZoneServer) -> int:

@@ -29,6 +29,7 @@ from keyplane.server.domain import certs
 from keyplane.server.domain.clock import Clock, SystemClock
 from keyplane.server.interceptor import KeyplaneInterceptor
 from keyplane.server.logs import quiet_client_cancellations
+from keyplane.server.ports import Listener, PortClaims, add_listener, claim_ports
 from keyplane.server.services.enrollment import EnrollmentServicer
 from keyplane.server.services.trust_state import TrustStateServicer, VersionNotifier
 from keyplane.server.vitals import Vitals
@@ -75,9 +76,12 @@ class ZoneServer:
         options: ZoneOptions,
         clock: Clock | None = None,
         worker: int = 0,
+        own_ports: bool = False,
     ) -> None:
         """Open the data dir as a server does (server/datadir.py): initialise an empty
-        one, finish an interrupted first start, refuse one with part of a state."""
+        one, finish an interrupted first start, refuse one with part of a state. With
+        `own_ports` (the process that owns the ports: not a worker), claim the ports
+        first (server/ports.py)."""
         self.options = options
         # Worker 0 (the only one without --workers) renews the intermediate and reports
         # what every worker issued; further workers serve and follow the trust state,
@@ -94,8 +98,18 @@ class ZoneServer:
         listen, bootstrap = stored or (options.listen, options.bootstrap_listen)
         host, port = parse_address(listen, "--listen")
         boot_host, boot_port = parse_address(bootstrap, "--bootstrap-listen")
-        self.listen = format_address(host, port or free_port(host))
-        self.bootstrap = format_address(boot_host, boot_port or free_port(boot_host))
+        self.ports: PortClaims | None = None
+        if own_ports:
+            self.ports = claim_ports(
+                [
+                    Listener("--listen", host, port),
+                    Listener("--bootstrap-listen", boot_host, boot_port),
+                ]
+            )
+            self.listen, self.bootstrap = self.ports.addresses
+        else:
+            self.listen = format_address(host, port or free_port(host))
+            self.bootstrap = format_address(boot_host, boot_port or free_port(boot_host))
         if found is DataDirState.EMPTY:
             self.data_dir.begin_first_start()
         elif found is DataDirState.UNFINISHED:
@@ -220,8 +234,8 @@ class ZoneServer:
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        server.add_secure_port(self.listen, self._credentials(True))
-        server.add_secure_port(self.bootstrap, self._credentials(False))
+        add_listener(server, self.listen, self._credentials(True), "--listen")
+        add_listener(server, self.bootstrap, self._credentials(False), "--bootstrap-listen")
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         self._server = server
