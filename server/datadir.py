@@ -49,6 +49,10 @@ class DataDirState(enum.Enum):
     COMPLETE = "complete"  # the state DB and its key store: reuse them
 
 
+def _password_configured(options: Mapping[str, object]) -> bool:
+    return bool(options.get("password_file") or options.get("password_env"))
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -65,6 +69,8 @@ class DataDir:
     state_db: str  # file name in the data dir: keyplane.db or zone.db
     key_db: Path  # the software backend's pki.db (in the data dir unless configured)
     afresh: str  # how to start afresh, for the refusal message
+    # No database password is configured, so pki.db's keys are sealed with pki.db.key.
+    key_file_needed: bool = True
     credential: str | None = None  # the admin credential, relative to the data dir
 
     @classmethod
@@ -74,6 +80,7 @@ class DataDir:
             "keyplane.db",
             database_path(software_options, path),
             "move the data dir aside to start afresh",
+            key_file_needed=not _password_configured(software_options),
             credential="admin/admin.pem",
         )
 
@@ -84,7 +91,12 @@ class DataDir:
             "zone.db",
             database_path(software_options, path),
             "move the data dir aside and enroll afresh (--bundle, --token)",
+            key_file_needed=not _password_configured(software_options),
         )
+
+    @property
+    def key_file(self) -> Path:
+        return self.key_db.with_name(self.key_db.name + ".key")
 
     @property
     def marker(self) -> Path:
@@ -105,7 +117,7 @@ class DataDir:
             state_db.with_name(state_db.name + "-wal"),
             self.key_db,
             self.key_db.with_name(self.key_db.name + "-wal"),
-            self.key_db.with_name(self.key_db.name + ".key"),
+            self.key_file,
         ]
         if self.credential is not None:
             files.append(self.path / self.credential)
@@ -121,14 +133,18 @@ class DataDir:
             return DataDirState.EMPTY
         databases = (self.path / self.state_db, self.key_db)
         missing = [self._name(f) for f in databases if not f.exists()]
+        why = ""
+        if not missing and self.key_file_needed and not self.key_file.exists():
+            missing = [self._name(self.key_file)]
+            why = f" (no database password is configured: it seals the keys in {self.key_db.name})"
         if not missing:
             return DataDirState.COMPLETE
         beside = ", ".join(self._name(f) for f in present)
         were = "is" if len(missing) == 1 else "are"
         raise DataDirIncomplete(
-            f"{' and '.join(missing)} {were} missing beside {beside} in {self.path}: restore "
-            f"{'it' if len(missing) == 1 else 'them'} from the same backup as the rest "
-            f"(keyplane backup restore, coming), or {self.afresh}; nothing was changed"
+            f"{' and '.join(missing)} {were} missing beside {beside} in {self.path}{why}: "
+            f"restore {'it' if len(missing) == 1 else 'them'} from the same backup as the "
+            f"rest (keyplane backup restore, coming), or {self.afresh}; nothing was changed"
         )
 
     def begin_first_start(self) -> None:
