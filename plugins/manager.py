@@ -28,6 +28,13 @@ from keyplane.plugins.keys import (
 from keyplane.plugins.uri import scheme_of
 
 ENTRY_POINT_GROUP = "keyplane.backends"
+
+
+def software_database_path(options: Mapping[str, object], data_dir: Path) -> Path:
+    """Where the software backend with these options keeps its pki.db (a data dir check
+    needs to know, before any backend is opened)."""
+    return software.database_path(options, data_dir)
+
 BUILTIN_PLUGINS: tuple[ModuleType, ...] = (software, pkcs11_backend)
 
 

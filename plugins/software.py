@@ -154,6 +154,28 @@ def _write_private_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _write_key_file(path: Path, kek: bytes) -> None:
+    """Write the key file whole or not at all: a temporary file, fsynced, then linked
+    into place (never over an existing one)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    _write_private_file(tmp, kek)
+    try:
+        os.link(tmp, path)
+    finally:
+        tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def database_path(options: Mapping[str, object], data_dir: Path) -> Path:
+    """Where the software backend with these options keeps its pki.db."""
+    return Path(str(options.get("path") or data_dir / "pki.db"))
+
+
 def _generate(algorithm: KeyAlgorithm) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
     if algorithm.is_ec:
         return ec.generate_private_key(algorithm.curve)
@@ -173,19 +195,29 @@ class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore):
         self._lock = threading.RLock()
         self._cache: dict[str, BackendPrivateKey] = {}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            # Freed pages are zeroed, so a destroyed key's sealed blob does not linger.
-            self._db.execute("PRAGMA secure_delete=ON")
-            self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise BackendUnavailableError(
                 f"software backend: cannot open the PKI database ({exc})"
             ) from None
-        os.chmod(path, 0o600)
-        self._aead = AESGCM(self._open_kek(password))
+        try:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                # Freed pages are zeroed, so a destroyed key's sealed blob does not linger.
+                self._db.execute("PRAGMA secure_delete=ON")
+                self._db.executescript(_SCHEMA)
+            except sqlite3.Error as exc:
+                raise BackendUnavailableError(
+                    f"software backend: cannot open the PKI database ({exc})"
+                ) from None
+            os.chmod(path, 0o600)
+            self._aead = AESGCM(self._open_kek(password))
+        except BaseException:
+            # Closed at once: the files SQLite opened beside it go with the connection.
+            self._db.close()
+            raise
 
     # -- key-encryption key -------------------------------------------------------------
 
@@ -226,6 +258,12 @@ class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore):
                 )
             try:
                 kek = self.key_file.read_bytes()
+            except FileNotFoundError:
+                raise BackendUnavailableError(
+                    f"software backend: {self.key_file.name} is missing beside {self.path.name} "
+                    "(its keys are sealed with it): restore it from the backup the database "
+                    "came from; nothing was changed"
+                ) from None
             except OSError as exc:
                 raise BackendUnavailableError(
                     f"software backend: the PKI database key file is unreadable ({exc.strerror})"
@@ -244,13 +282,9 @@ class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore):
             kek = _derive_kek(password, salt, SCRYPT_PARAMS)
             source = "password"
         else:
-            kek = secrets.token_bytes(32)
-            if self.key_file.exists():
-                raise BackendUnavailableError(
-                    "software backend: a key file exists beside an empty PKI database; "
-                    "move it away or restore the database it belongs to"
-                )
-            _write_private_file(self.key_file, kek)
+            kek = self._adopted_key_file() or secrets.token_bytes(32)
+            if not self.key_file.exists():
+                _write_key_file(self.key_file, kek)
             source = "keyfile"
             log.warning(
                 "software backend: no database password is set; private keys are sealed with "
@@ -263,6 +297,23 @@ class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore):
             db.execute(
                 "INSERT INTO header VALUES (1, ?, ?, ?, ?, ?, ?)",
                 (FORMAT_VERSION, source, json.dumps(SCRYPT_PARAMS), salt, nonce, sealed),
+            )
+        return kek
+
+    def _adopted_key_file(self) -> bytes | None:
+        """A key file beside a database without a header: the one a first open wrote
+        before it was interrupted (key files are written whole or not at all), so it is
+        kept, provided the database never sealed anything."""
+        if not self.key_file.exists():
+            return None
+        kek = self.key_file.read_bytes()
+        (sealed,) = self._db.execute(
+            "SELECT (SELECT count(*) FROM keys) + (SELECT count(*) FROM secrets)"
+        ).fetchone()
+        if len(kek) != 32 or sealed:
+            raise BackendUnavailableError(
+                "software backend: a key file exists beside an empty PKI database; "
+                "move it away or restore the database it belongs to"
             )
         return kek
 
@@ -452,7 +503,7 @@ def keyplane_open_backend(
         raise BackendConfigError(
             f"software backend: unknown option(s) {', '.join(sorted(unknown))}"
         )
-    path = Path(str(options.get("path") or data_dir / "pki.db"))
+    path = database_path(options, data_dir)
     sink = PasswordSink(
         file=Path(str(options["password_file"])) if options.get("password_file") else None,
         env=str(options["password_env"]) if options.get("password_env") else None,

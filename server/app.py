@@ -22,15 +22,18 @@ from grpc_reflection.v1alpha import reflection
 
 from keyplane.plugins.manager import KeyBackends
 from keyplane.server.config import ServerConfig, format_address
+from keyplane.server.datadir import DataDir, DataDirState, private_umask
 from keyplane.server.domain.bundles import Bundles
 from keyplane.server.domain.clock import Clock, SystemClock
 from keyplane.server.domain.enrollment import Enrollment
+from keyplane.server.domain.faults import Faults
 from keyplane.server.domain.hierarchy import Hierarchy, StartReport, TlsMaterial
 from keyplane.server.domain.signing import MessageSigner
 from keyplane.server.domain.zones import Zones
 from keyplane.server.grpc_options import server_options
 from keyplane.server.interceptor import CallLimits, KeyplaneInterceptor
 from keyplane.server.logs import quiet_client_cancellations
+from keyplane.server.ports import add_listener
 from keyplane.server.services.bundles import BundleServicer
 from keyplane.server.services.certificates import CertificateServicer
 from keyplane.server.services.enrollment import EnrollmentServicer
@@ -115,16 +118,26 @@ class KeyplaneServer:
         self._vital_part_died: asyncio.Event | None = None
 
     def open(self) -> StartReport:
-        """Open the data dir and its key backends, initialising them on first start."""
-        self.config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config.data_dir.chmod(0o700)
+        """Open the data dir and its key backends: initialise an empty one, finish an
+        interrupted first start, reuse a complete one; refuse (DataDirIncomplete, nothing
+        changed) one that holds only part of a state (see server/datadir.py)."""
+        private_umask()
+        data_dir = DataDir.of_server(self.config.data_dir, self.config.backends["software"])
+        found = data_dir.check()
+        if found is DataDirState.EMPTY:
+            data_dir.begin_first_start()
+        elif found is DataDirState.UNFINISHED:
+            log.warning("the first start of %s did not finish; finishing it", data_dir.path)
+        data_dir.tighten_modes()
         self._backends = KeyBackends(self.config.backends, self.config.data_dir)
+        Faults(self.config.kill_at).checkpoint("start.backends_opened")
         self._store = StateStore(self.config.data_dir / "keyplane.db")
         if self.config.commit_thread_dies_after is not None:
             self._store.committer.die_after_batches = self.config.commit_thread_dies_after
         self.hierarchy = Hierarchy(self.config, self._store, self._backends, self.clock)
         if self.worker == 0:
             self.report = self.hierarchy.start()
+            data_dir.first_start_done()
         else:
             self.report = StartReport((), self.hierarchy.issuing_root())
         return self.report
@@ -232,10 +245,15 @@ class KeyplaneServer:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         host, port = self.config.listen_address
-        bound = server.add_secure_port(format_address(host, port), self._credentials(True))
         boot_host, boot_port = self.config.bootstrap_address
-        boot_bound = server.add_secure_port(
-            format_address(boot_host, boot_port), self._credentials(False)
+        bound = add_listener(
+            server, format_address(host, port), self._credentials(True), "--listen"
+        )
+        boot_bound = add_listener(
+            server,
+            format_address(boot_host, boot_port),
+            self._credentials(False),
+            "--bootstrap-listen",
         )
         await server.start()
         self._server = server

@@ -6,15 +6,16 @@ import argparse
 import asyncio
 import logging
 import signal
-import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from keyplane.plugins.errors import BackendError
 from keyplane.server.app import KeyplaneServer
-from keyplane.server.config import ServerConfig, format_address, load_config
-from keyplane.server.errors import ConfigError
+from keyplane.server.config import ServerConfig, load_config
+from keyplane.server.datadir import private_umask
+from keyplane.server.errors import ConfigError, StartRefused
+from keyplane.server.ports import Listener, claim_ports
 from keyplane.server.supervisor import serve_as_worker, supervise
 from keyplane.server.vitals import EXIT_VITAL_PART_DIED
 
@@ -24,7 +25,9 @@ SERVE_HELP = """\
 Run a keyplane server. The first start initialises the data dir: the state DB
 (keyplane.db), the software key store (pki.db), the first root key "<fqdn> Root 0",
 the legacy root, a server TLS certificate, and an admin credential in
-<data dir>/admin/ that the CLI uses by default. Later starts reuse all of it.
+<data dir>/admin/ that the CLI uses by default. Later starts reuse all of it. Only an
+empty data dir is initialised: one that holds part of a state (pki.db without
+keyplane.db, say) is refused, and a port another process holds is refused too.
 
 Two listeners serve the same API: --listen requires a client certificate from this
 hierarchy (mutual TLS); --bootstrap-listen (default: the next port) is server-TLS only,
@@ -58,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    private_umask()  # before any file is created: files 0600, directories 0700
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -80,29 +84,31 @@ def run_serve(args: argparse.Namespace) -> int:
         print("keyplane serve: --workers must be between 1 and 64", file=sys.stderr)
         return 2
     try:
-        if workers is None:
-            return asyncio.run(_serve(KeyplaneServer(config)))
-        return _supervise(config, args, workers)
+        # This process owns the ports (its workers bind beside its claim) for its life,
+        # claimed before the data dir is opened: see server/ports.py.
+        with claim_ports(
+            [
+                Listener("--listen", *config.listen_address),
+                Listener("--bootstrap-listen", *config.bootstrap_address),
+            ]
+        ) as claims:
+            listen, bootstrap = claims.addresses
+            config = replace(config, listen=listen, bootstrap_listen=bootstrap)
+            if workers is None:
+                return asyncio.run(_serve(KeyplaneServer(config)))
+            return _supervise(config, args, workers)
+    except StartRefused as exc:
+        print(f"keyplane serve: refused to start: {exc}", file=sys.stderr)
+        return 2
     except (BackendError, ConfigError) as exc:
         print(f"keyplane serve: cannot start: {exc}", file=sys.stderr)
         return 1
 
 
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
 def _supervise(config: ServerConfig, args: argparse.Namespace, workers: int) -> int:
     """Initialise once here, then run `workers` serving processes on the same ports and
     restart any that dies; SIGTERM or SIGINT stops them all."""
-    host, port = config.listen_address
-    boot_host, boot_port = config.bootstrap_address
-    listen = format_address(host, port or _free_port(host))
-    bootstrap = format_address(boot_host, boot_port or _free_port(boot_host))
-    config = replace(config, listen=listen, bootstrap_listen=bootstrap)
+    listen, bootstrap = config.listen, config.bootstrap_listen
     first = KeyplaneServer(config)
     report = first.open()
     first.close()
@@ -140,6 +146,7 @@ def _worker_main(
     log_level: str,
     index: int,
 ) -> None:
+    private_umask()
     logging.basicConfig(
         level=getattr(logging, str(log_level).upper(), logging.INFO),
         format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s",

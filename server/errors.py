@@ -110,3 +110,15 @@ class Unavailable(KeyplaneError):
 
 class ConfigError(Exception):
     """The server's configuration is invalid; raised before anything starts."""
+
+
+class StartRefused(Exception):
+    """The server will not start over what it found; nothing was changed."""
+
+
+class DataDirIncomplete(StartRefused):
+    """The data dir holds part of a server's state: a file is missing beside the others."""
+
+
+class PortTaken(StartRefused):
+    """A port to listen on is held by another process."""

@@ -16,7 +16,8 @@ from keyplane.clients.bundle import BundleError
 from keyplane.clients.client import KeyplaneClientError
 from keyplane.plugins.errors import BackendError
 from keyplane.server.config import parse_address
-from keyplane.server.errors import ConfigError
+from keyplane.server.datadir import private_umask
+from keyplane.server.errors import ConfigError, StartRefused
 from keyplane.server.supervisor import serve_as_worker, supervise
 from keyplane.server.vitals import EXIT_VITAL_PART_DIED
 from keyplane.zone.runtime import ZoneError, ZoneOptions, ZoneServer
@@ -69,6 +70,7 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
 
 
 def run_zone(args: argparse.Namespace) -> int:
+    private_umask()  # before any file is created: files 0600, directories 0700
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -104,7 +106,25 @@ def run_zone(args: argparse.Namespace) -> int:
         report_writer_dies_after=dies_after,
     )
     try:
-        zone = ZoneServer(options)
+        # This process owns the ports, claimed before the data dir is opened (its
+        # workers bind beside the claim): see server/ports.py.
+        zone = ZoneServer(options, own_ports=True)
+    except StartRefused as exc:
+        print(f"keyplane zone serve: refused to start: {exc}", file=sys.stderr)
+        return 2
+    except (BackendError, ConfigError, OSError) as exc:
+        print(f"keyplane zone serve: cannot start: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _run_prepared(zone, options, args)
+    finally:
+        if zone.ports is not None:
+            zone.ports.close()
+
+
+def _run_prepared(zone: ZoneServer, options: ZoneOptions, args: argparse.Namespace) -> int:
+    """Enroll (first start) and serve, alone or with --workers."""
+    try:
         bundle = args.bundle.read_bytes() if args.bundle else None
         zone.prepare(bundle, args.fingerprint, args.token)
         if args.workers is not None:
@@ -118,7 +138,11 @@ def run_zone(args: argparse.Namespace) -> int:
             f"keyplane zone serve: cannot enroll: {exc.code.name}: {exc.message}", file=sys.stderr
         )
         return 1
-    return asyncio.run(_serve(zone))
+    try:
+        return asyncio.run(_serve(zone))
+    except StartRefused as exc:
+        print(f"keyplane zone serve: refused to start: {exc}", file=sys.stderr)
+        return 2
 
 
 async def _serve(zone: ZoneServer) -> int:
@@ -172,6 +196,7 @@ def _accepts(address: str) -> bool:
 
 
 def _worker_main(options: ZoneOptions, fingerprint: str | None, log_level: str, index: int) -> None:
+    private_umask()
     logging.basicConfig(
         level=getattr(logging, str(log_level).upper(), logging.INFO),
         format=f"%(asctime)s %(levelname)s zone-worker{index} %(name)s: %(message)s",

@@ -24,18 +24,20 @@ from keyplane.clients.bundle import Bundle, load_bundle
 from keyplane.clients.client import KeyplaneClientError
 from keyplane.plugins.manager import KeyBackends
 from keyplane.server.config import format_address, parse_address
+from keyplane.server.datadir import DataDir, DataDirState, private_umask
 from keyplane.server.domain import certs
 from keyplane.server.domain.clock import Clock, SystemClock
 from keyplane.server.grpc_options import server_options
 from keyplane.server.interceptor import KeyplaneInterceptor
 from keyplane.server.logs import quiet_client_cancellations
+from keyplane.server.ports import Listener, PortClaims, add_listener, claim_ports
 from keyplane.server.services.enrollment import EnrollmentServicer
 from keyplane.server.services.trust_state import TrustStateServicer, VersionNotifier
 from keyplane.server.vitals import Vitals
 from keyplane.v1 import enrollment_service_pb2_grpc, trust_state_service_pb2_grpc
 from keyplane.zone.issuing import ZoneIssuer
 from keyplane.zone.relay import Relay
-from keyplane.zone.state import ZoneStore
+from keyplane.zone.state import ZoneStore, stored_addresses
 from keyplane.zone.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -70,17 +72,50 @@ class ZoneOptions:
 class ZoneServer:
     """One zone server process."""
 
-    def __init__(self, options: ZoneOptions, clock: Clock | None = None, worker: int = 0) -> None:
+    def __init__(
+        self,
+        options: ZoneOptions,
+        clock: Clock | None = None,
+        worker: int = 0,
+        own_ports: bool = False,
+    ) -> None:
+        """Open the data dir as a server does (server/datadir.py): initialise an empty
+        one, finish an interrupted first start, refuse one with part of a state. With
+        `own_ports` (the process that owns the ports: not a worker), claim the ports
+        first (server/ports.py)."""
         self.options = options
         # Worker 0 (the only one without --workers) renews the intermediate and reports
         # what every worker issued; further workers serve and follow the trust state,
         # and pick a renewed intermediate up from zone.db.
         self.worker = worker
         self.clock = clock or SystemClock()
-        options.data_dir.mkdir(parents=True, exist_ok=True)
-        options.data_dir.chmod(0o700)
+        private_umask()
         configured = options.backends or {"software": {}}
         configured.setdefault("software", {})
+        self.data_dir = DataDir.of_zone(options.data_dir, configured["software"])
+        found = self.data_dir.check()
+        # The listeners it enrolled with, kept across restarts; else the options'.
+        stored = stored_addresses(options.data_dir / "zone.db")
+        listen, bootstrap = stored or (options.listen, options.bootstrap_listen)
+        host, port = parse_address(listen, "--listen")
+        boot_host, boot_port = parse_address(bootstrap, "--bootstrap-listen")
+        self.ports: PortClaims | None = None
+        if own_ports:
+            self.ports = claim_ports(
+                [
+                    Listener("--listen", host, port),
+                    Listener("--bootstrap-listen", boot_host, boot_port),
+                ]
+            )
+            self.listen, self.bootstrap = self.ports.addresses
+        else:
+            self.listen = format_address(host, port or free_port(host))
+            self.bootstrap = format_address(boot_host, boot_port or free_port(boot_host))
+        if found is DataDirState.EMPTY:
+            self.data_dir.begin_first_start()
+        elif found is DataDirState.UNFINISHED:
+            log.warning("the first start of %s did not finish; finishing it", options.data_dir)
+        self.data_dir.tighten_modes()
         self.backends = KeyBackends(configured, options.data_dir)
         self.store = ZoneStore(options.data_dir / "zone.db")
         self.store.report_writer.die_after_batches = options.report_writer_dies_after
@@ -94,8 +129,6 @@ class ZoneServer:
         self._health: health.aio.HealthServicer | None = None
         self._vital_part_died: asyncio.Event | None = None
         self._monitor: asyncio.Task[None] | None = None
-        self.listen = ""
-        self.bootstrap = ""
 
     @property
     def enrolled(self) -> bool:
@@ -110,17 +143,11 @@ class ZoneServer:
     def prepare(
         self, bundle_data: bytes | None, fingerprint: str | None, token: str | None
     ) -> None:
-        """Pick ports, enroll on first start, and fetch the trust state once."""
-        host, port = parse_address(self.options.listen, "--listen")
-        boot_host, boot_port = parse_address(self.options.bootstrap_listen, "--bootstrap-listen")
-        if self.enrolled:
-            self.listen = self.store.get("listen") or ""
-            self.bootstrap = self.store.get("bootstrap_listen") or ""
-        else:
+        """Enroll on first start, and fetch the trust state once; then the first start
+        is complete."""
+        if not self.enrolled:
             if bundle_data is None or not token:
                 raise ZoneError("first start: give --bundle FILE and --token TOKEN to enroll")
-            self.listen = format_address(host, port or free_port(host))
-            self.bootstrap = format_address(boot_host, boot_port or free_port(boot_host))
             self.upstream.enroll(bundle_data, fingerprint, token)
         # The intermediate it holds now is one of its own (zone.db from before kept none).
         current = self.issuing.intermediate()
@@ -139,6 +166,7 @@ class ZoneServer:
                 self.relay.state.version,
             )
         self.upstream.maybe_renew_quietly()
+        self.data_dir.first_start_done()
 
     # -- serving -------------------------------------------------------------------------
 
@@ -206,8 +234,8 @@ class ZoneServer:
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        server.add_secure_port(self.listen, self._credentials(True))
-        server.add_secure_port(self.bootstrap, self._credentials(False))
+        add_listener(server, self.listen, self._credentials(True), "--listen")
+        add_listener(server, self.bootstrap, self._credentials(False), "--bootstrap-listen")
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         self._server = server

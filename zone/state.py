@@ -43,6 +43,27 @@ COMMIT;
 """
 
 
+def stored_addresses(path: Path) -> tuple[str, str] | None:
+    """The listeners a zone enrolled with (kept across restarts), read without opening
+    the store: a start claims them before it opens anything else."""
+    if not path.exists():
+        return None
+    db = sqlite3.connect(path, timeout=10.0)
+    try:
+        rows = dict(
+            db.execute(
+                "SELECT name, value FROM meta WHERE name IN ('listen', 'bootstrap_listen')"
+            ).fetchall()
+        )
+    except sqlite3.OperationalError:
+        return None  # no meta table yet: a first start stopped before it made one
+    finally:
+        db.close()
+    if "listen" not in rows or "bootstrap_listen" not in rows:
+        return None
+    return str(rows["listen"]), str(rows["bootstrap_listen"])
+
+
 class ZoneStore:
     """zone.db: WAL, synchronous=FULL, one connection behind a lock."""
 

@@ -3,7 +3,8 @@
 The admin credential is a client certificate with the admin role and its key, in one
 file (`admin.pem`, 0600) so that they are replaced together, plus the active roots
 (`ca.pem`), in `<data dir>/admin/`, where the CLI finds them. Files are replaced
-atomically so a reader never sees half a credential.
+atomically so a reader never sees half a credential; every one is 0600, like the rest of
+the data dir.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ CA_FILE = "ca.pem"
 ENDPOINT_FILE = "endpoint.json"
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write `data` to `path` through a temporary file, fsync, and rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -49,7 +50,7 @@ class AdminCredentialDir:
     path: Path
 
     def ensure(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.path, 0o700)
 
     def current_certificate(self) -> x509.Certificate | None:
@@ -64,7 +65,7 @@ class AdminCredentialDir:
 
     def write_trust(self, roots_pem: bytes) -> None:
         self.ensure()
-        write_atomically(self.path / CA_FILE, roots_pem, 0o644)
+        write_atomically(self.path / CA_FILE, roots_pem)
 
     def write_endpoint(self, listen: str, bootstrap: str, server_name: str) -> None:
         self.ensure()
