@@ -35,6 +35,7 @@ def software_database_path(options: Mapping[str, object], data_dir: Path) -> Pat
     needs to know, before any backend is opened)."""
     return software.database_path(options, data_dir)
 
+
 BUILTIN_PLUGINS: tuple[ModuleType, ...] = (software, pkcs11_backend)
 
 
