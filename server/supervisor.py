@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from keyplane.server.vitals import EXIT_VITAL_PART_DIED
+from keyplane.server.vitals import EXIT_REVOKED, EXIT_VITAL_PART_DIED
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ def supervise(
 ) -> int:
     """Run `target(*args, index)` in `workers` spawned processes. `ready()` says when
     worker 0 serves; then `announce()` prints what a user needs. Returns 1 if worker 0
-    never became ready, else 0 once stopped by a signal."""
+    never became ready, EXIT_REVOKED once a worker said it was revoked, else 0 once
+    stopped by a signal."""
     context = multiprocessing.get_context("spawn")
     processes: dict[int, BaseProcess] = {}
     started: dict[int, float] = {}
@@ -42,6 +43,7 @@ def supervise(
     restart_at: dict[int, float] = {}
     stopping = False
     failed = False
+    revoked = False
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -70,6 +72,10 @@ def supervise(
         for index, process in list(processes.items()):
             if process.is_alive() or stopping:
                 continue
+            if process.exitcode == EXIT_REVOKED:
+                log.error("%s worker %d says it was revoked: stopping every worker", what, index)
+                stopping = revoked = True
+                break
             if index not in restart_at:
                 lived = now - started[index]
                 quick_deaths[index] = quick_deaths.get(index, 0) + 1 if lived < 10 else 0
@@ -91,6 +97,8 @@ def supervise(
             os.kill(process.pid, signal.SIGTERM)
     for process in processes.values():
         process.join(timeout=30)
+    if revoked:
+        return EXIT_REVOKED
     return 1 if failed else 0
 
 

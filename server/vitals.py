@@ -14,6 +14,9 @@ log = logging.getLogger(__name__)
 
 # The exit status of a process that stopped because a vital part died (EX_SOFTWARE).
 EXIT_VITAL_PART_DIED = 70
+# The exit status of a component that learnt it was revoked: starting it again is no use
+# (it must enroll again), so a supervisor stops instead of restarting it.
+EXIT_REVOKED = 3
 CHECK_SECONDS = 0.25
 
 

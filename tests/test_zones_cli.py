@@ -174,7 +174,7 @@ def test_zones_list_show_and_a_refused_revoke_change_nothing(
 
 
 def test_a_revoked_zone_is_listed_revoked_and_its_agent_stops(
-    served: ServerProcess, agent_through_zone: AgentProcess
+    served: ServerProcess, zone: Process, agent_through_zone: AgentProcess
 ) -> None:
     agent = agent_through_zone
     serial = agent.status()["serial"]  # type: ignore[index]
@@ -206,6 +206,9 @@ def test_a_revoked_zone_is_listed_revoked_and_its_agent_stops(
         check=True,
     ).stdout
     assert "state:" in shown and "revoked" in shown and "re-enroll with a new token" in shown
+    # The zone server learns it too, says so, and stops for good (its supervisor too).
+    assert zone.proc.wait(timeout=30) == EXIT_REVOKED
+    assert "was revoked by its server" in zone.output()
     # Its data dir is left as it was.
     assert (agent.data_dir / "key.pem").exists()
     leaf = x509.load_pem_x509_certificates((agent.data_dir / "cert.pem").read_bytes())[0]

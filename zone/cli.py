@@ -19,8 +19,8 @@ from keyplane.server.config import parse_address
 from keyplane.server.datadir import private_umask
 from keyplane.server.errors import ConfigError, StartRefused
 from keyplane.server.supervisor import serve_as_worker, supervise
-from keyplane.server.vitals import EXIT_VITAL_PART_DIED
-from keyplane.zone.runtime import ZoneError, ZoneOptions, ZoneServer
+from keyplane.server.vitals import EXIT_REVOKED, EXIT_VITAL_PART_DIED
+from keyplane.zone.runtime import ZoneError, ZoneOptions, ZoneRevoked, ZoneServer
 
 ZONE_HELP = """\
 Run a zone server. The first start enrolls with the server named in the init bundle
@@ -130,6 +130,9 @@ def _run_prepared(zone: ZoneServer, options: ZoneOptions, args: argparse.Namespa
         if args.workers is not None:
             zone.close()  # enrolled and up to date: the workers take it from here
             return _supervise(zone, options, args)
+    except ZoneRevoked as exc:
+        print(f"keyplane zone serve: {exc}", file=sys.stderr)
+        return EXIT_REVOKED
     except (ZoneError, BundleError, BackendError, ConfigError, OSError) as exc:
         print(f"keyplane zone serve: cannot start: {exc}", file=sys.stderr)
         return 2
@@ -159,6 +162,8 @@ async def _serve(zone: ZoneServer) -> int:
     signalled.cancel()
     served.cancel()
     await zone.stop()
+    if zone.revoked_because is not None:
+        return EXIT_REVOKED  # starting it again is no use: it must enroll again
     # A part the zone needs died: exit non-zero so that it is started again.
     return EXIT_VITAL_PART_DIED if zone.vital_part_died is not None else 0
 
@@ -202,12 +207,18 @@ def _worker_main(options: ZoneOptions, fingerprint: str | None, log_level: str, 
         format=f"%(asctime)s %(levelname)s zone-worker{index} %(name)s: %(message)s",
     )
     zone = ZoneServer(options, worker=index)
-    zone.prepare(None, fingerprint, None)
+    try:
+        zone.prepare(None, fingerprint, None)
+    except ZoneRevoked as exc:
+        print(f"keyplane zone serve: {exc}", file=sys.stderr)
+        sys.exit(EXIT_REVOKED)
     asyncio.run(_serve_worker(zone))
 
 
 async def _serve_worker(zone: ZoneServer) -> None:
     await zone.start()
     await serve_as_worker(zone.stop, zone.wait)
+    if zone.revoked_because is not None:
+        sys.exit(EXIT_REVOKED)  # the supervisor stops every worker
     if zone.vital_part_died is not None:
         sys.exit(EXIT_VITAL_PART_DIED)  # the supervisor starts a fresh worker

@@ -112,9 +112,14 @@ class ZoneIssuer:
 
     # -- enrollment and renewal ----------------------------------------------------------
 
+    def _refuse_if_revoked(self) -> None:
+        if self.zone.revoked_because is not None:
+            raise Unavailable(f"{self.zone.revoked_because}; enroll with another server")
+
     def enroll(self, csr_data: bytes, token: str) -> Issued:
         """Issue, then have the server spend the token and record the certificate in one
         transaction; only then is the certificate handed out."""
+        self._refuse_if_revoked()
         if token and (len(token) > MAX_TOKEN_LENGTH or not token.startswith(TOKEN_PREFIX)):
             raise Unauthenticated("the enrollment token is unknown, spent or expired")
         _, key, common_name = check_csr(csr_data)
@@ -139,6 +144,7 @@ class ZoneIssuer:
     def renew_pending(self, identity: Identity, csr_data: bytes) -> tuple[Issued, Future[object]]:
         """Renew a certificate this zone's intermediate issued: once, for a new key never
         revoked. The future completes once the renewal and its report are durable."""
+        self._refuse_if_revoked()
         _, key, common_name = check_csr(csr_data)
         renewal.check_renewal(identity, key, common_name)
         if identity.issuer_fingerprint not in self.zone.store.intermediates():

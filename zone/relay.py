@@ -77,6 +77,11 @@ class Relay:
                     state.version, _root_set(state), signed.SerializeToString()
                 )
             self.state = state
+        if state is not None and self.zone.check_revoked(state):
+            # A revoked zone renews nothing; it tells its clients (they learn they are
+            # revoked too) and stops soon after.
+            self.notify(state.version)
+            return
         self.zone.upstream.maybe_renew_quietly()
         if state is not None:
             self.notify(state.version)

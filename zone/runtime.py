@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from keyplane.clients.bundle import Bundle, load_bundle
 from keyplane.clients.client import KeyplaneClientError
+from keyplane.clients.trust import TrustState
 from keyplane.plugins.manager import KeyBackends
 from keyplane.server.config import format_address, parse_address
 from keyplane.server.datadir import DataDir, DataDirState, private_umask
@@ -42,9 +43,17 @@ from keyplane.zone.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
+# How long a zone that learnt it was revoked goes on relaying the trust state, so that its
+# clients learn it too, before it stops.
+REVOKED_GRACE_SECONDS = 5.0
+
 
 class ZoneError(Exception):
     """The zone server cannot start; the message says why."""
+
+
+class ZoneRevoked(ZoneError):
+    """The server revoked this zone server: it must be enrolled again."""
 
 
 def free_port(host: str) -> int:
@@ -129,6 +138,9 @@ class ZoneServer:
         self._health: health.aio.HealthServicer | None = None
         self._vital_part_died: asyncio.Event | None = None
         self._monitor: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.revoked_because: str | None = None
+        self._revoked: asyncio.Event | None = None
 
     @property
     def enrolled(self) -> bool:
@@ -165,8 +177,35 @@ class ZoneServer:
                 exc.code.name,
                 self.relay.state.version,
             )
+        if self.revoked_because is not None:
+            raise ZoneRevoked(self.revoked_because)
         self.upstream.maybe_renew_quietly()
         self.data_dir.first_start_done()
+
+    def check_revoked(self, state: TrustState) -> bool:
+        """Whether the trust state revokes this zone (its intermediate or its own
+        certificate); if so, remember it and stop serving (once)."""
+        if self.revoked_because is not None:
+            return True
+        mine = self.store.intermediates()
+        tls = self.store.get("tls_chain_pem") or ""
+        serial = certs.serial_hex(x509.load_pem_x509_certificates(tls.encode())[0]) if tls else ""
+        body = state.body
+        if not (mine & set(body.revoked_key_fingerprints) or serial in body.revoked_serials):
+            return False
+        self.revoked_because = (
+            f"zone server {self.options.name} was revoked by its server (trust state "
+            f"v{state.version}); it issues nothing more: enroll it again with a new "
+            "zone-server token, in a new data dir"
+        )
+        log.error("%s; stopping in %.0f s", self.revoked_because, REVOKED_GRACE_SECONDS)
+        if self._revoked is not None and self._loop is not None:
+            # Long enough for its watchers to hear of the version that revokes them too.
+            event = self._revoked
+            self._loop.call_soon_threadsafe(
+                lambda: self._loop.call_later(REVOKED_GRACE_SECONDS, event.set)  # type: ignore[union-attr]
+            )
+        return True
 
     # -- serving -------------------------------------------------------------------------
 
@@ -255,6 +294,8 @@ class ZoneServer:
         writer = self.store.report_writer
         self.vitals.watch("report writer thread", lambda: writer.alive)
         self._vital_part_died = asyncio.Event()
+        self._revoked = asyncio.Event()
+        self._loop = loop
         what = f"zone server {self.options.name} (worker {self.worker})"
         self._monitor = asyncio.create_task(self.vitals.monitor(self._on_vital_death, what))
 
@@ -276,10 +317,14 @@ class ZoneServer:
         # which a cancellation would break; it ends when the server stops.
         terminated = asyncio.ensure_future(self._server.wait_for_termination())
         died = asyncio.create_task(self._vital_part_died.wait())
+        revoked = asyncio.create_task(self._revoked.wait()) if self._revoked else None
+        waiting = [terminated, died, *([revoked] if revoked else [])]
         try:
-            await asyncio.wait([terminated, died], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             died.cancel()
+            if revoked is not None:
+                revoked.cancel()
 
     def close(self) -> None:
         """Release the files of a zone server that was prepared but not started."""
