@@ -183,15 +183,16 @@ class ZoneServer:
         self.data_dir.first_start_done()
 
     def check_revoked(self, state: TrustState) -> bool:
-        """Whether the trust state revokes this zone (its intermediate or its own
-        certificate); if so, remember it and stop serving (once)."""
+        """Whether the trust state revokes this zone (its current intermediate or its
+        current certificate: older ones go with the root that issued them, as a rotation
+        completes); if so, remember it and stop serving (once)."""
         if self.revoked_because is not None:
             return True
-        mine = self.store.intermediates()
+        intermediate = certs.key_fingerprint(self.issuing.intermediate())
         tls = self.store.get("tls_chain_pem") or ""
         serial = certs.serial_hex(x509.load_pem_x509_certificates(tls.encode())[0]) if tls else ""
         body = state.body
-        if not (mine & set(body.revoked_key_fingerprints) or serial in body.revoked_serials):
+        if intermediate not in body.revoked_key_fingerprints and serial not in body.revoked_serials:
             return False
         self.revoked_because = (
             f"zone server {self.options.name} was revoked by its server (trust state "
