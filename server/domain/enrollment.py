@@ -97,13 +97,20 @@ def check_revocation(
     record: CertificateRecord, confirm: bool, force: bool, caller: Identity | None
 ) -> None:
     """The rule for revoking a certificate by hand (RevokeCertificate, RevokeIdentity):
-    a person's credential needs an explicit confirmation, and the credential the call
-    is made with needs force as well."""
-    if record.role in HUMAN_ROLES and not confirm:
-        raise ConfirmationRequired(
-            f"{record.serial} is a person's credential ({record.role}: "
-            f"{record.subject}); confirm it explicitly (--yes on the command line)"
-        )
+    a person's credential needs the admin role and an explicit confirmation, and the
+    credential the call is made with needs force as well."""
+    if record.role in HUMAN_ROLES:
+        if caller is not None and Role.ADMIN not in caller.roles:
+            # People's credentials are identities, which only admins manage.
+            raise PermissionDenied(
+                f"{record.serial} is a person's credential ({record.role}: "
+                f"{record.subject}); revoking it needs the admin role"
+            )
+        if not confirm:
+            raise ConfirmationRequired(
+                f"{record.serial} is a person's credential ({record.role}: "
+                f"{record.subject}); confirm it explicitly (--yes on the command line)"
+            )
     if caller is not None and caller.serial == record.serial and not force:
         raise RevokesCaller(
             f"{record.serial} is the credential this call is made with: revoking it locks "
