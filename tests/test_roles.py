@@ -1,10 +1,11 @@
 """Roles, played by every kind of caller: each RPC of each service as no identity, as an
 admin, an operator and an auditor (identities made through the real API), an agent, a
 zone server and a revoked operator; what an operator may and may not change; that an
-auditor changes nothing."""
+auditor changes nothing; and that README.md's access table is the code's."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,13 @@ from google.protobuf import message_factory, symbol_database
 
 from keyplane.clients.client import KeyplaneClient, KeyplaneClientError, bootstrap_channel_for
 from keyplane.server.app import SERVICE_NAMES
-from keyplane.server.auth import ACCESS, PUBLIC, READ
+from keyplane.server.auth import ACCESS, PUBLIC, READ, Access
 from keyplane.server.kinds import Role
 from tests.serverkit import RunningServer, running_server
 from tests.test_enrollment import make_csr, p256
 from tests.zonekit import enroll_fake_zone, key_pem, mtls_channel
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def _roots(server: RunningServer) -> bytes:
@@ -309,3 +312,37 @@ def test_an_auditor_changes_nothing(
     assert auditor.list_identities(include_revoked=True) and auditor.get_init_bundle().body
     assert auditor.get_root_key(root) and auditor.get_legacy_root_key()
     assert snapshot_state(server) == before
+
+
+# -- the README's table is the code's ------------------------------------------------------
+
+ROLE_ORDER = (Role.ADMIN, Role.OPERATOR, Role.AUDITOR, Role.AGENT, Role.ZONE_SERVER)
+
+
+def _roles_text(access: Access) -> str:
+    if access is PUBLIC:
+        return "anyone (public)"
+    return ", ".join(r.value for r in ROLE_ORDER if r in access)  # type: ignore[operator]
+
+
+def access_table() -> str:
+    """README.md's access table, rendered from server/auth.py's ACCESS."""
+    lines = ["| RPC | who may call it |", "|---|---|"]
+    for path, access in ACCESS.items():
+        lines.append(
+            f"| `{path.lstrip('/').removeprefix('keyplane.v1.')}` | {_roles_text(access)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def test_the_readme_access_table_is_the_code_s() -> None:
+    text = README.read_text()
+    found = re.search(r"^\| RPC \| who may call it \|\n(?:\|.*\|\n)+", text, re.MULTILINE)
+    assert found, "README.md has no access table (| RPC | who may call it |)"
+    assert found.group(0) == access_table(), (
+        "README.md's access table differs from server/auth.py; replace it with:\n" + access_table()
+    )
+
+
+if __name__ == "__main__":  # python -m tests.test_roles: print the table for README.md
+    print(access_table(), end="")
