@@ -270,7 +270,7 @@ def test_identities_create_list_revoke_through_the_cli(
         "--out", str(tmp_path / "twice"), data_dir=data,
     )  # fmt: skip
     assert taken.returncode == 1 and "ALREADY_EXISTS" in taken.stderr
-    assert not (tmp_path / "twice" / "admin.pem").exists()
+    assert not (tmp_path / "twice").exists()
     listed = _cli(data, "identities", "list")
     assert isinstance(listed, list)
     assert [(i["name"], i["role"]) for i in listed] == [

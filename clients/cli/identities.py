@@ -18,7 +18,12 @@ from cryptography.x509.oid import NameOID
 from keyplane.clients.cli import CliError
 from keyplane.clients.cli.certs import REVOKE_HINTS
 from keyplane.clients.cli.output import print_json, table, timestamp
-from keyplane.clients.client import IDENTITY_ROLE_NAMES, IDENTITY_ROLES, KeyplaneClient
+from keyplane.clients.client import (
+    IDENTITY_ROLE_NAMES,
+    IDENTITY_ROLES,
+    KeyplaneClient,
+    KeyplaneClientError,
+)
 from keyplane.clients.credentials import (
     CA_FILE,
     CREDENTIAL_FILE,
@@ -105,6 +110,7 @@ def cmd_identities_create(client: KeyplaneClient, args: argparse.Namespace) -> i
             f"{out / CREDENTIAL_FILE} exists already; it is never overwritten: choose "
             "another --out dir"
         )
+    made = not out.exists()
     try:
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
@@ -118,7 +124,12 @@ def cmd_identities_create(client: KeyplaneClient, args: argparse.Namespace) -> i
         .sign(key, hashes.SHA256())
         .public_bytes(serialization.Encoding.PEM)
     )
-    created = client.create_identity(args.name, args.role, csr)
+    try:
+        created = client.create_identity(args.name, args.role, csr)
+    except KeyplaneClientError:
+        if made:  # refused: leave no trace of the attempt
+            out.rmdir()
+        raise
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
