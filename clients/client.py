@@ -19,6 +19,8 @@ from keyplane.v1 import (
     common_pb2,
     enrollment_service_pb2,
     enrollment_service_pb2_grpc,
+    identity_service_pb2,
+    identity_service_pb2_grpc,
     key_service_pb2,
     key_service_pb2_grpc,
     message_signing_service_pb2,
@@ -74,6 +76,12 @@ KEY_KINDS = {
     "message-signing": key_service_pb2.KEY_KIND_MESSAGE_SIGNING,
 }
 KEY_KIND_NAMES = {v: k for k, v in KEY_KINDS.items()}
+IDENTITY_ROLES = {
+    "admin": identity_service_pb2.IDENTITY_ROLE_ADMIN,
+    "operator": identity_service_pb2.IDENTITY_ROLE_OPERATOR,
+    "auditor": identity_service_pb2.IDENTITY_ROLE_AUDITOR,
+}
+IDENTITY_ROLE_NAMES = {v: k for k, v in IDENTITY_ROLES.items()}
 # Room for a 4 MiB payload to sign plus its envelope.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
 # A watch stream on a connection that died silently is noticed within ~80 s: pings go on
@@ -152,6 +160,7 @@ class KeyplaneClient:
         self._certs = certificate_service_pb2_grpc.CertificateServiceStub(channel)  # type: ignore[no-untyped-call]
         self._enrollment = enrollment_service_pb2_grpc.EnrollmentServiceStub(channel)  # type: ignore[no-untyped-call]
         self._zones = zone_service_pb2_grpc.ZoneServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._identities = identity_service_pb2_grpc.IdentityServiceStub(channel)  # type: ignore[no-untyped-call]
 
     @classmethod
     def connect(cls, address: str, credential: Credential) -> KeyplaneClient:
@@ -422,3 +431,38 @@ class KeyplaneClient:
                 token=token, subject=subject, certificate_der=certificate_der
             ),
         )
+
+    def create_identity(
+        self, name: str, role: str, csr: bytes
+    ) -> identity_service_pb2.CreateIdentityResponse:
+        """Certify the key of `csr` as a person's credential (`role`: admin, operator or
+        auditor); the key itself stays with the caller."""
+        response: identity_service_pb2.CreateIdentityResponse = self._call(
+            self._identities.CreateIdentity,
+            identity_service_pb2.CreateIdentityRequest(
+                name=name,
+                role=IDENTITY_ROLES.get(role, identity_service_pb2.IDENTITY_ROLE_UNSPECIFIED),
+                csr=csr,
+            ),
+        )
+        return response
+
+    def list_identities(self, include_revoked: bool = False) -> list[identity_service_pb2.Identity]:
+        response: identity_service_pb2.ListIdentitiesResponse = self._call(
+            self._identities.ListIdentities,
+            identity_service_pb2.ListIdentitiesRequest(include_revoked=include_revoked),
+        )
+        return list(response.identities)
+
+    def revoke_identity(
+        self, name: str, reason: str, confirm: bool, force: bool = False
+    ) -> list[identity_service_pb2.Identity]:
+        """Revoke every live credential of `name`; `force` as well for the one this
+        client calls with."""
+        response: identity_service_pb2.RevokeIdentityResponse = self._call(
+            self._identities.RevokeIdentity,
+            identity_service_pb2.RevokeIdentityRequest(
+                name=name, reason=reason, confirm=confirm, force=force
+            ),
+        )
+        return list(response.identities)

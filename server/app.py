@@ -28,6 +28,7 @@ from keyplane.server.domain.clock import Clock, SystemClock
 from keyplane.server.domain.enrollment import Enrollment
 from keyplane.server.domain.faults import Faults
 from keyplane.server.domain.hierarchy import Hierarchy, StartReport, TlsMaterial
+from keyplane.server.domain.identities import Identities
 from keyplane.server.domain.signing import MessageSigner
 from keyplane.server.domain.zones import Zones
 from keyplane.server.grpc_options import server_options
@@ -37,6 +38,7 @@ from keyplane.server.ports import add_listener
 from keyplane.server.services.bundles import BundleServicer
 from keyplane.server.services.certificates import CertificateServicer
 from keyplane.server.services.enrollment import EnrollmentServicer
+from keyplane.server.services.identities import IdentityServicer
 from keyplane.server.services.keys import KeyServicer
 from keyplane.server.services.message_signing import MessageSigningServicer
 from keyplane.server.services.root_keys import RootKeyServicer
@@ -52,6 +54,8 @@ from keyplane.v1 import (
     certificate_service_pb2_grpc,
     enrollment_service_pb2,
     enrollment_service_pb2_grpc,
+    identity_service_pb2,
+    identity_service_pb2_grpc,
     key_service_pb2,
     key_service_pb2_grpc,
     message_signing_service_pb2,
@@ -80,6 +84,7 @@ SERVICE_NAMES = tuple(
         zone_service_pb2,
         certificate_service_pb2,
         bundle_service_pb2,
+        identity_service_pb2,
     )
     for service in module.DESCRIPTOR.services_by_name.values()
 )
@@ -235,6 +240,10 @@ class KeyplaneServer:
             (
                 bundle_service_pb2_grpc.add_BundleServiceServicer_to_server,
                 BundleServicer(Bundles(hierarchy), self._advertised),
+            ),
+            (
+                identity_service_pb2_grpc.add_IdentityServiceServicer_to_server,
+                IdentityServicer(Identities(hierarchy)),
             ),
         ]
         for add, servicer in servicers:

@@ -80,6 +80,9 @@ ACCESS: dict[str, Access] = {
     # Signed documents, verified by the component against the roots it pins.
     "/keyplane.v1.TrustStateService/GetTrustState": PUBLIC,
     "/keyplane.v1.TrustStateService/WatchTrustState": PUBLIC,
+    "/keyplane.v1.IdentityService/CreateIdentity": ADMIN,
+    "/keyplane.v1.IdentityService/ListIdentities": READ,
+    "/keyplane.v1.IdentityService/RevokeIdentity": ADMIN,
 }
 
 

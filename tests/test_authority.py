@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
-from google.protobuf import message_factory, symbol_database
 
 from keyplane.clients.client import KeyplaneClient, KeyplaneClientError, bootstrap_channel_for
-from keyplane.clients.credentials import load_credential
-from keyplane.server.app import SERVICE_NAMES
-from keyplane.server.auth import ACCESS, PUBLIC
 from keyplane.server.domain import certs
 from keyplane.v1 import zone_service_pb2
-from tests.serverkit import FQDN, RunningServer, openssl_verify, running_server
+from tests.serverkit import FQDN, RunningServer, openssl_verify
 from tests.test_enrollment import make_csr, p256
 from tests.zonekit import FakeZone, enroll_fake_zone, key_pem, mtls_channel
 
@@ -403,95 +398,6 @@ def test_a_revocation_killed_before_its_commit_is_neither_half_made_nor_lost(
         assert issued.serial in trust["revoked_serials"]
     finally:
         again.stop()
-
-
-# -- the access table ----------------------------------------------------------------------
-
-
-def _methods() -> Iterator[tuple[str, object, bool]]:
-    """Every method the server serves: (path, request class, server-streaming)."""
-    from grpc_health.v1 import health_pb2
-    from grpc_reflection.v1alpha import reflection_pb2  # noqa: F401 - registers its types
-
-    pool = symbol_database.Default().pool
-    for service_name in (*SERVICE_NAMES, "grpc.health.v1.Health"):
-        service = pool.FindServiceByName(service_name)
-        for method in service.methods:
-            request = message_factory.GetMessageClass(method.input_type)
-            yield f"/{service.full_name}/{method.name}", request, method.server_streaming
-    assert health_pb2
-
-
-def _call(channel: grpc.Channel, path: str, request: object, streaming: bool) -> tuple[str, str]:
-    """(status name, details) of calling `path` with an empty request."""
-    serialize = lambda m: m.SerializeToString()  # noqa: E731
-    try:
-        if streaming:
-            for _ in channel.unary_stream(path, request_serializer=serialize)(
-                request(),
-                timeout=2,  # type: ignore[operator]
-            ):
-                break
-        else:
-            channel.unary_unary(path, request_serializer=serialize)(request(), timeout=10)  # type: ignore[operator]
-    except grpc.RpcError as exc:
-        return exc.code().name, exc.details() or ""
-    return "OK", ""
-
-
-# What the access check says when it refuses (the domain may refuse for its own
-# reasons too, e.g. an empty token, with other words).
-NO_IDENTITY = "needs a client certificate from this server's hierarchy"
-WRONG_ROLE = "role; the client certificate"
-
-
-def test_every_served_method_of_every_service_is_in_the_access_table_and_enforced(
-    tmp_path: Path,
-) -> None:
-    with running_server(tmp_path / "data") as server:
-        roots = _roots(server)
-        with server.admin_client() as admin:
-            token = admin.create_enrollment_token().token
-            zone_token = admin.create_enrollment_token(role="zone-server").token
-        key = p256()
-        with KeyplaneClient(bootstrap_channel_for(server.bootstrap, roots)) as anonymous:
-            agent = anonymous.enroll(make_csr(key, cn="walker"), token)
-        zone = enroll_fake_zone(server.bootstrap, roots, zone_token)
-        credential = load_credential(server.admin_dir)
-        channels = {
-            "nobody": bootstrap_channel_for(server.bootstrap, roots),
-            "admin": mtls_channel(
-                server.listen,
-                credential.certificate_chain_pem,
-                credential.private_key_pem,
-                roots,
-            ),
-            "agent": mtls_channel(
-                server.listen, agent.certificate_chain_pem.encode(), key_pem(key), roots
-            ),
-            "zone-server": zone.channel(server.listen, roots),
-        }
-        for channel in channels.values():
-            # Connected first: the walk's CreateRootKey re-issues the server's certificate
-            # under a root these channels were not given.
-            grpc.channel_ready_future(channel).result(timeout=10)
-        served = list(_methods())
-        assert len(served) > 30
-        missing = {path for path, *_ in served} - set(ACCESS)
-        assert not missing, f"served but not in the access table: {missing}"
-        for path, request, streaming in served:
-            access = ACCESS[path]
-            for who, channel in channels.items():
-                code, details = _call(channel, path, request, streaming)
-                refused_by_access = NO_IDENTITY in details or WRONG_ROLE in details
-                if access is PUBLIC or who in access:  # type: ignore[operator]
-                    assert not refused_by_access, (path, who, code, details)
-                elif who == "nobody":
-                    assert code == "UNAUTHENTICATED" and NO_IDENTITY in details, (path, code)
-                else:
-                    assert code == "PERMISSION_DENIED" and WRONG_ROLE in details, (path, who)
-        for channel in channels.values():
-            channel.close()
 
 
 def test_zone_servers_are_listed_with_what_they_issued(

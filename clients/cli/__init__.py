@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     from keyplane.clients.cli import (
         bundle,
         certs,
+        identities,
         keys,
         roots,
         settings,
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = connection_options()
-    for noun in (roots, keys, settings, trust_state, signing, bundle, tokens, certs, zones):
+    nouns = (roots, keys, settings, trust_state, signing, bundle, tokens, certs, zones, identities)
+    for noun in nouns:
         noun.register(commands, common)
     agent.register(commands)
     for entry in entry_points(group=COMMAND_GROUP):

@@ -126,7 +126,7 @@ def register(
     certificates = commands.add_parser("certs", help="issued certificates")
     verbs = certificates.add_subparsers(dest="verb", metavar="VERB", required=True)
     p = verbs.add_parser("list", parents=[common], help="issued certificates, newest first")
-    p.add_argument("--component", choices=["agent", "zone-server", "admin"])
+    p.add_argument("--component", choices=["agent", "zone-server", "admin", "operator", "auditor"])
     p.add_argument("--limit", type=int, default=1000)
     p.set_defaults(call=cmd_certs_list)
     issue_help = (

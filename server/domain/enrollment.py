@@ -93,6 +93,56 @@ def key_in_use(records: list[CertificateRecord]) -> str:
     )
 
 
+def check_revocation(
+    record: CertificateRecord, confirm: bool, force: bool, caller: Identity | None
+) -> None:
+    """The rule for revoking a certificate by hand (RevokeCertificate, RevokeIdentity):
+    a person's credential needs the admin role and an explicit confirmation, and the
+    credential the call is made with needs force as well."""
+    if record.role in HUMAN_ROLES:
+        if caller is not None and Role.ADMIN not in caller.roles:
+            # People's credentials are identities, which only admins manage.
+            raise PermissionDenied(
+                f"{record.serial} is a person's credential ({record.role}: "
+                f"{record.subject}); revoking it needs the admin role"
+            )
+        if not confirm:
+            raise ConfirmationRequired(
+                f"{record.serial} is a person's credential ({record.role}: "
+                f"{record.subject}); confirm it explicitly (--yes on the command line)"
+            )
+    if caller is not None and caller.serial == record.serial and not force:
+        raise RevokesCaller(
+            f"{record.serial} is the credential this call is made with: revoking it locks "
+            "you out; use another credential, or confirm with --force"
+        )
+
+
+def revoke_published(
+    hierarchy: Hierarchy,
+    actor: str,
+    serials: Sequence[str],
+    reason: str,
+    action: str,
+    **details: object,
+) -> None:
+    """Revoke certificates, audit each, and publish the trust-state version that carries
+    them, in one transaction: acknowledged only once published, and if the trust state
+    cannot be signed nothing is revoked (UNAVAILABLE). Call with the hierarchy's lock."""
+    try:
+        with hierarchy.store.transaction(hierarchy.clock.now()) as tx:
+            for serial in serials:
+                tx.revoke_certificate(serial, actor, reason)
+                tx.audit(actor, action, serial, reason=reason, **details)
+            hierarchy.trust.publish_in(tx, actor)
+    except BackendError as exc:
+        what = f"certificate {serials[0]} was" if len(serials) == 1 else "the certificates were"
+        raise Unavailable(
+            f"{what} not revoked: the trust state that publishes the revocation could "
+            f"not be signed ({exc}); nothing changed, try again"
+        ) from None
+
+
 class Enrollment:
     """Issues and tracks component certificates on behalf of the hierarchy."""
 
@@ -351,26 +401,8 @@ class Enrollment:
                     "'keyplane zones revoke NAME', which revokes its intermediate and "
                     "everything it issued"
                 )
-            if record.role in HUMAN_ROLES and not confirm:
-                raise ConfirmationRequired(
-                    f"{serial} is a person's credential ({record.role}: {record.subject}); "
-                    "confirm it explicitly (--yes on the command line)"
-                )
-            if caller is not None and caller.serial == serial and not force:
-                raise RevokesCaller(
-                    f"{serial} is the credential this call is made with: revoking it locks "
-                    "you out; use another credential, or confirm with --force"
-                )
-            try:
-                with self.store.transaction(self.clock.now()) as tx:
-                    tx.revoke_certificate(serial, actor, reason)
-                    tx.audit(actor, "certificate.revoke", serial, reason=reason)
-                    self.hierarchy.trust.publish_in(tx, actor)
-            except BackendError as exc:
-                raise Unavailable(
-                    f"certificate {serial} was not revoked: the trust state that publishes "
-                    f"the revocation could not be signed ({exc}); nothing changed, try again"
-                ) from None
+            check_revocation(record, confirm, force, caller)
+            revoke_published(self.hierarchy, actor, [serial], reason, "certificate.revoke")
         found = self.store.certificate(serial)
         assert found is not None  # noqa: S101
         return found
