@@ -8,10 +8,14 @@ Everything the agent holds lives in its data dir (mode 0700), each file written 
     key.pem       its private key (0600)          cert.pem     leaf + intermediate, PEM
     roots.pem     the roots sent with the cert    issued.json  serial, not_after, renew_after
     trust.bin     the newest verified trust state status.json  what `agent status` shows
+    pending-renewal.json   the next certificate's key and CSR (0600), until it is saved
 
 A renewal stages key.pem, cert.pem, roots.pem and issued.json in `.renewal/`, marks the set
 complete, then moves each file into place; a start that finds a complete set finishes the
-move, so a crash never leaves a key beside a certificate for another key.
+move, so a crash never leaves a key beside a certificate for another key. The new key is
+made once per certificate and kept until its certificate is saved: a renewal whose answer
+was lost is asked again for the same key, and the server answers it with the same
+certificate (a certificate renews once).
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ TRUST_FILE = "trust.bin"
 STATUS_FILE = "status.json"
 STAGING_DIR = ".renewal"
 STAGED_COMPLETE = "complete"
+# The key and CSR of a renewal not yet saved (0600): reused until it is.
+PENDING_FILE = "pending-renewal.json"
 # The files of one certificate, swapped together; the key goes first.
 CREDENTIAL_FILES = (KEY_FILE, CERT_FILE, ROOTS_FILE, ISSUED_FILE)
 
@@ -828,6 +834,23 @@ class Agent:
             self._record_error("renew", error)
         log.warning("renewal failed: %s (trying again in %.1f s)", error, delay)
 
+    def _pending_renewal(self, serial: str) -> tuple[bytes, bytes]:
+        """The key and CSR of this certificate's renewal: made once and kept (0600) until
+        the renewal is saved, so that a renewal whose answer was lost (the server
+        renewed, the agent never heard) is asked again for the same key, and answered
+        with the same certificate; a certificate renews once."""
+        path = self.directory / PENDING_FILE
+        try:
+            pending = json.loads(path.read_text())
+            if pending.get("for") == serial:
+                return pending["key_pem"].encode(), pending["csr_pem"].encode()
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+        key_pem, csr_pem = new_key_and_csr(self.name)
+        record = {"for": serial, "key_pem": key_pem.decode(), "csr_pem": csr_pem.decode()}
+        write_atomic(path, json.dumps(record).encode(), 0o600)
+        return key_pem, csr_pem
+
     def _renew_once(self) -> None:
         with self._lock:
             current = self._issued
@@ -840,7 +863,7 @@ class Agent:
                 why = "renewal time"
             roots_pem = self._roots_pem()
         log.info("renewing (%s)", why)
-        key_pem, csr_pem = new_key_and_csr(self.name)
+        key_pem, csr_pem = self._pending_renewal(current.serial)
         channel = channel_for(self._endpoint.listen, self._credential(roots_pem))
         with self._lock:
             if self._stop.is_set():
@@ -872,6 +895,7 @@ class Agent:
         self._renew_backoff.reset()
         with self._lock:
             save_issued(self.directory, issued)
+            (self.directory / PENDING_FILE).unlink(missing_ok=True)  # saved: no longer pending
             self._clear_error("renew")
             self._install(issued)
             newest = self._trust.body.roots[-1].fingerprint if self._trust else None

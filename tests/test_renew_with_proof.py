@@ -371,6 +371,27 @@ def test_renew_with_proof_through_a_zone_server(tmp_path: Path, workers: str) ->
                 "zone1",
             )
             assert "revoked" in error.message
+        # Renew over mutual TLS at the zone, its answer "lost": asked again for the same
+        # key it is the same certificate; for another key, refused.
+        token = json.loads(run_cli("tokens", "create", "--json", data_dir=data, check=True).stdout)[
+            "token"
+        ]
+        roots = bundle.roots_pem()  # type: ignore[attr-defined]
+        with KeyplaneClient(bootstrap_channel_for(endpoint.bootstrap_listen, roots)) as client:
+            key = p256()
+            issued = client.enroll(make_csr(key, cn="meter-lost"), token)
+        with KeyplaneClient(
+            mtls_channel(
+                endpoint.listen, issued.certificate_chain_pem.encode(), key_pem(key), roots
+            )
+        ) as holder:
+            csr = make_csr(p256(), cn="meter-lost")
+            first = holder.renew(csr)
+            assert holder.renew(csr).serial == first.serial
+            error = _refused(
+                grpc.StatusCode.PERMISSION_DENIED, holder.renew, make_csr(p256(), cn="meter-lost")
+            )
+            assert "renewed already" in error.message
         token = json.loads(
             run_cli("tokens", "create", "--uses", "8", "--json", data_dir=data, check=True).stdout
         )["token"]

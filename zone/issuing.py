@@ -141,9 +141,13 @@ class ZoneIssuer:
             ) from None
         return issued
 
-    def renew_pending(self, identity: Identity, csr_data: bytes) -> tuple[Issued, Future[object]]:
+    def renew_pending(
+        self, identity: Identity, csr_data: bytes, repeat: bool = False
+    ) -> tuple[Issued, Future[object]]:
         """Renew a certificate this zone's intermediate issued: once, for a new key never
-        revoked. The future completes once the renewal and its report are durable."""
+        revoked. The future completes once the renewal and its report are durable. With
+        `repeat` (Renew over mutual TLS), a renewal asked again after its answer was lost
+        gets the same certificate."""
         self._refuse_if_revoked()
         _, key, common_name = check_csr(csr_data)
         renewal.check_renewal(identity, key, common_name)
@@ -152,6 +156,13 @@ class ZoneIssuer:
                 "this certificate was not issued by this zone server: renew it where it "
                 "was issued (a certificate renews where its issuer lives)"
             )
+        again = self.zone.store.renewal_of(identity.serial) if repeat else None
+        if again is not None and certs.key_fingerprint(
+            successor := x509.load_der_x509_certificate(again)
+        ) == fingerprint(key):
+            done: Future[object] = Future()
+            done.set_result(None)
+            return self._issued_again(successor), done
         if self.zone.store.renewed(identity.serial):
             raise PermissionDenied(
                 f"certificate {identity.serial} was renewed already; a certificate renews "
@@ -165,6 +176,24 @@ class ZoneIssuer:
             issued.serial, certs.to_der(cert), Role.AGENT, renews=identity.serial
         )
         return issued, durable
+
+    def _issued_again(self, cert: x509.Certificate) -> Issued:
+        """A certificate this zone issued before, as Renew answers it, with the
+        intermediate (of those the zone has held) that issued it."""
+        issuer_cert, _ = self._issuer()
+        for pem in self.zone.store.intermediate_certificates():
+            if certs.issued_by(cert, pem):
+                issuer_cert = certs.load_pem(pem)
+                break
+        state = self.zone.relay.state
+        window = self._settings_hours("PKIClientTLSKeyRenewalWindowHours", 4)
+        return Issued(
+            chain_pem=certs.to_pem(cert) + certs.to_pem(issuer_cert),
+            roots_pem=(state.roots_pem() if state else b"").decode(),
+            serial=certs.serial_hex(cert),
+            not_after=cert.not_valid_after_utc,
+            renew_after=renew_after(cert.not_valid_after_utc, window),
+        )
 
     def identity_from_chain(self, chain_pem: bytes) -> Identity:
         """The caller of RenewWithProof: admitted as a mutual-TLS caller would be."""

@@ -37,7 +37,9 @@ CREATE TABLE IF NOT EXISTS intermediates (
 -- A certificate renews once: its serial, and what it was renewed to.
 CREATE TABLE IF NOT EXISTS renewals (
     serial TEXT PRIMARY KEY,
-    successor TEXT NOT NULL
+    successor TEXT NOT NULL,
+    -- The certificate it was renewed to, DER: the answer again, if the first was lost.
+    successor_der BLOB
 );
 COMMIT;
 """
@@ -172,8 +174,9 @@ class ZoneStore:
                     try:
                         if renews is not None:
                             self._db.execute(
-                                "INSERT INTO renewals (serial, successor) VALUES (?, ?)",
-                                (renews, serial),
+                                "INSERT INTO renewals (serial, successor, successor_der) "
+                                "VALUES (?, ?, ?)",
+                                (renews, serial, der),
                             )
                         self._db.execute(
                             "INSERT OR IGNORE INTO pending_reports (serial, der, component) "
@@ -201,6 +204,14 @@ class ZoneStore:
             self._db.execute("COMMIT")
         return outcomes
 
+    def renewal_of(self, serial: str) -> bytes | None:
+        """The certificate (DER) that the one with this serial was renewed to, if any."""
+        with self._read_lock:
+            row = self._reader.execute(
+                "SELECT successor_der FROM renewals WHERE serial = ?", (serial,)
+            ).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else None
+
     def renewed(self, serial: str) -> bool:
         """Whether this zone renewed the certificate with this serial already."""
         with self._read_lock:
@@ -215,6 +226,12 @@ class ZoneStore:
                 "INSERT OR IGNORE INTO intermediates (fingerprint, certificate_pem) VALUES (?, ?)",
                 (fingerprint, certificate_pem),
             )
+
+    def intermediate_certificates(self) -> list[str]:
+        """The PEM certificates of every intermediate this zone has held."""
+        with self._read_lock:
+            rows = self._reader.execute("SELECT certificate_pem FROM intermediates").fetchall()
+        return [str(r[0]) for r in rows]
 
     def intermediates(self) -> set[str]:
         """Fingerprints of every intermediate this zone has held."""

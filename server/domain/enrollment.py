@@ -324,7 +324,13 @@ class Enrollment:
         pending.result()
         return issued
 
-    def renew_pending(self, identity: Identity, csr_data: bytes) -> tuple[Issued, Future[object]]:
+    def renew_pending(
+        self, identity: Identity, csr_data: bytes, repeat: bool = False
+    ) -> tuple[Issued, Future[object]]:
+        """Renew for the key in the CSR. With `repeat` (Renew, over mutual TLS: only the
+        key's holder can ask), a renewal asked again after its answer was lost gets the
+        same certificate; RenewWithProof does not repeat, so a recorded request replays
+        to nothing."""
         _, key, common_name = check_csr(csr_data)
         renewal.check_renewal(identity, key, common_name)
         if identity.issuer is KeyKind.ZONE_INTERMEDIATE:
@@ -333,9 +339,40 @@ class Enrollment:
                 "(a certificate renews where its issuer lives)"
             )
         with self.store.snapshot():
+            again = self._renewed_already(identity, key) if repeat else None
+            if again is not None:
+                done: Future[object] = Future()
+                done.set_result(None)
+                return again, done
             self._refuse_known_key(key)
             issued, record = self._build(key, common_name)
         return issued, self._record_pending(identity.actor, None, [record], identity.serial)
+
+    def _renewed_already(self, identity: Identity, key: SubjectKey) -> Issued | None:
+        """A renewal asked again after its answer was lost (the same certificate, a CSR
+        for the same new key): the certificate it made, once more; nothing new is
+        recorded. For any other key, PERMISSION_DENIED: a certificate renews once."""
+        record = self.store.certificate(identity.serial)
+        if record is None or record.renewed_to is None:
+            return None
+        successor = self.store.certificate(record.renewed_to)
+        if successor is None or successor.fingerprint != fingerprint(key):
+            raise PermissionDenied(
+                f"certificate {identity.serial} was renewed already; a certificate renews once "
+                "(renew from the newest one)"
+            )
+        if successor.revoked_at is not None:
+            raise PermissionDenied(f"its renewed certificate {successor.serial} was revoked")
+        issuer = self.store.key(successor.issuer_fingerprint)
+        issuer_pem = (issuer.certificate_pem or "") if issuer is not None else ""
+        _, window = self.hierarchy.settings.rotation("ClientTLS")
+        return Issued(
+            chain_pem=successor.certificate_pem + issuer_pem,
+            roots_pem=self.hierarchy.trusted_roots_pem().decode(),
+            serial=successor.serial,
+            not_after=successor.not_after,
+            renew_after=renew_after(successor.not_after, window),
+        )
 
     # -- the record ----------------------------------------------------------------------
 

@@ -34,7 +34,9 @@ class ClientIssuer(Protocol):
 
     def enroll(self, csr_data: bytes, token: str) -> Issued: ...
 
-    def renew_pending(self, identity: Identity, csr_data: bytes) -> tuple[Issued, Future[Any]]: ...
+    def renew_pending(
+        self, identity: Identity, csr_data: bytes, repeat: bool = False
+    ) -> tuple[Issued, Future[Any]]: ...
 
     def identity_from_chain(self, chain_pem: bytes) -> Identity: ...
 
@@ -85,7 +87,9 @@ class EnrollmentServicer(enrollment_service_pb2_grpc.EnrollmentServiceServicer):
     async def Renew(
         self, request: enrollment_service_pb2.RenewRequest, context: Context
     ) -> enrollment_service_pb2.RenewResponse:
-        value, pending = self._enrollment.renew_pending(caller(), request.csr)
+        # Over mutual TLS only the key's holder asks: a renewal whose answer was lost is
+        # answered again with the same certificate.
+        value, pending = self._enrollment.renew_pending(caller(), request.csr, repeat=True)
         await asyncio.wrap_future(pending)
         return enrollment_service_pb2.RenewResponse(certificate=issued(value))
 
