@@ -32,7 +32,8 @@ run: install
 	$(BIN)/keyplane serve --data-dir $(DATA_DIR) --listen $(LISTEN)
 
 system-test-deps:
-	@scripts/system-packages.sh softhsm2-util=softhsm2 pkcs11-tool=opensc openssl=openssl
+	@scripts/system-packages.sh softhsm2-util=softhsm2 pkcs11-tool=opensc openssl=openssl \
+	    go=golang-go certutil=libnss3-tools cfssl=golang-cfssl
 
 test: install system-test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

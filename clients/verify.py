@@ -18,7 +18,11 @@ from keyplane.clients.trust import TrustState, key_fingerprint, verify_signature
 from keyplane.v1 import message_signing_service_pb2 as pb
 
 MESSAGE_CONTEXT = b"keyplane-message-v1\0"
-MESSAGE_SIGNING_EKU = x509.ObjectIdentifier("2.25.167263308521385613718624531546738935541")
+# id-kp-documentSigning (RFC 9336): what message-signing certificates carry. The first
+# keyplane EKU (an X.667 UUID OID) is still accepted on a certificate that carries it:
+# such a certificate is only trusted while it is valid, and none is issued any more.
+MESSAGE_SIGNING_EKU = x509.ObjectIdentifier("1.3.6.1.5.5.7.3.36")
+LEGACY_MESSAGE_SIGNING_EKU = x509.ObjectIdentifier("2.25.167263308521385613718624531546738935541")
 
 
 class MessageVerificationError(Exception):
@@ -64,7 +68,7 @@ def verify_message(payload: bytes, signed: pb.SignedMessage, trust: TrustState) 
         eku = signer.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         eku = x509.ExtendedKeyUsage([])
-    if MESSAGE_SIGNING_EKU not in eku:
+    if MESSAGE_SIGNING_EKU not in eku and LEGACY_MESSAGE_SIGNING_EKU not in eku:
         raise MessageVerificationError("the signer is not a keyplane message-signing certificate")
     body = trust.body
     if signer_fp in body.revoked_key_fingerprints:

@@ -32,9 +32,12 @@ BACKDATE = datetime.timedelta(minutes=1)
 # RFC 5280 4.1.2.5: 99991231235959Z means "no well-defined expiration date".
 NEVER_EXPIRES = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)
 ROLE_URI_PREFIX = "urn:keyplane:role:"
-# keyplane's own EKU for message-signing certificates: an X.667 UUID OID (2.25.<uuid>),
-# which needs no registration.
-MESSAGE_SIGNING_EKU = x509.ObjectIdentifier("2.25.167263308521385613718624531546738935541")
+# Message-signing certificates carry id-kp-documentSigning (RFC 9336), which every
+# ASN.1 stack parses. keyplane's first EKU, an X.667 UUID OID (2.25.<uuid>), has an arc
+# wider than 64 bits that Go (and so cfssl, step, Vault...) refuses to parse: no new
+# certificate carries it, and a server that still uses one rotates it at once.
+MESSAGE_SIGNING_EKU = x509.ObjectIdentifier("1.3.6.1.5.5.7.3.36")
+LEGACY_MESSAGE_SIGNING_EKU = x509.ObjectIdentifier("2.25.167263308521385613718624531546738935541")
 ORGANIZATION = "keyplane"
 
 
@@ -498,7 +501,7 @@ def build_message_signing_certificate(
     now: datetime.datetime,
     validity: datetime.timedelta,
 ) -> x509.Certificate:
-    """A message-signing certificate: digitalSignature only, keyplane's own EKU."""
+    """A message-signing certificate: digitalSignature only, id-kp-documentSigning."""
     subject = _name(common_name, "message-signing")
     builder = _leaf(issuer_key, issuer_cert, subject, public_key, now, validity).add_extension(
         x509.ExtendedKeyUsage([MESSAGE_SIGNING_EKU]), critical=False

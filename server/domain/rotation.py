@@ -44,6 +44,17 @@ SUBORDINATE_NAMES = {
 }
 
 
+def _legacy_eku(record: KeyRecord) -> bool:
+    """Whether a message-signing certificate carries keyplane's first EKU."""
+    try:
+        eku = certs.load_pem(record.certificate_pem or "").extensions.get_extension_for_class(
+            x509.ExtendedKeyUsage
+        )
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    return certs.LEGACY_MESSAGE_SIGNING_EKU in eku.value
+
+
 class Rotation:
     """Keeps every subordinate current; what the scheduler runs on each tick."""
 
@@ -102,6 +113,10 @@ class Rotation:
         _, window = h.settings.rotation(SETTINGS_KIND[kind])
         newest = current[-1]
         if newest.not_after is not None and now >= newest.not_after - window:
+            self._rotate(actor, kind, issuer)
+            return [f"{kind}:renewed"]
+        if kind == KeyKind.MESSAGE_SIGNING and _legacy_eku(newest):
+            # Go cannot parse the EKU it carries: replace it now, not at its renewal.
             self._rotate(actor, kind, issuer)
             return [f"{kind}:renewed"]
         return []
