@@ -3,9 +3,9 @@
 The archive is checked and restored into a new dir beside the target (checksums,
 SQLite's integrity checks, both databases opened, every live sealed key unsealed);
 only then are the two swapped (atomically where the kernel can: renameat2
-RENAME_EXCHANGE), and the replaced data dir is kept as `DIR.replaced-<time>`. While it
-works, restore holds the target's state DB in SQLite's exclusive mode: a server that
-has it open makes restore refuse, and a server cannot start on it meanwhile. An archive
+RENAME_EXCHANGE), and the replaced data dir is kept as `DIR.replaced-<time>`. Up to the
+swap, restore holds the target's state DB in SQLite's exclusive mode: a server that has
+it open makes restore refuse, and a server cannot start on it meanwhile. An archive
 whose revocation sequence is below the target's is older than it: restoring it would
 bring back what was revoked since, so it is refused unless forced, with the list.
 """
@@ -20,7 +20,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,7 +93,7 @@ def restore(
     data_dir = data_dir.absolute()
     if not data_dir.parent.is_dir():
         raise RestoreRefused(f"{data_dir.parent} does not exist")
-    with _held(data_dir) as live:
+    with _Held(data_dir) as held:
         staging = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.restore-", dir=data_dir.parent))
         try:
             try:
@@ -106,7 +106,8 @@ def restore(
                 for store in manifest.key_stores
             )
             _open_state_db(staging)
-            came_back = _older_than_live(live, staging, manifest, data_dir, force)
+            came_back = _older_than_live(held.reads, staging, manifest, data_dir, force)
+            held.release()
             try:
                 replaced = _swap(staging, data_dir, now)
             except OSError as exc:
@@ -121,43 +122,54 @@ def restore(
     return Restored(data_dir, manifest, replaced, came_back, tuple(n for n in notes if n))
 
 
-@contextlib.contextmanager
-def _held(data_dir: Path) -> Iterator[BackupReads | None]:
-    """The target's state DB held in exclusive mode (reads over it), or None if the
-    target is new or empty. Refuses a target a server has open, or one that is not a
-    keyplane data dir."""
-    if not data_dir.exists():
-        yield None
-        return
-    if not data_dir.is_dir():
-        raise RestoreRefused(f"{data_dir} is not a directory")
-    state_db = data_dir / STATE_DB
-    if not state_db.exists():
-        if any(data_dir.iterdir()):
-            raise RestoreRefused(
-                f"{data_dir} is not empty and holds no {STATE_DB}: it is not a keyplane data "
-                "dir; restore into a new or empty directory, or into a data dir"
-            )
-        yield None
-        return
-    db = sqlite3.connect(state_db, timeout=0, isolation_level=None)
-    try:
+class _Held:
+    """The target's state DB held in SQLite's exclusive mode while restore works (so no
+    server has it open, nor opens it meanwhile); `reads` over it, None for a new or
+    empty target. Let go of before the swap: SQLite removes its WAL by path on close,
+    and after the swap that path is the restored dir's."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.reads: BackupReads | None = None
+        self._db: sqlite3.Connection | None = None
+        if not data_dir.exists():
+            return
+        if not data_dir.is_dir():
+            raise RestoreRefused(f"{data_dir} is not a directory")
+        state_db = data_dir / STATE_DB
+        if not state_db.exists():
+            if any(data_dir.iterdir()):
+                raise RestoreRefused(
+                    f"{data_dir} is not empty and holds no {STATE_DB}: it is not a keyplane "
+                    "data dir; restore into a new or empty directory, or into a data dir"
+                )
+            return
+        self._db = sqlite3.connect(state_db, timeout=0, isolation_level=None)
         try:
-            db.execute("PRAGMA locking_mode=EXCLUSIVE")
-            db.execute("BEGIN EXCLUSIVE")
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self._db.execute("BEGIN EXCLUSIVE")
         except sqlite3.DatabaseError as exc:
             if "locked" in str(exc):
+                self.release()
                 raise RestoreRefused(
                     f"a server (or another process) has {state_db} open; stop it before "
                     "restoring into its data dir"
                 ) from None
             # Unreadable: what restoring over it would undo cannot be told; see
             # _older_than_live, which asks for --force.
-        yield BackupReads.of(db)
-    finally:
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("ROLLBACK")
-        db.close()
+        self.reads = BackupReads.of(self._db)
+
+    def release(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            db.close()
+
+    def __enter__(self) -> _Held:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _check_databases(staging: Path, manifest: Manifest) -> None:
