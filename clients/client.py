@@ -12,6 +12,8 @@ from grpc_status import rpc_status
 
 from keyplane.clients.credentials import Credential
 from keyplane.v1 import (
+    backup_service_pb2,
+    backup_service_pb2_grpc,
     bundle_service_pb2,
     bundle_service_pb2_grpc,
     certificate_service_pb2,
@@ -37,6 +39,8 @@ from keyplane.v1 import (
 )
 
 DEFAULT_TIMEOUT = 60.0
+# A backup streams the whole state: room for a large one over a slow link.
+BACKUP_TIMEOUT = 3600.0
 
 
 class KeyplaneClientError(Exception):
@@ -161,6 +165,7 @@ class KeyplaneClient:
         self._enrollment = enrollment_service_pb2_grpc.EnrollmentServiceStub(channel)  # type: ignore[no-untyped-call]
         self._zones = zone_service_pb2_grpc.ZoneServiceStub(channel)  # type: ignore[no-untyped-call]
         self._identities = identity_service_pb2_grpc.IdentityServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._backups = backup_service_pb2_grpc.BackupServiceStub(channel)  # type: ignore[no-untyped-call]
 
     @classmethod
     def connect(cls, address: str, credential: Credential) -> KeyplaneClient:
@@ -290,6 +295,24 @@ class KeyplaneClient:
             message_signing_service_pb2.SignMessagesRequest(payloads=payloads),
         )
         return list(response.signed_messages)
+
+    def create_backup(self) -> Iterator[backup_service_pb2.CreateBackupResponse]:
+        """The archive's chunks as the server streams them (see CreateBackupResponse)."""
+        call = self._backups.CreateBackup(
+            backup_service_pb2.CreateBackupRequest(), timeout=BACKUP_TIMEOUT
+        )
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            raise KeyplaneClientError.from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    def verify_backup(self, manifest: bytes) -> backup_service_pb2.VerifyBackupResponse:
+        response: backup_service_pb2.VerifyBackupResponse = self._call(
+            self._backups.VerifyBackup, backup_service_pb2.VerifyBackupRequest(manifest=manifest)
+        )
+        return response
 
     def get_init_bundle(self) -> bundle_service_pb2.InitBundle:
         response: bundle_service_pb2.GetInitBundleResponse = self._call(

@@ -10,15 +10,16 @@ from __future__ import annotations
 import abc
 import enum
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Self
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.padding import AsymmetricPadding
 
-from keyplane.plugins.errors import KeyOperationError, UnsupportedAlgorithmError
+from keyplane.plugins.errors import KeyNotFoundError, KeyOperationError, UnsupportedAlgorithmError
 
 if TYPE_CHECKING:  # what cryptography's signature methods accept
     Buffer = bytes | bytearray | memoryview[int]
@@ -261,6 +262,32 @@ class SecretStore(abc.ABC):
         """Re-seal everything under a key derived from `new_password`, atomically."""
 
 
+@dataclass(frozen=True)
+class BackedUpStore:
+    """What a backend copied into a backup: its file; how its keys are sealed ("password",
+    or "keyfile": then `key_file` names the file beside it that holds the key-encryption
+    key, which no backup carries); the URIs of the keys the copy holds; and those it
+    left out because no record names them."""
+
+    backend: str
+    file_name: str
+    seal: str
+    key_file: str | None
+    key_uris: tuple[str, ...]
+    left_out: tuple[str, ...]
+
+
+class BackupSource(abc.ABC):
+    """A backend whose keys live in a file of the data dir, which a backup carries as it
+    is: sealed (an HSM's keys never leave the token, so such a backend is no source)."""
+
+    @abc.abstractmethod
+    def backup_into(self, directory: Path, recorded: Collection[str]) -> BackedUpStore:
+        """Copy the key store into `directory` as one consistent file (keys still sealed,
+        no key-encryption key with them), leaving out keys whose URI is not in `recorded`:
+        a key generated but not yet recorded (or left by a crash) was never usable."""
+
+
 class KeyBackend(abc.ABC):
     """One configured key store. `keyplane_open_backend` returns one; the facade routes to it.
 
@@ -286,6 +313,15 @@ class KeyBackend(abc.ABC):
     @abc.abstractmethod
     def destroy_key(self, uri: str) -> None:
         """Destroy the key at `uri` for good; KeyNotFoundError if there is none."""
+
+    def holds_key(self, uri: str) -> bool:
+        """Whether the backend holds the key at `uri` now, looked up in its storage (not
+        in a cache); backends whose lookups cache override this."""
+        try:
+            self.public_key(uri)
+        except KeyNotFoundError:
+            return False
+        return True
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -18,6 +18,7 @@ from keyplane.plugins import hookspecs, pkcs11_backend, software
 from keyplane.plugins.errors import BackendConfigError, UnknownBackendError
 from keyplane.plugins.keys import (
     BackendPrivateKey,
+    BackupSource,
     GeneratedKey,
     KeyAlgorithm,
     KeyBackend,
@@ -129,6 +130,14 @@ class KeyBackends:
 
     def destroy_key(self, uri: str) -> None:
         self.for_uri(uri).destroy_key(uri)
+
+    def holds_key(self, uri: str) -> bool:
+        """Whether the backend the URI names holds its key now (looked up, not cached)."""
+        return self.for_uri(uri).holds_key(uri)
+
+    def backup_sources(self) -> list[BackupSource]:
+        """The backends whose key stores a backup carries (the software backend's pki.db)."""
+        return [b for b in self._backends.values() if isinstance(b, BackupSource)]
 
     def close(self) -> None:
         with self._lock:

@@ -528,6 +528,27 @@ class Pkcs11Backend(KeyBackend):
             ),
         )
 
+    def holds_key(self, uri: str) -> bool:
+        """Looked up on the token afresh (signing uses cached handles): the key is held if
+        its private object is there. A public object without it means the login was
+        lost: the session is reopened and the lookup tried again."""
+        pkcs11 = _import_pkcs11()
+        locator = self._locator(uri)
+
+        def look(session: p11types.Session) -> bool:
+            if self._find(session, locator, pkcs11.ObjectClass.PRIVATE_KEY) is not None:
+                return True
+            if self._find(session, locator, pkcs11.ObjectClass.PUBLIC_KEY) is not None:
+                raise _PrivateKeyHidden
+            self._handles.pop(locator, None)
+            self._public_keys.pop(locator, None)
+            return False
+
+        try:
+            return self._run("looking up a key", look)
+        except KeyNotFoundError:  # a public object only, after a fresh login
+            return False
+
     def destroy_key(self, uri: str) -> None:
         locator = self._locator(uri)
 

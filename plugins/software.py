@@ -16,7 +16,7 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +35,9 @@ from keyplane.plugins.errors import (
 )
 from keyplane.plugins.hookspecs import hookimpl
 from keyplane.plugins.keys import (
+    BackedUpStore,
     BackendPrivateKey,
+    BackupSource,
     DigestSigner,
     GeneratedKey,
     KeyAlgorithm,
@@ -48,6 +50,8 @@ from keyplane.plugins.keys import (
 from keyplane.plugins.uri import SoftwareKeyUri
 
 NAME = "software"
+# pki.db's name in a backup, wherever the `path` option puts it.
+BACKUP_FILE = "pki.db"
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -182,7 +186,7 @@ def _generate(algorithm: KeyAlgorithm) -> ec.EllipticCurvePrivateKey | rsa.RSAPr
     return rsa.generate_private_key(public_exponent=65537, key_size=algorithm.rsa_bits)
 
 
-class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore):
+class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore, BackupSource):
     """Keys sealed in one pki.db file; unsealed keys are kept only in this process's memory."""
 
     name = NAME
@@ -461,6 +465,39 @@ class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore):
             self._cache.pop(key_id, None)
         if not gone:
             raise KeyNotFoundError(f"no key software:{key_id} in the PKI database")
+
+    def backup_into(self, directory: Path, recorded: Collection[str]) -> BackedUpStore:
+        """pki.db copied with SQLite's online backup (one snapshot, from a connection of
+        its own), then, in the copy only, without the keys no record names. The key file
+        stays out: with it the copy's keys would be as good as unsealed."""
+        keep = {SoftwareKeyUri.parse(uri).key_id for uri in recorded if uri.startswith(f"{NAME}:")}
+        target = directory / BACKUP_FILE
+        try:
+            with contextlib.closing(sqlite3.connect(self.path)) as source:
+                with contextlib.closing(sqlite3.connect(target, isolation_level=None)) as copy:
+                    source.backup(copy)
+                    # Freed pages are zeroed in the copy too.
+                    copy.execute("PRAGMA secure_delete=ON")
+                    ids = [str(r[0]) for r in copy.execute("SELECT id FROM keys ORDER BY id")]
+                    left_out = [key_id for key_id in ids if key_id not in keep]
+                    copy.executemany("DELETE FROM keys WHERE id = ?", [(k,) for k in left_out])
+                    copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+                    row = copy.execute("SELECT kek_source FROM header").fetchone()
+        except sqlite3.Error as exc:
+            raise BackendUnavailableError(
+                f"software backend: cannot copy the PKI database ({exc})"
+            ) from None
+        os.chmod(target, 0o600)
+        kept = [key_id for key_id in ids if key_id in keep]
+        seal = str(row[0]) if row else "none"
+        return BackedUpStore(
+            backend=NAME,
+            file_name=BACKUP_FILE,
+            seal=seal,
+            key_file=f"{BACKUP_FILE}.key" if seal == "keyfile" else None,
+            key_uris=tuple(str(SoftwareKeyUri(k)) for k in kept),
+            left_out=tuple(str(SoftwareKeyUri(k)) for k in left_out),
+        )
 
     def key_ids(self) -> list[str]:
         with self._lock:

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from keyplane.plugins.manager import KeyBackends
 from keyplane.server.config import ServerConfig, format_address
 from keyplane.server.datadir import DataDir, DataDirState, private_umask
+from keyplane.server.domain.backups import Backups
 from keyplane.server.domain.bundles import Bundles
 from keyplane.server.domain.clock import Clock, SystemClock
 from keyplane.server.domain.enrollment import Enrollment
@@ -35,6 +36,7 @@ from keyplane.server.grpc_options import server_options
 from keyplane.server.interceptor import CallLimits, KeyplaneInterceptor
 from keyplane.server.logs import quiet_client_cancellations
 from keyplane.server.ports import add_listener
+from keyplane.server.services.backups import BackupServicer
 from keyplane.server.services.bundles import BundleServicer
 from keyplane.server.services.certificates import CertificateServicer
 from keyplane.server.services.enrollment import EnrollmentServicer
@@ -48,6 +50,8 @@ from keyplane.server.services.zones import ZoneServicer
 from keyplane.server.store import StateStore
 from keyplane.server.vitals import Vitals
 from keyplane.v1 import (
+    backup_service_pb2,
+    backup_service_pb2_grpc,
     bundle_service_pb2,
     bundle_service_pb2_grpc,
     certificate_service_pb2,
@@ -85,6 +89,7 @@ SERVICE_NAMES = tuple(
         certificate_service_pb2,
         bundle_service_pb2,
         identity_service_pb2,
+        backup_service_pb2,
     )
     for service in module.DESCRIPTOR.services_by_name.values()
 )
@@ -244,6 +249,10 @@ class KeyplaneServer:
             (
                 identity_service_pb2_grpc.add_IdentityServiceServicer_to_server,
                 IdentityServicer(Identities(hierarchy)),
+            ),
+            (
+                backup_service_pb2_grpc.add_BackupServiceServicer_to_server,
+                BackupServicer(Backups(hierarchy)),
             ),
         ]
         for add, servicer in servicers:

@@ -77,6 +77,10 @@ ACCESS: dict[str, Access] = {
     "/keyplane.v1.ZoneService/ListZoneServers": READ,
     "/keyplane.v1.ZoneService/GetZoneServer": READ,
     "/keyplane.v1.ZoneService/RevokeZoneServer": OPERATE,
+    # A backup holds every sealed key and the whole state: admins only. Comparing a
+    # manifest with the live inventory changes nothing.
+    "/keyplane.v1.BackupService/CreateBackup": ADMIN,
+    "/keyplane.v1.BackupService/VerifyBackup": frozenset({Role.ADMIN, Role.AUDITOR}),
     # Signed documents, verified by the component against the roots it pins.
     "/keyplane.v1.TrustStateService/GetTrustState": PUBLIC,
     "/keyplane.v1.TrustStateService/WatchTrustState": PUBLIC,

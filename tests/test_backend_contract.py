@@ -354,6 +354,18 @@ def test_destroying_one_key_keeps_the_others(backend: ContractBackend) -> None:
     _verify(key.public_key(), signature, b"still here", SCHEMES["ecdsa-p256-sha256"])
 
 
+def test_holds_key_says_whether_the_store_has_the_key(backend: ContractBackend) -> None:
+    # What `backup verify` asks each backend about the keys a backup names.
+    uri, _ = backend.generate(KeyAlgorithm.EC_P256)
+    assert backend.keys.holds_key(uri)
+    assert backend.reopen().holds_key(uri)
+
+    backend.keys.destroy_key(uri)
+
+    assert not backend.keys.holds_key(uri)
+    assert not backend.keys.holds_key(backend.unknown_uri())
+
+
 def test_unknown_uri_is_key_not_found(backend: ContractBackend) -> None:
     with pytest.raises(KeyNotFoundError):
         backend.keys.private_key(backend.unknown_uri())

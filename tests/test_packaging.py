@@ -46,6 +46,7 @@ def test_the_wheel_has_the_generated_api_and_every_package(tmp_path: Path) -> No
     assert "keyplane = keyplane.clients.cli:main" in text
     assert "serve = keyplane.server.cli:register" in text
     assert "zone = keyplane.zone.cli:register" in text
+    assert "backup-restore = keyplane.server.restore_cli:register" in text
     # Generated code is built, never committed.
     tracked = subprocess.run(
         ["git", "ls-files", "gen"], cwd=ROOT, capture_output=True, text=True, check=False

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Imported here: each noun's module imports this package for CliError and PROG.
     from keyplane.clients import agent
     from keyplane.clients.cli import (
+        backup,
         bundle,
         certs,
         identities,
@@ -92,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = connection_options()
-    nouns = (roots, keys, settings, trust_state, signing, bundle, tokens, certs, zones, identities)
+    nouns = (
+        roots, keys, settings, trust_state, signing, bundle, tokens, certs, zones,
+        identities, backup,
+    )  # fmt: skip
     for noun in nouns:
         noun.register(commands, common)
     agent.register(commands)

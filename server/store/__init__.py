@@ -1,5 +1,6 @@
 """keyplane.server.store: the one package that speaks SQL to the state DB."""
 
+from keyplane.server.store.backup import BackupReads, Revocation, Unrevoked, check_file
 from keyplane.server.store.records import (
     AuditRecord,
     CertificateRecord,
@@ -15,12 +16,16 @@ from keyplane.server.store.transaction import Transaction
 __all__ = [
     "SCHEMA_VERSION",
     "AuditRecord",
+    "BackupReads",
     "CertificateRecord",
     "KeyRecord",
+    "Revocation",
     "SchemaError",
     "StateStore",
     "Transaction",
     "TrustStateRecord",
+    "Unrevoked",
     "ZoneRecord",
     "certificate_row",
+    "check_file",
 ]

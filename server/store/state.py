@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from keyplane.server.groupcommit import GroupCommitter, Outcome
+from keyplane.server.store.backup import BackupReads
 from keyplane.server.store.reads import Reads
 from keyplane.server.store.records import (
     AuditRecord,
@@ -138,6 +139,28 @@ class StateStore:
             yield
         finally:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+
+    def copy_at_one_point(self, target: Path, alongside: Callable[[BackupReads], T]) -> T:
+        """Copy keyplane.db into `target` (SQLite's online backup, from a reader) while
+        holding the write lock of every process, then run `alongside` on the copy under
+        the same lock: nothing commits between the copy and what `alongside` copies."""
+        with self._lock, self._write_lock():
+            self._db.execute("BEGIN IMMEDIATE")  # writers that bypass the file lock wait too
+            try:
+                with (
+                    self._read() as source,
+                    contextlib.closing(sqlite3.connect(target, isolation_level=None)) as copy,
+                ):
+                    source.backup(copy)
+                    copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+                    return alongside(BackupReads.of(copy))
+            finally:
+                self._db.execute("ROLLBACK")
+
+    @property
+    def backup_reads(self) -> BackupReads:
+        """Reads for comparing a backup with this DB."""
+        return BackupReads(self._read)
 
     def close(self) -> None:
         self._committer.stop()
