@@ -223,6 +223,15 @@ def test_a_backup_taken_while_agents_enroll_restores_into_a_fresh_data_dir_that_
         renewed = agent.wait_for("a renewal", lambda s: s["renewals"] >= 1, timeout=60)
         assert renewed["serial"] != enrolled["serial"] and renewed["last_error"] is None
         agent.wait_for("a second renewal", lambda s: s["renewals"] >= 2, timeout=60)
+        # The agent follows the restored trust state: its versions go above any the lost
+        # server could have published since the backup, so nothing is taken for a rollback.
+        latest = db_rows(restored / "keyplane.db", "SELECT max(version) FROM trust_states")
+        assert latest[0][0] > manifest["trust_state_version"] + 99_999
+        agent.wait_for(
+            "the agent to follow the restored trust state",
+            lambda s: s["trust_state_version"] == latest[0][0],
+            timeout=60,
+        )
         assert agent.stop() == 0
         certs = cli_json(restored, "certs", "list")
         by_serial = {c["serial"]: c for c in certs}
@@ -363,6 +372,15 @@ def test_restore_refuses_corrupt_truncated_and_older_archives_and_changes_nothin
     assert tree(replaced[0]) | {"<beside>": ""} == before | {"<beside>": ""}
     unrevoked = "SELECT revoked_at FROM certificates WHERE serial = ?"
     assert db_rows(data / "keyplane.db", unrevoked, serial) == [(None,)]
+    # Its next trust state goes above the replaced server's, which components may hold.
+    newest = "SELECT max(version) FROM trust_states"
+    again = ServerProcess(data)
+    try:
+        assert db_rows(data / "keyplane.db", newest)[0][0] > db_rows(
+            replaced[0] / "keyplane.db", newest
+        )[0][0]
+    finally:
+        assert again.stop() == 0
     assert not [p for p in data.parent.iterdir() if ".restore-" in p.name]
 
 

@@ -107,6 +107,7 @@ def restore(
             )
             _open_state_db(staging)
             came_back = _older_than_live(held.reads, staging, manifest, data_dir, force)
+            _raise_trust_version_floor(held.reads, staging, manifest)
             held.release()
             try:
                 replaced = _swap(staging, data_dir, now)
@@ -287,6 +288,28 @@ def _older_than_live(
         "key(s), certificate(s) or zone(s); add --force to restore it anyway",
         came_back,
     )
+
+
+# With no data dir to replace (it was lost), how far past the archive's trust-state
+# version the lost server might have got: its next version goes above that.
+VERSIONS_SINCE_A_BACKUP = 100_000
+
+
+def _raise_trust_version_floor(live: BackupReads | None, staging: Path, manifest: Manifest) -> None:
+    """Components that followed the replaced server hold trust-state versions published
+    after the backup, and refuse anything not newer (rollback): the restored server's next
+    version must be above them. It goes above the replaced data dir's latest, or, when
+    there is none to read, VERSIONS_SINCE_A_BACKUP above the archive's."""
+    floor = 0
+    if live is not None:
+        try:
+            floor = live.trust_state_version()
+        except sqlite3.DatabaseError:
+            floor = 0
+    if not floor:
+        floor = manifest.trust_state_version + VERSIONS_SINCE_A_BACKUP
+    with contextlib.closing(sqlite3.connect(staging / STATE_DB, isolation_level=None)) as restored:
+        BackupReads.of(restored).raise_trust_version_floor(floor)
 
 
 def _exchange(a: Path, b: Path) -> None:

@@ -149,9 +149,12 @@ class TrustStatePublisher:
         digest = self._digest(body)
         found = tx.reads.trust_states("ORDER BY version DESC LIMIT 1", ())
         latest = found[0] if found else None
-        if latest is not None and latest.content_digest == digest:
+        floor = tx.reads.trust_version_floor()
+        held = latest.version if latest else 0
+        if latest is not None and latest.content_digest == digest and held > floor:
             return latest.version
-        version = (latest.version if latest else 0) + 1
+        # After a restore, above any version the replaced server may have published.
+        version = max(held, floor) + 1
         now = self.clock.now()
         body.version = version
         body.issue_time.FromDatetime(now)

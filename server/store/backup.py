@@ -87,6 +87,16 @@ class BackupReads:
     def revocation_sequence(self) -> int:
         return self._reads.revocation_sequence()
 
+    def raise_trust_version_floor(self, floor: int) -> None:
+        """Make the next trust-state version this DB publishes be above `floor`."""
+        with self._connect() as db:
+            db.execute(
+                "INSERT INTO meta (name, value) VALUES ('trust_version_floor', ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = "
+                "max(CAST(value AS INTEGER), excluded.value)",
+                (str(floor),),
+            )
+
     def revocations_after(self, seq: int) -> list[Revocation]:
         with self._connect() as db:
             rows = db.execute(

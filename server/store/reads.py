@@ -174,6 +174,13 @@ class Reads:
             row = db.execute("SELECT max(seq) FROM revocations").fetchone()
         return int(row[0] or 0)
 
+    def trust_version_floor(self) -> int:
+        """A version the next trust state must be above (set by a restore: components
+        may hold versions the replaced server published after the backup)."""
+        with self._connect() as db:
+            row = db.execute("SELECT value FROM meta WHERE name = 'trust_version_floor'").fetchone()
+        return int(row[0]) if row else 0
+
     def generation(self) -> int:
         with self._connect() as db:
             row = db.execute("SELECT value FROM meta WHERE name = 'generation'").fetchone()
