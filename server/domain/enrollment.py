@@ -33,7 +33,7 @@ from keyplane.server.domain.csr_policy import (
 from keyplane.server.domain.hierarchy import Hierarchy
 from keyplane.server.domain.identity import Identity
 from keyplane.server.domain.inputs import parse_reason
-from keyplane.server.domain.tokens import Tokens
+from keyplane.server.domain.tokens import UNUSABLE, Tokens
 from keyplane.server.errors import (
     AlreadyExists,
     AlreadyRevoked,
@@ -47,7 +47,13 @@ from keyplane.server.errors import (
     Unavailable,
 )
 from keyplane.server.kinds import HUMAN_ROLES, KeyKind, Role
-from keyplane.server.store import CertificateRecord, KeyRecord, Transaction, certificate_row
+from keyplane.server.store import (
+    AuditEntry,
+    CertificateRecord,
+    KeyRecord,
+    Transaction,
+    certificate_row,
+)
 
 MAX_BATCH = 1000
 _RANDOM = secrets.SystemRandom()
@@ -166,7 +172,7 @@ class Enrollment:
         rows = [certificate_row(record, token_digest) for record in records]
         keys = [record.fingerprint for record in records]
         audit = [
-            (
+            AuditEntry(
                 actor,
                 "certificate.issue",
                 record.serial,
@@ -178,6 +184,7 @@ class Enrollment:
                         **({"renews": renews} if renews else {}),
                     }
                 ),
+                after_fingerprint=record.fingerprint,
             )
             for record in records
         ]
@@ -185,9 +192,9 @@ class Enrollment:
         def record_issue(tx: Transaction) -> None:
             if token_digest and not tx.consume_token(token_digest, Role.AGENT, uses=len(records)):
                 raise Unauthenticated(
-                    "the enrollment token is unknown, spent or expired"
+                    UNUSABLE
                     if len(records) == 1
-                    else f"the enrollment token is unknown or expired, or has fewer than "
+                    else f"the enrollment token is unknown, expired or revoked, or has fewer than "
                     f"{len(records)} uses left (one per CSR)"
                 )
             for fp in keys:  # again here: a concurrent request may have certified it
@@ -364,7 +371,13 @@ class Enrollment:
             try:
                 with self.store.transaction(self.clock.now()) as tx:
                     tx.revoke_certificate(serial, actor, reason)
-                    tx.audit(actor, "certificate.revoke", serial, reason=reason)
+                    tx.audit(
+                        actor,
+                        "certificate.revoke",
+                        serial,
+                        before_fingerprint=record.fingerprint,
+                        reason=reason,
+                    )
                     self.hierarchy.trust.publish_in(tx, actor)
             except BackendError as exc:
                 raise Unavailable(
