@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from keyplane.plugins.manager import KeyBackends
 from keyplane.server.config import ServerConfig, format_address
+from keyplane.server.domain.audit import AuditLog, RefusalRecorder
 from keyplane.server.domain.bundles import Bundles
 from keyplane.server.domain.clock import Clock, SystemClock
 from keyplane.server.domain.enrollment import Enrollment
@@ -31,6 +32,7 @@ from keyplane.server.domain.zones import Zones
 from keyplane.server.grpc_options import server_options
 from keyplane.server.interceptor import CallLimits, KeyplaneInterceptor
 from keyplane.server.logs import quiet_client_cancellations
+from keyplane.server.services.audit import AuditServicer
 from keyplane.server.services.bundles import BundleServicer
 from keyplane.server.services.certificates import CertificateServicer
 from keyplane.server.services.enrollment import EnrollmentServicer
@@ -43,6 +45,8 @@ from keyplane.server.services.zones import ZoneServicer
 from keyplane.server.store import StateStore
 from keyplane.server.vitals import Vitals
 from keyplane.v1 import (
+    audit_service_pb2,
+    audit_service_pb2_grpc,
     bundle_service_pb2,
     bundle_service_pb2_grpc,
     certificate_service_pb2,
@@ -77,6 +81,7 @@ SERVICE_NAMES = tuple(
         zone_service_pb2,
         certificate_service_pb2,
         bundle_service_pb2,
+        audit_service_pb2,
     )
     for service in module.DESCRIPTOR.services_by_name.values()
 )
@@ -177,6 +182,7 @@ class KeyplaneServer:
                 KeyplaneInterceptor(
                     hierarchy.admission.admit,
                     CallLimits(self.config.max_calls_per_listener, self.config.max_streams),
+                    RefusalRecorder(hierarchy.store, self.clock).refused,
                 )
             ],
             options=server_options(self.config.min_ping_interval_ms),
@@ -222,6 +228,10 @@ class KeyplaneServer:
             (
                 bundle_service_pb2_grpc.add_BundleServiceServicer_to_server,
                 BundleServicer(Bundles(hierarchy), self._advertised),
+            ),
+            (
+                audit_service_pb2_grpc.add_AuditServiceServicer_to_server,
+                AuditServicer(AuditLog(hierarchy.store)),
             ),
         ]
         for add, servicer in servicers:
