@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Imported here: each noun's module imports this package for CliError and PROG.
     from keyplane.clients import agent
     from keyplane.clients.cli import (
+        audit,
         bundle,
         certs,
         keys,
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = connection_options()
-    for noun in (roots, keys, settings, trust_state, signing, bundle, tokens, certs, zones):
+    for noun in (roots, keys, settings, trust_state, signing, bundle, tokens, certs, zones, audit):
         noun.register(commands, common)
     agent.register(commands)
     for entry in entry_points(group=COMMAND_GROUP):
