@@ -184,7 +184,7 @@ def walk(events: Iterator[ChainedEvent], head_id: int, head_hash: str) -> ChainR
     while current is not None:
         following = next(events, None)
         checked += 1
-        problem = _problem(current, prev, before, following)
+        problem = _problem(current, prev, before, following, head_id)
         if problem is not None:
             return ChainReport(checked, head_id, head_hash, problem)
         before, prev = prev, (current.id, current.hash)
@@ -215,13 +215,20 @@ def _problem(
     prev: tuple[int, str],
     before: tuple[int, str] | None,
     following: ChainedEvent | None,
+    head_id: int,
 ) -> ChainProblem | None:
     """What is wrong at `event`, given the (id, hash) of the accepted event before it
-    (and of the one before that), and the event after it."""
+    (and of the one before that), the event after it, and the newest id keyplane wrote."""
     intact = recomputed(event) == event.hash
     linked = event.prev_hash == prev[1]
     if intact and linked and event.id == prev[0] + 1:
         return None
+    if event.id > head_id:
+        return ChainProblem(
+            "inserted",
+            event.id,
+            f"event {event.id} comes after the newest event keyplane wrote ({head_id})",
+        )
     if event.id > prev[0] + 1:
         return ChainProblem(
             "missing",
