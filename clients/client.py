@@ -12,6 +12,8 @@ from grpc_status import rpc_status
 
 from keyplane.clients.credentials import Credential
 from keyplane.v1 import (
+    audit_service_pb2,
+    audit_service_pb2_grpc,
     backup_service_pb2,
     backup_service_pb2_grpc,
     bundle_service_pb2,
@@ -166,6 +168,7 @@ class KeyplaneClient:
         self._zones = zone_service_pb2_grpc.ZoneServiceStub(channel)  # type: ignore[no-untyped-call]
         self._identities = identity_service_pb2_grpc.IdentityServiceStub(channel)  # type: ignore[no-untyped-call]
         self._backups = backup_service_pb2_grpc.BackupServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._audit = audit_service_pb2_grpc.AuditServiceStub(channel)  # type: ignore[no-untyped-call]
 
     @classmethod
     def connect(cls, address: str, credential: Credential) -> KeyplaneClient:
@@ -334,6 +337,59 @@ class KeyplaneClient:
             certificate_service_pb2.CreateEnrollmentTokenRequest(
                 uses=uses, ttl_seconds=ttl_seconds, role=role
             ),
+        )
+        return response
+
+    def list_enrollment_tokens(
+        self, include_unusable: bool = False, page_size: int = 0
+    ) -> list[certificate_service_pb2.EnrollmentToken]:
+        response: certificate_service_pb2.ListEnrollmentTokensResponse = self._call(
+            self._certs.ListEnrollmentTokens,
+            certificate_service_pb2.ListEnrollmentTokensRequest(
+                include_unusable=include_unusable, page_size=page_size
+            ),
+        )
+        return list(response.tokens)
+
+    def revoke_enrollment_token(self, token_id: str) -> certificate_service_pb2.EnrollmentToken:
+        response: certificate_service_pb2.RevokeEnrollmentTokenResponse = self._call(
+            self._certs.RevokeEnrollmentToken,
+            certificate_service_pb2.RevokeEnrollmentTokenRequest(token_id=token_id),
+        )
+        return response.token
+
+    def list_audit_events(
+        self, request: audit_service_pb2.ListAuditEventsRequest
+    ) -> audit_service_pb2.ListAuditEventsResponse:
+        """One page of audit events, newest first (next_page_token for the next)."""
+        response: audit_service_pb2.ListAuditEventsResponse = self._call(
+            self._audit.ListAuditEvents, request
+        )
+        return response
+
+    def audit_events(
+        self, request: audit_service_pb2.ListAuditEventsRequest, limit: int = 0
+    ) -> Iterator[audit_service_pb2.AuditEvent]:
+        """Every matching event (at most `limit`, 0 for all), newest first, page by page."""
+        paged = audit_service_pb2.ListAuditEventsRequest()
+        paged.CopyFrom(request)
+        if limit and not paged.page_size:
+            paged.page_size = min(limit, 1000)
+        yielded = 0
+        while True:
+            page = self.list_audit_events(paged)
+            for event in page.events:
+                yield event
+                yielded += 1
+                if limit and yielded >= limit:
+                    return
+            if not page.next_page_token:
+                return
+            paged.page_token = page.next_page_token
+
+    def verify_audit_log(self) -> audit_service_pb2.VerifyAuditLogResponse:
+        response: audit_service_pb2.VerifyAuditLogResponse = self._call(
+            self._audit.VerifyAuditLog, audit_service_pb2.VerifyAuditLogRequest()
         )
         return response
 

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from keyplane.plugins.manager import KeyBackends
 from keyplane.server.config import ServerConfig, format_address
 from keyplane.server.datadir import DataDir, DataDirState, private_umask
+from keyplane.server.domain.audit import AuditLog, RefusalRecorder
 from keyplane.server.domain.backups import Backups
 from keyplane.server.domain.bundles import Bundles
 from keyplane.server.domain.clock import Clock, SystemClock
@@ -36,6 +37,7 @@ from keyplane.server.grpc_options import server_options
 from keyplane.server.interceptor import CallLimits, KeyplaneInterceptor
 from keyplane.server.logs import quiet_client_cancellations
 from keyplane.server.ports import add_listener
+from keyplane.server.services.audit import AuditServicer
 from keyplane.server.services.backups import BackupServicer
 from keyplane.server.services.bundles import BundleServicer
 from keyplane.server.services.certificates import CertificateServicer
@@ -50,6 +52,8 @@ from keyplane.server.services.zones import ZoneServicer
 from keyplane.server.store import StateStore
 from keyplane.server.vitals import Vitals
 from keyplane.v1 import (
+    audit_service_pb2,
+    audit_service_pb2_grpc,
     backup_service_pb2,
     backup_service_pb2_grpc,
     bundle_service_pb2,
@@ -90,6 +94,7 @@ SERVICE_NAMES = tuple(
         bundle_service_pb2,
         identity_service_pb2,
         backup_service_pb2,
+        audit_service_pb2,
     )
     for service in module.DESCRIPTOR.services_by_name.values()
 )
@@ -200,6 +205,7 @@ class KeyplaneServer:
                 KeyplaneInterceptor(
                     hierarchy.admission.admit,
                     CallLimits(self.config.max_calls_per_listener, self.config.max_streams),
+                    RefusalRecorder(hierarchy.store, self.clock).refused,
                 )
             ],
             options=server_options(self.config.min_ping_interval_ms),
@@ -253,6 +259,10 @@ class KeyplaneServer:
             (
                 backup_service_pb2_grpc.add_BackupServiceServicer_to_server,
                 BackupServicer(Backups(hierarchy)),
+            ),
+            (
+                audit_service_pb2_grpc.add_AuditServiceServicer_to_server,
+                AuditServicer(AuditLog(hierarchy.store)),
             ),
         ]
         for add, servicer in servicers:

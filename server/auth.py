@@ -33,6 +33,8 @@ ADMIN = frozenset({Role.ADMIN})
 # settings. Auditors read everything and change nothing. Admins do everything.
 OPERATE = frozenset({Role.ADMIN, Role.OPERATOR})
 READ = frozenset({Role.ADMIN, Role.OPERATOR, Role.AUDITOR})
+# The audit log is for those who answer for the system: admins and auditors.
+AUDIT = frozenset({Role.ADMIN, Role.AUDITOR})
 AGENT = frozenset({Role.AGENT})
 ZONE = frozenset({Role.ZONE_SERVER})
 
@@ -64,6 +66,10 @@ ACCESS: dict[str, Access] = {
     "/keyplane.v1.CertificateService/ListCertificates": READ,
     "/keyplane.v1.CertificateService/RevokeCertificate": OPERATE,
     "/keyplane.v1.CertificateService/CreateEnrollmentToken": OPERATE,
+    "/keyplane.v1.CertificateService/ListEnrollmentTokens": READ,
+    "/keyplane.v1.CertificateService/RevokeEnrollmentToken": OPERATE,
+    "/keyplane.v1.AuditService/ListAuditEvents": AUDIT,
+    "/keyplane.v1.AuditService/VerifyAuditLog": AUDIT,
     # Enrollment carries its own credential (a token), checked by the domain.
     "/keyplane.v1.EnrollmentService/Enroll": PUBLIC,
     "/keyplane.v1.EnrollmentService/EnrollBatch": PUBLIC,

@@ -26,12 +26,21 @@ from grpc_status import rpc_status
 from keyplane.plugins import errors as backend_errors
 from keyplane.server.auth import Admit, authorize
 from keyplane.server.domain.identity import Identity
-from keyplane.server.errors import InvalidArgument, KeyplaneError, ResourceExhausted
+from keyplane.server.errors import (
+    InvalidArgument,
+    KeyplaneError,
+    PermissionDenied,
+    ResourceExhausted,
+)
 
 log = logging.getLogger(__name__)
 DOMAIN = "keyplane.dev"
 
 IDENTITY_CACHE_SIZE = 10_000
+
+# Told of each call refused with PERMISSION_DENIED: (method, the caller's certificate,
+# why). Called on the event loop, so it must not block (the server's audits it).
+OnRefused = Callable[[str, x509.Certificate, str], None]
 
 current_identity: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
     "current_identity", default=None
@@ -125,9 +134,12 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
     """Authorises every call from one table, bounds how many run at once, and maps
     errors to statuses."""
 
-    def __init__(self, admit: Admit, limits: CallLimits | None = None) -> None:
+    def __init__(
+        self, admit: Admit, limits: CallLimits | None = None, on_refused: OnRefused | None = None
+    ) -> None:
         self._admit_certificate = admit
         self._limits = limits or CallLimits()
+        self._on_refused = on_refused
         # Calls running now: unary calls per listener (mutual TLS or bootstrap), streams.
         self._running = {"mutual-TLS": 0, "bootstrap": 0, "streams": 0}
         # Parsing the peer's PEM certificate on every call is the costliest part of
@@ -201,7 +213,16 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
         return "mutual-TLS" if _peer_certificate(context) is not None else "bootstrap"
 
     async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        current_identity.set(authorize(method, self._peer(context), self._admit_certificate))
+        peer = self._peer(context)
+        try:
+            current_identity.set(authorize(method, peer, self._admit_certificate))
+        except PermissionDenied as exc:
+            if self._on_refused is not None and peer is not None:
+                try:
+                    self._on_refused(method, peer, str(exc))
+                except Exception:  # recording it must never change the answer
+                    log.exception("could not note a refused call of %s", method)
+            raise
 
     async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
         code, message, reason = status_for(exc)

@@ -376,9 +376,10 @@ def test_restore_refuses_corrupt_truncated_and_older_archives_and_changes_nothin
     newest = "SELECT max(version) FROM trust_states"
     again = ServerProcess(data)
     try:
-        assert db_rows(data / "keyplane.db", newest)[0][0] > db_rows(
-            replaced[0] / "keyplane.db", newest
-        )[0][0]
+        assert (
+            db_rows(data / "keyplane.db", newest)[0][0]
+            > db_rows(replaced[0] / "keyplane.db", newest)[0][0]
+        )
     finally:
         assert again.stop() == 0
     assert not [p for p in data.parent.iterdir() if ".restore-" in p.name]

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Imported here: each noun's module imports this package for CliError and PROG.
     from keyplane.clients import agent
     from keyplane.clients.cli import (
+        audit,
         backup,
         bundle,
         certs,
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = connection_options()
     nouns = (
         roots, keys, settings, trust_state, signing, bundle, tokens, certs, zones,
-        identities, backup,
+        identities, backup, audit,
     )  # fmt: skip
     for noun in nouns:
         noun.register(commands, common)

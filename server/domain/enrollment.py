@@ -33,7 +33,7 @@ from keyplane.server.domain.csr_policy import (
 from keyplane.server.domain.hierarchy import Hierarchy
 from keyplane.server.domain.identity import Identity
 from keyplane.server.domain.inputs import parse_reason
-from keyplane.server.domain.tokens import Tokens
+from keyplane.server.domain.tokens import UNUSABLE, Tokens
 from keyplane.server.errors import (
     AlreadyExists,
     AlreadyRevoked,
@@ -47,7 +47,13 @@ from keyplane.server.errors import (
     Unavailable,
 )
 from keyplane.server.kinds import HUMAN_ROLES, KeyKind, Role
-from keyplane.server.store import CertificateRecord, KeyRecord, Transaction, certificate_row
+from keyplane.server.store import (
+    AuditEntry,
+    CertificateRecord,
+    KeyRecord,
+    Transaction,
+    certificate_row,
+)
 
 MAX_BATCH = 1000
 _RANDOM = secrets.SystemRandom()
@@ -132,8 +138,16 @@ def revoke_published(
     try:
         with hierarchy.store.transaction(hierarchy.clock.now()) as tx:
             for serial in serials:
+                record = tx.reads.certificate(serial)
                 tx.revoke_certificate(serial, actor, reason)
-                tx.audit(actor, action, serial, reason=reason, **details)
+                tx.audit(
+                    actor,
+                    action,
+                    serial,
+                    before_fingerprint=record.fingerprint if record is not None else "",
+                    reason=reason,
+                    **details,  # type: ignore[arg-type]
+                )
             hierarchy.trust.publish_in(tx, actor)
     except BackendError as exc:
         what = f"certificate {serials[0]} was" if len(serials) == 1 else "the certificates were"
@@ -216,7 +230,7 @@ class Enrollment:
         rows = [certificate_row(record, token_digest) for record in records]
         keys = [record.fingerprint for record in records]
         audit = [
-            (
+            AuditEntry(
                 actor,
                 "certificate.issue",
                 record.serial,
@@ -228,6 +242,7 @@ class Enrollment:
                         **({"renews": renews} if renews else {}),
                     }
                 ),
+                after_fingerprint=record.fingerprint,
             )
             for record in records
         ]
@@ -235,9 +250,9 @@ class Enrollment:
         def record_issue(tx: Transaction) -> None:
             if token_digest and not tx.consume_token(token_digest, Role.AGENT, uses=len(records)):
                 raise Unauthenticated(
-                    "the enrollment token is unknown, spent or expired"
+                    UNUSABLE
                     if len(records) == 1
-                    else f"the enrollment token is unknown or expired, or has fewer than "
+                    else f"the enrollment token is unknown, expired or revoked, or has fewer than "
                     f"{len(records)} uses left (one per CSR)"
                 )
             for fp in keys:  # again here: a concurrent request may have certified it

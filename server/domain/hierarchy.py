@@ -192,7 +192,13 @@ class Hierarchy:
                     continue
                 with self.store.transaction(self.clock.now()) as tx:
                     tx.mark_key_destroyed(record.fingerprint)
-                    tx.audit(SERVER_ACTOR, "key.destroy", record.fingerprint, kind=kind)
+                    tx.audit(
+                        SERVER_ACTOR,
+                        "key.destroy",
+                        record.fingerprint,
+                        before_fingerprint=record.fingerprint,
+                        kind=kind,
+                    )
 
     # -- what the TLS listeners serve ----------------------------------------------------
 

@@ -10,6 +10,7 @@ from cryptography import x509
 
 from keyplane.server.domain import authority, certs
 from keyplane.server.kinds import KeyKind, Role
+from keyplane.server.store import Actor
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,9 @@ class Identity:
     issuer_fingerprint: str = ""
 
     @property
-    def actor(self) -> str:
-        """How the audit log names this caller."""
-        return f"{self.common_name} (serial {self.serial})"
+    def actor(self) -> Actor:
+        """How the audit log names this caller, with its certificate key's fingerprint."""
+        return Actor(f"{self.common_name} (serial {self.serial})", self.key_fingerprint)
 
     @classmethod
     def admitted(

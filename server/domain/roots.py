@@ -99,6 +99,7 @@ class Roots:
                     actor,
                     "root.create",
                     record.fingerprint,
+                    after_fingerprint=record.fingerprint,
                     name=name,
                     backend=backend,
                     algorithm=algorithm.value,
@@ -136,7 +137,12 @@ class Roots:
         try:
             with h.store.transaction(now) as tx:
                 tx.insert_key(record)
-                tx.audit(SERVER_ACTOR, "legacy_root.create", record.fingerprint)
+                tx.audit(
+                    SERVER_ACTOR,
+                    "legacy_root.create",
+                    record.fingerprint,
+                    after_fingerprint=record.fingerprint,
+                )
         except BaseException:
             h.destroy_quietly(generated.uri)
             raise
@@ -186,6 +192,7 @@ class Roots:
                         actor,
                         "root.revoke",
                         fp,
+                        before_fingerprint=fp,
                         name=record.name,
                         reason=reason,
                         subordinates=[s.fingerprint for s in subordinates],

@@ -192,6 +192,7 @@ class Rotation:
                     actor,
                     "key.prepare",
                     record.fingerprint,
+                    after_fingerprint=record.fingerprint,
                     kind=kind,
                     issuer=issuer.fingerprint,
                     serial=certs.serial_hex(cert),
@@ -218,7 +219,15 @@ class Rotation:
                 tx.set_key_state(old.fingerprint, KeyState.RETIRED)
                 retired.append(old.fingerprint)
             tx.set_key_state(record.fingerprint, KeyState.ACTIVE)
-            tx.audit(actor, "key.activate", record.fingerprint, kind=record.kind, retired=retired)
+            tx.audit(
+                actor,
+                "key.activate",
+                record.fingerprint,
+                before_fingerprint=retired[0] if len(retired) == 1 else "",
+                after_fingerprint=record.fingerprint,
+                kind=record.kind,
+                retired=retired,
+            )
 
     def _issue_admin_credential(self, actor: str, issuer: KeyRecord) -> None:
         # The admin credential is meant to leave the server: it lives in a 0600 file.
@@ -237,7 +246,13 @@ class Rotation:
         record = certs.record_of(cert, Role.ADMIN, issuer.fingerprint, now)
         with h.store.transaction(now) as tx:
             tx.insert_certificate(record)
-            tx.audit(actor, "admin_credential.issue", record.serial, issuer=issuer.fingerprint)
+            tx.audit(
+                actor,
+                "admin_credential.issue",
+                record.serial,
+                after_fingerprint=record.fingerprint,
+                issuer=issuer.fingerprint,
+            )
         key_pem = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,

@@ -1,5 +1,6 @@
 """Enrollment tokens: made by an operator, shown once, stored only as a SHA-256 hash,
-spent one use per certificate in the transaction that records it.
+spent one use per certificate in the transaction that records it; listed and revoked by
+their id (the hash's first 16 hex digits), never by their secret.
 
 A token is checked before anything else of a request is looked at (its role, expiry and
 uses left), so a request with a bad token costs one indexed read, not a CSR verify.
@@ -9,21 +10,30 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 
 from keyplane.server.domain.clock import Clock
 from keyplane.server.domain.settings import Settings
-from keyplane.server.errors import InvalidArgument, Unauthenticated
+from keyplane.server.errors import (
+    AlreadyRevoked,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+)
 from keyplane.server.kinds import Role
-from keyplane.server.store import StateStore
+from keyplane.server.store import StateStore, TokenRecord
 
 TOKEN_PREFIX = "kpt_"  # noqa: S105 - a marker, not a secret
 TOKEN_ROLES = (Role.AGENT, Role.ZONE_SERVER)
 MAX_TOKEN_USES = 1_000_000
 MAX_TOKEN_TTL = datetime.timedelta(days=365)
 MAX_TOKEN_LENGTH = 256
-UNUSABLE = "the enrollment token is unknown, spent or expired"
+UNUSABLE = "the enrollment token is unknown, spent, expired or revoked"
+TOKEN_ID = re.compile(r"[0-9a-f]{16}")
+MAX_LISTED = 10_000
 
 
 def token_hash(token: str) -> str:
@@ -90,12 +100,14 @@ class Tokens:
         found = self.store.token(digest)
         if found is None:
             raise Unauthenticated(UNUSABLE)
-        token_role, left, expires_at = found
+        if found.revoked_at is not None:
+            raise Unauthenticated("this enrollment token was revoked; ask for a new one")
+        token_role, left = found.role, found.uses_left
         if token_role != role:
             raise Unauthenticated(
                 f"this enrollment token is for role {token_role}, not {role.value}"
             )
-        if left <= 0 or expires_at <= self.clock.now():
+        if left <= 0 or found.expires_at <= self.clock.now():
             raise Unauthenticated(UNUSABLE)
         if left < needed:
             raise Unauthenticated(
@@ -103,3 +115,41 @@ class Tokens:
                 "(one per CSR)"
             )
         return digest
+
+    def list(self, include_unusable: bool = False, limit: int = 0) -> list[TokenRecord]:
+        """Tokens, newest first: the usable ones, or (include_unusable) every one."""
+        limit = limit or 1000
+        if not 1 <= limit <= MAX_LISTED:
+            raise InvalidArgument(f"page_size must be at most {MAX_LISTED}")
+        usable_at = None if include_unusable else self.clock.now()
+        return self.store.reads.tokens(usable_at, limit)
+
+    def revoke(self, actor: str, token_id: str) -> TokenRecord:
+        """Make a token unusable at once: a request that has not spent its use yet is
+        refused when it tries (the use is spent only if the token is unrevoked then)."""
+        wanted = token_id.strip().lower()
+        if not TOKEN_ID.fullmatch(wanted):
+            raise InvalidArgument(
+                "a token id is the 16 hex digits that 'keyplane tokens list' shows (the "
+                "token_id of CreateEnrollmentToken), not the token itself"
+            )
+        with self.store.transaction(self.clock.now()) as tx:
+            found = tx.reads.tokens_with_id(wanted)
+            if not found:
+                raise NotFound(f"no enrollment token has id {wanted}")
+            if len(found) > 1:  # 64 bits of SHA-256 in common: not expected, never guessed at
+                raise FailedPrecondition(f"{len(found)} enrollment tokens have id {wanted}")
+            token = found[0]
+            if not tx.revoke_token(token.token_hash, actor):
+                raise AlreadyRevoked(f"enrollment token {wanted} was revoked already")
+            tx.audit(
+                actor,
+                "token.revoke",
+                wanted,
+                role=token.role,
+                uses_left=token.uses_left,
+                expires=token.expires_at.isoformat(),
+            )
+        revoked = self.store.token(token.token_hash)
+        assert revoked is not None  # noqa: S101 - it was just updated
+        return revoked

@@ -27,7 +27,7 @@ from keyplane.server.domain.hierarchy import Hierarchy
 from keyplane.server.domain.identity import Identity
 from keyplane.server.domain.inputs import parse_reason
 from keyplane.server.domain.roots import SERVER_ACTOR
-from keyplane.server.domain.tokens import Tokens
+from keyplane.server.domain.tokens import UNUSABLE, Tokens
 from keyplane.server.errors import (
     AlreadyExists,
     ConfirmationRequired,
@@ -250,7 +250,7 @@ class Zones:
             tls, tls_record = self._tls(draft, tls_csr)
             with self.store.transaction(now) as tx:
                 if not tx.consume_token(digest, Role.ZONE_SERVER):
-                    raise Unauthenticated("the enrollment token is unknown, spent or expired")
+                    raise Unauthenticated(UNUSABLE)
                 if any(z.name == name for z in tx.reads.zones()):
                     raise AlreadyExists(f"a zone server named {name!r} is enrolled already")
                 zone_id = tx.insert_zone(name, listen, bootstrap_listen)
@@ -263,6 +263,7 @@ class Zones:
                     actor,
                     "zone_server.enroll",
                     name,
+                    after_fingerprint=intermediate.fingerprint,
                     zone_id=zone_id,
                     intermediate=intermediate.fingerprint,
                     tls_serial=tls_record.serial,
@@ -313,6 +314,7 @@ class Zones:
                     identity.actor,
                     "zone_server.renew",
                     zone.name,
+                    after_fingerprint=intermediate.fingerprint,
                     zone_id=zone.id,
                     intermediate=intermediate.fingerprint,
                     tls_serial=tls_record.serial,
@@ -376,7 +378,7 @@ class Zones:
 
         def spend(tx: Transaction) -> None:
             if digest and not tx.consume_token(digest, Role.AGENT):
-                raise Unauthenticated("the enrollment token is unknown, spent or expired")
+                raise Unauthenticated(UNUSABLE)
             found = tx.reads.certificates_for_key(key)
             if found:
                 raise AlreadyExists(key_in_use(found))

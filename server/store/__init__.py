@@ -1,27 +1,36 @@
 """keyplane.server.store: the one package that speaks SQL to the state DB."""
 
+from keyplane.server.store.audit_chain import ChainedEvent
 from keyplane.server.store.backup import BackupReads, Revocation, Unrevoked, check_file
 from keyplane.server.store.records import (
+    Actor,
+    AuditOutcome,
     AuditRecord,
     CertificateRecord,
     KeyRecord,
+    TokenRecord,
     TrustStateRecord,
     ZoneRecord,
     certificate_row,
 )
 from keyplane.server.store.schema import SCHEMA_VERSION, SchemaError
 from keyplane.server.store.state import StateStore
-from keyplane.server.store.transaction import Transaction
+from keyplane.server.store.transaction import AuditEntry, Transaction
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Actor",
+    "AuditEntry",
+    "AuditOutcome",
     "AuditRecord",
     "BackupReads",
     "CertificateRecord",
+    "ChainedEvent",
     "KeyRecord",
     "Revocation",
     "SchemaError",
     "StateStore",
+    "TokenRecord",
     "Transaction",
     "TrustStateRecord",
     "Unrevoked",

@@ -10,18 +10,23 @@ import json
 import sqlite3
 from collections.abc import Callable, Iterator
 
+from keyplane.server.store.audit_chain import AUDIT_COLUMNS, HEAD, ChainedEvent, parse_head
 from keyplane.server.store.records import (
     CERT_COLUMNS,
     KEY_COLUMNS,
+    TOKEN_COLUMNS,
     ZONE_COLUMNS,
     AuditRecord,
     CertificateRecord,
     KeyRecord,
+    TokenRecord,
     TrustStateRecord,
     ZoneRecord,
     certificate_record,
     dt,
     key_record,
+    token_record,
+    ts,
     zone_record,
 )
 
@@ -39,6 +44,17 @@ class Reads:
 
     def __init__(self, connect: Connect) -> None:
         self._connect = connect
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Reads]:
+        """Reads that all see the DB as it was at the first of them (one read
+        transaction), e.g. to walk the whole audit chain while changes go on."""
+        with self._connect() as db:
+            db.execute("BEGIN")
+            try:
+                yield Reads(lambda: on(db))
+            finally:
+                db.execute("ROLLBACK")
 
     def keys_where(self, where: str, args: tuple[object, ...]) -> list[KeyRecord]:
         with self._connect() as db:
@@ -107,14 +123,41 @@ class Reads:
             ).fetchone()
         return int(row[0])
 
-    def token(self, token_hash: str) -> tuple[str, int, datetime.datetime] | None:
-        """(role, uses left, expiry) of an enrollment token, or None if unknown."""
+    def token(self, token_hash: str) -> TokenRecord | None:
+        """An enrollment token by its hash, or None if unknown."""
         with self._connect() as db:
             row = db.execute(
-                "SELECT role, uses_left, expires_at FROM enrollment_tokens WHERE token_hash = ?",
+                f"SELECT {TOKEN_COLUMNS} FROM enrollment_tokens WHERE token_hash = ?",  # noqa: S608
                 (token_hash,),
             ).fetchone()
-        return (str(row[0]), int(row[1]), dt(row[2])) if row else None
+        return token_record(row) if row else None
+
+    def tokens_with_id(self, token_id: str) -> list[TokenRecord]:
+        """The tokens whose hash starts with `token_id` (lowercase hex), from the index."""
+        with self._connect() as db:
+            rows = db.execute(
+                f"SELECT {TOKEN_COLUMNS} FROM enrollment_tokens "  # noqa: S608
+                "WHERE token_hash >= ? AND token_hash < ? || 'g'",
+                (token_id, token_id),
+            ).fetchall()
+        return [token_record(r) for r in rows]
+
+    def tokens(
+        self, usable_at: datetime.datetime | None = None, limit: int = 1000
+    ) -> list[TokenRecord]:
+        """Enrollment tokens, newest first; with `usable_at`, only those usable then."""
+        where, args = (
+            ("WHERE revoked_at IS NULL AND uses_left > 0 AND expires_at > ?", (ts(usable_at),))
+            if usable_at is not None
+            else ("", ())
+        )
+        with self._connect() as db:
+            rows = db.execute(
+                f"SELECT {TOKEN_COLUMNS} FROM enrollment_tokens {where} "  # noqa: S608
+                "ORDER BY created_at DESC, token_hash LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+        return [token_record(r) for r in rows]
 
     def zones(self, include_revoked: bool = False) -> list[ZoneRecord]:
         where = "" if include_revoked else "WHERE revoked_at IS NULL"
@@ -159,15 +202,63 @@ class Reads:
         return {str(n): (str(v), dt(at), str(by)) for n, v, at, by in rows}
 
     def audit_log(self, limit: int = 1000) -> list[AuditRecord]:
+        """The newest `limit` events, oldest first."""
+        return list(reversed(self.audit_events(limit=limit)))
+
+    def audit_events(
+        self,
+        limit: int,
+        before_id: int | None = None,
+        since: datetime.datetime | None = None,
+        until: datetime.datetime | None = None,
+        actor: str = "",
+        action: str = "",
+    ) -> list[AuditRecord]:
+        """Up to `limit` events, newest first: older than event `before_id`, at or after
+        `since`, before `until`, by `actor` (its fingerprint, its full name or the name
+        before " (serial ..."), with `action`."""
+        conditions: list[str] = []
+        args: list[object] = []
+        if before_id is not None:
+            conditions.append("id < ?")
+            args.append(before_id)
+        if since is not None:
+            conditions.append("at >= ?")
+            args.append(ts(since))
+        if until is not None:
+            conditions.append("at < ?")
+            args.append(ts(until))
+        if actor:
+            prefix = actor + " (serial "
+            conditions.append("(actor_fingerprint = ? OR actor = ? OR substr(actor, 1, ?) = ?)")
+            args.extend([actor.lower(), actor, len(prefix), prefix])
+        if action:
+            conditions.append("action = ?")
+            args.append(action)
+        clause = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         with self._connect() as db:
             rows = db.execute(
-                "SELECT id, at, actor, action, target, details FROM audit ORDER BY id DESC LIMIT ?",
-                (limit,),
+                f"SELECT {AUDIT_COLUMNS} FROM audit {clause} "  # noqa: S608
+                "ORDER BY id DESC LIMIT ?",
+                (*args, limit),
             ).fetchall()
-        return [
-            AuditRecord(int(i), dt(at), actor, action, target, json.loads(details))
-            for i, at, actor, action, target, details in reversed(rows)
-        ]
+        return [_audit_record(ChainedEvent(*r)) for r in rows]
+
+    def audit_chain(self, after_id: int, limit: int) -> list[ChainedEvent]:
+        """Up to `limit` events as stored, from the one after `after_id` on, oldest first."""
+        with self._connect() as db:
+            rows = db.execute(
+                f"SELECT {AUDIT_COLUMNS} FROM audit WHERE id > ? "  # noqa: S608
+                "ORDER BY id LIMIT ?",
+                (after_id, limit),
+            ).fetchall()
+        return [ChainedEvent(*r) for r in rows]
+
+    def audit_head(self) -> tuple[int, str]:
+        """(id, hash) of the newest event as meta records it."""
+        with self._connect() as db:
+            row = db.execute("SELECT value FROM meta WHERE name = ?", (HEAD,)).fetchone()
+        return parse_head(row[0] if row else None)
 
     def revocation_sequence(self) -> int:
         with self._connect() as db:
@@ -185,3 +276,19 @@ class Reads:
         with self._connect() as db:
             row = db.execute("SELECT value FROM meta WHERE name = 'generation'").fetchone()
         return int(row[0]) if row else 0
+
+
+def _audit_record(event: ChainedEvent) -> AuditRecord:
+    return AuditRecord(
+        event.id,
+        dt(event.at),
+        event.actor,
+        event.action,
+        event.target,
+        json.loads(event.details),
+        event.actor_fingerprint,
+        event.before_fingerprint,
+        event.after_fingerprint,
+        event.outcome,
+        event.hash,
+    )

@@ -4,6 +4,7 @@ the conversions between rows and records (times as ISO 8601 UTC text)."""
 from __future__ import annotations
 
 import datetime
+import enum
 from dataclasses import dataclass
 
 from keyplane.server.kinds import KeyKind, KeyState
@@ -100,9 +101,35 @@ class ZoneRecord:
         return f"zone:{self.name}#{self.id}"
 
 
+class Actor(str):
+    """Who did something, as the audit log names them: the name (a str, so it goes
+    wherever an actor's name goes, e.g. revoked_by) carrying the fingerprint of the
+    certificate key the actor called with ('' for none), which the audit records."""
+
+    fingerprint: str
+
+    def __new__(cls, name: str, fingerprint: str = "") -> Actor:
+        actor = super().__new__(cls, name)
+        actor.fingerprint = fingerprint
+        return actor
+
+
+def fingerprint_of(actor: str) -> str:
+    """The certificate fingerprint an actor carries, if it is an Actor."""
+    return actor.fingerprint if isinstance(actor, Actor) else ""
+
+
+class AuditOutcome(enum.StrEnum):
+    """How the call an audit event records ended: it changed (or revealed) something, or
+    it was refused (and changed nothing)."""
+
+    OK = "ok"
+    REFUSED = "refused"
+
+
 @dataclass(frozen=True)
 class AuditRecord:
-    """One line of the audit log."""
+    """One event of the audit log."""
 
     id: int
     at: datetime.datetime
@@ -110,6 +137,62 @@ class AuditRecord:
     action: str
     target: str
     details: dict[str, object]
+    actor_fingerprint: str = ""
+    before_fingerprint: str = ""
+    after_fingerprint: str = ""
+    outcome: str = AuditOutcome.OK
+    hash: str = ""
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """An enrollment token as stored: never its secret, only its hash."""
+
+    token_hash: str
+    role: str
+    uses: int
+    uses_left: int
+    expires_at: datetime.datetime
+    created_at: datetime.datetime
+    created_by: str
+    revoked_at: datetime.datetime | None = None
+    revoked_by: str | None = None
+
+    @property
+    def token_id(self) -> str:
+        """How tokens are named outside the DB: the first 16 hex digits of the hash."""
+        return self.token_hash[:16]
+
+    def state(self, now: datetime.datetime) -> str:
+        """ "revoked", "spent", "expired" or "active" (the first that holds)."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.uses_left <= 0:
+            return "spent"
+        if self.expires_at <= now:
+            return "expired"
+        return "active"
+
+
+TOKEN_COLUMNS = (
+    "token_hash, role, uses, uses_left, expires_at, created_at, created_by, "  # noqa: S105
+    "revoked_at, revoked_by"
+)
+
+
+def token_record(row: tuple[object, ...]) -> TokenRecord:
+    h, role, uses, left, expires, created, by, revoked, revoked_by = row
+    return TokenRecord(
+        str(h),
+        str(role),
+        int(str(uses)),
+        int(str(left)),
+        dt(expires),
+        dt(created),
+        str(by),
+        opt_dt(revoked),
+        opt_str(revoked_by),
+    )
 
 
 KEY_COLUMNS = (

@@ -5,11 +5,36 @@ the DB at one version or the next, never between)."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 
-SCHEMA_VERSION = 3
+from keyplane.server.store.audit_chain import (
+    AUDIT_COLUMNS,
+    GENESIS,
+    HEAD,
+    ChainedEvent,
+    event_hash,
+    format_head,
+)
+
+SCHEMA_VERSION = 4
+
+# The audit log is append-only: no statement may change or remove an event (keyplane's
+# store has no such write either). Someone with the file can drop these; the hash chain
+# (audit_chain.py) is what shows that they did.
+AUDIT_TRIGGERS = """
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log is append-only: an event cannot be changed');
+END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log is append-only: an event cannot be deleted');
+END;
+"""
 
 # The current schema, for a new DB.
-SCHEMA = """
+SCHEMA = (
+    """
 CREATE TABLE meta (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -92,7 +117,10 @@ CREATE TABLE enrollment_tokens (
     uses INTEGER NOT NULL,
     expires_at TEXT NOT NULL,
     created_at TEXT NOT NULL,
-    created_by TEXT NOT NULL
+    created_by TEXT NOT NULL,
+    -- A revoked token is unusable at once, whatever uses it has left.
+    revoked_at TEXT,
+    revoked_by TEXT
 );
 -- Zone servers. Identified by their enrolled certificates, not their names: a name is
 -- taken while its zone is live, and free again once that zone is revoked (the revoked
@@ -112,15 +140,31 @@ CREATE TABLE zones (
     revoke_reason TEXT
 );
 CREATE UNIQUE INDEX zones_live_name ON zones (name) WHERE revoked_at IS NULL;
+-- The audit log: append-only (AUDIT_TRIGGERS) and hash-chained (audit_chain.py). Ids
+-- are given by the writer and run 1, 2, 3 ... without gaps.
 CREATE TABLE audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at TEXT NOT NULL,
     actor TEXT NOT NULL,
     action TEXT NOT NULL,
     target TEXT NOT NULL,
-    details TEXT NOT NULL
+    -- JSON object; never a secret.
+    details TEXT NOT NULL,
+    -- SHA-256 of the key of the certificate the actor called with ('' for the server
+    -- itself, a token holder, or events from before schema 4).
+    actor_fingerprint TEXT NOT NULL DEFAULT '',
+    -- Fingerprints of the key the change replaced or removed, and of the one it made.
+    before_fingerprint TEXT NOT NULL DEFAULT '',
+    after_fingerprint TEXT NOT NULL DEFAULT '',
+    outcome TEXT NOT NULL DEFAULT 'ok' CHECK (outcome IN ('ok', 'refused')),
+    prev_hash TEXT NOT NULL DEFAULT '',
+    hash TEXT NOT NULL DEFAULT ''
 );
+CREATE INDEX audit_at ON audit (at, id);
+CREATE INDEX audit_action ON audit (action, id);
 """
+    + AUDIT_TRIGGERS
+)
 
 # schema version -> the statements that turn the version before it into it.
 MIGRATIONS: dict[int, str] = {
@@ -158,7 +202,51 @@ UPDATE keys SET key_uri = (
 ) WHERE kind = 'zone_intermediate' AND key_uri IN (SELECT 'zone:' || name FROM zones);
 DROP TABLE zone_servers;
 """,
+    # The audit hash chain and token revocation; _chain_audit then chains the events
+    # already there and makes the log append-only.
+    4: """
+ALTER TABLE audit ADD COLUMN actor_fingerprint TEXT NOT NULL DEFAULT '';
+ALTER TABLE audit ADD COLUMN before_fingerprint TEXT NOT NULL DEFAULT '';
+ALTER TABLE audit ADD COLUMN after_fingerprint TEXT NOT NULL DEFAULT '';
+ALTER TABLE audit ADD COLUMN outcome TEXT NOT NULL DEFAULT 'ok'
+    CHECK (outcome IN ('ok', 'refused'));
+ALTER TABLE audit ADD COLUMN prev_hash TEXT NOT NULL DEFAULT '';
+ALTER TABLE audit ADD COLUMN hash TEXT NOT NULL DEFAULT '';
+CREATE INDEX audit_at ON audit (at, id);
+CREATE INDEX audit_action ON audit (action, id);
+ALTER TABLE enrollment_tokens ADD COLUMN revoked_at TEXT;
+ALTER TABLE enrollment_tokens ADD COLUMN revoked_by TEXT;
+""",
 }
+
+
+def _chain_audit(db: sqlite3.Connection) -> None:
+    """Chain the events an older keyplane wrote, oldest first, then make the log
+    append-only. Their ids are closed up first if any are missing (keyplane never
+    deleted an event, so none should be), since the chain takes ids to run without gaps."""
+    ids = [int(r[0]) for r in db.execute("SELECT id FROM audit ORDER BY id")]
+    for rank, old in enumerate(ids, start=1):
+        if rank != old:  # every id below `old` has moved to its rank already: free
+            db.execute("UPDATE audit SET id = ? WHERE id = ?", (rank, old))
+    head_id, head = 0, GENESIS
+    chained: list[tuple[str, str, int]] = []
+    for row in db.execute(f"SELECT {AUDIT_COLUMNS} FROM audit ORDER BY id"):  # noqa: S608
+        event = ChainedEvent(*row)
+        digest = event_hash(*event[:-2], head)
+        chained.append((head, digest, event.id))
+        head_id, head = event.id, digest
+    db.executemany("UPDATE audit SET prev_hash = ?, hash = ? WHERE id = ?", chained)
+    db.execute(
+        "INSERT INTO meta (name, value) VALUES (?, ?) "
+        "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        (HEAD, format_head(head_id, head)),
+    )
+    for statement in _statements(AUDIT_TRIGGERS):
+        db.execute(statement)
+
+
+# Steps in Python, run after the statements of the same version (in its transaction).
+AFTER_MIGRATION: dict[int, Callable[[sqlite3.Connection], None]] = {4: _chain_audit}
 
 
 class SchemaError(Exception):
@@ -174,8 +262,9 @@ def initialise(db: sqlite3.Connection, name: str) -> None:
             for statement in _statements(SCHEMA):
                 db.execute(statement)
             db.execute(
-                "INSERT INTO meta (name, value) VALUES ('schema_version', ?), ('generation', '0')",
-                (str(SCHEMA_VERSION),),
+                "INSERT INTO meta (name, value) VALUES ('schema_version', ?), "
+                "('generation', '0'), (?, ?)",
+                (str(SCHEMA_VERSION), HEAD, format_head(0, GENESIS)),
             )
     except BaseException:
         db.execute("ROLLBACK")
@@ -193,6 +282,8 @@ def initialise(db: sqlite3.Connection, name: str) -> None:
         try:
             for statement in _statements(MIGRATIONS[step]):
                 db.execute(statement)
+            if step in AFTER_MIGRATION:
+                AFTER_MIGRATION[step](db)
             db.execute(
                 "INSERT INTO meta (name, value) VALUES ('schema_version', ?) "
                 "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
@@ -205,6 +296,16 @@ def initialise(db: sqlite3.Connection, name: str) -> None:
 
 
 def _statements(script: str) -> list[str]:
-    """The statements of a script (none of ours has a ';' inside a statement)."""
+    """The statements of a script, one by one (a trigger's body has ';'s inside it)."""
     lines = [line for line in script.splitlines() if not line.lstrip().startswith("--")]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+    statements: list[str] = []
+    pending = ""
+    for piece in "\n".join(lines).split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending.strip())
+            pending = ""
+    if pending.strip(" \n;"):
+        statements.append(pending.strip())
+    return statements

@@ -24,6 +24,7 @@ from keyplane.server.store.records import (
     AuditRecord,
     CertificateRecord,
     KeyRecord,
+    TokenRecord,
     TrustStateRecord,
     ZoneRecord,
 )
@@ -76,6 +77,7 @@ class StateStore:
             for now, work in works:
                 tx.now = now
                 callbacks = len(tx.after_commit)
+                head = tx.audit_head
                 db.execute("SAVEPOINT item")
                 try:
                     value = work(tx)
@@ -83,6 +85,7 @@ class StateStore:
                     db.execute("ROLLBACK TO item")
                     db.execute("RELEASE item")
                     del tx.after_commit[callbacks:]  # its writes are gone: so are these
+                    tx.audit_head = head  # and its audit events: the chain goes on from here
                     outcomes.append((None, exc))
                 else:
                     db.execute("RELEASE item")
@@ -118,6 +121,7 @@ class StateStore:
             try:
                 tx = Transaction(self._db, now)
                 yield tx
+                tx.write_audit_head()
                 if tx.changes_hierarchy:
                     self._db.execute(
                         "UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
@@ -246,12 +250,12 @@ class StateStore:
     def certificates_of_token(self, token_hash: str) -> int:
         return self.reads.certificates_of_token(token_hash)
 
-    def token(self, token_hash: str) -> tuple[str, int, datetime.datetime] | None:
+    def token(self, token_hash: str) -> TokenRecord | None:
         return self.reads.token(token_hash)
 
     def token_uses_left(self, token_hash: str) -> int | None:
         found = self.reads.token(token_hash)
-        return found[1] if found else None
+        return found.uses_left if found else None
 
     def zones(self, include_revoked: bool = False) -> list[ZoneRecord]:
         return self._cached(("zones", include_revoked), lambda: self.reads.zones(include_revoked))

@@ -1,24 +1,54 @@
 """Writes to the state DB, inside one BEGIN IMMEDIATE ... COMMIT. Every change audits
-itself in the same transaction; `reads` sees what the transaction has written so far."""
+itself in the same transaction; `reads` sees what the transaction has written so far.
+
+The audit log is only ever appended to, each event chained to the one before it
+(audit_chain.py). A transaction reads the chain's head once, at its first event, and
+keeps it: however many events a group commit writes, chaining costs no query per event.
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from keyplane.server.kinds import KeyKind, KeyState
+from keyplane.server.store.audit_chain import (
+    AUDIT_COLUMNS,
+    HEAD,
+    event_hash,
+    format_head,
+    parse_head,
+)
 from keyplane.server.store.reads import Reads, on
 from keyplane.server.store.records import (
     CERT_COLUMNS,
     KEY_COLUMNS,
+    AuditOutcome,
     CertificateRecord,
     KeyRecord,
     TrustStateRecord,
     certificate_row,
+    fingerprint_of,
     ts,
 )
+
+
+class AuditEntry(NamedTuple):
+    """One event for audit_many: (actor, action, target, details as JSON) and, if known,
+    the actor's certificate fingerprint (else the one an Actor carries), the fingerprints
+    before and after the change, and the outcome."""
+
+    actor: str
+    action: str
+    target: str
+    details: str
+    actor_fingerprint: str = ""
+    before_fingerprint: str = ""
+    after_fingerprint: str = ""
+    outcome: str = AuditOutcome.OK
 
 
 class Transaction:
@@ -32,24 +62,83 @@ class Transaction:
         # revocations, trust states, zones); the commit then bumps the generation.
         self.changes_hierarchy = False
         self.after_commit: list[Callable[[], None]] = []
+        # (id, hash) of the newest audit event, once this transaction has read it.
+        self.audit_head: tuple[int, str] | None = None
+        self._head_read: tuple[int, str] | None = None
 
     def on_commit(self, callback: Callable[[], None]) -> None:
         """Call `callback` once this transaction has committed (never if it rolls back)."""
         self.after_commit.append(callback)
 
-    def audit(self, actor: str, action: str, target: str, **details: object) -> None:
-        self._db.execute(
-            "INSERT INTO audit (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?)",
-            (ts(self.now), actor, action, target, json.dumps(details, sort_keys=True)),
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        target: str,
+        *,
+        actor_fingerprint: str = "",
+        before_fingerprint: str = "",
+        after_fingerprint: str = "",
+        outcome: AuditOutcome = AuditOutcome.OK,
+        **details: object,
+    ) -> None:
+        """Append one event at this transaction's time. `details` must hold no secret."""
+        self.audit_many(
+            [
+                AuditEntry(
+                    actor,
+                    action,
+                    target,
+                    json.dumps(details, sort_keys=True),
+                    actor_fingerprint,
+                    before_fingerprint,
+                    after_fingerprint,
+                    outcome,
+                )
+            ]
         )
 
-    def audit_many(self, entries: list[tuple[str, str, str, str]]) -> None:
-        """Audit lines (actor, action, target, details as JSON) at this transaction's time."""
-        at = ts(self.now)
+    def audit_many(self, entries: Sequence[tuple[str, ...]]) -> None:
+        """Append events (AuditEntry fields, the first four at least: actor, action,
+        target, details as JSON) at this transaction's time, chained in order."""
+        if self.audit_head is None:
+            row = self._db.execute("SELECT value FROM meta WHERE name = ?", (HEAD,)).fetchone()
+            self.audit_head = self._head_read = parse_head(row[0] if row else None)
+        head_id, head = self.audit_head
+        at = ts(self.now) or ""
+        rows = []
+        for raw in entries:
+            entry = AuditEntry(*raw)
+            head_id += 1
+            fields = (
+                head_id,
+                at,
+                entry.actor,
+                entry.actor_fingerprint or fingerprint_of(entry.actor),
+                entry.action,
+                entry.target,
+                entry.details,
+                entry.before_fingerprint,
+                entry.after_fingerprint,
+                str(entry.outcome),
+            )
+            digest = event_hash(*fields, head)
+            rows.append((*fields, head, digest))
+            head = digest
         self._db.executemany(
-            "INSERT INTO audit (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?)",
-            [(at, *entry) for entry in entries],
+            f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({', '.join('?' * 12)})",  # noqa: S608
+            rows,
         )
+        self.audit_head = (head_id, head)
+
+    def write_audit_head(self) -> None:
+        """Record the chain's new head in meta (once, at commit) if events were added."""
+        if self.audit_head is not None and self.audit_head != self._head_read:
+            self._db.execute(
+                "INSERT INTO meta (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (HEAD, format_head(*self.audit_head)),
+            )
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -186,13 +275,24 @@ class Transaction:
         )
 
     def consume_token(self, token_hash: str, role: str, uses: int = 1) -> bool:
-        """Use the token `uses` times if it exists, has the role, is unexpired and has
-        that many uses left; otherwise change nothing."""
+        """Use the token `uses` times if it exists, has the role, is unexpired, unrevoked
+        and has that many uses left; otherwise change nothing."""
         return (
             self._db.execute(
                 "UPDATE enrollment_tokens SET uses_left = uses_left - ? WHERE token_hash = ? "
-                "AND role = ? AND uses_left >= ? AND expires_at > ?",
+                "AND role = ? AND uses_left >= ? AND expires_at > ? AND revoked_at IS NULL",
                 (uses, token_hash, role, max(uses, 1), ts(self.now)),
+            ).rowcount
+            == 1
+        )
+
+    def revoke_token(self, token_hash: str, by: str) -> bool:
+        """Make the token unusable from now on; False if it was revoked already."""
+        return (
+            self._db.execute(
+                "UPDATE enrollment_tokens SET revoked_at = ?, revoked_by = ? "
+                "WHERE token_hash = ? AND revoked_at IS NULL",
+                (ts(self.now), by, token_hash),
             ).rowcount
             == 1
         )
