@@ -40,7 +40,7 @@ from keyplane.server.grpc_options import MIN_PING_INTERVAL_MS
 DEFAULT_LISTEN = "127.0.0.1:7443"
 # Steps of root and subordinate rotation at which a test may have the server SIGKILL
 # itself ([testing] kill_at; see server/domain/faults.py).
-KILL_POINTS = (
+ROTATION_KILL_POINTS = (
     "root.generated",
     "root.recorded",
     "revoke.recorded",
@@ -50,6 +50,14 @@ KILL_POINTS = (
     "subordinate.activated",
     "trust.signed",
 )
+# Steps of a database password change (the software backend's change_password).
+PASSWORD_KILL_POINTS = (
+    "password.staged",
+    "password.resealed",
+    "password.replaced",
+    "password.keyfile_removed",
+)
+KILL_POINTS = ROTATION_KILL_POINTS + PASSWORD_KILL_POINTS
 # Where a test may have the key backend fail ([testing] fail_at).
 FAIL_POINTS = ("trust.sign",)
 KEY_KINDS = ("root", "legacy_root", "server_tls", "intermediate_tls", "message_signing")

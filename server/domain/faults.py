@@ -2,9 +2,10 @@
 
 A server configured with `[testing] kill_at = "<point>"` sends itself SIGKILL when it
 reaches that point, so tests can prove that a real process killed at each step of a
-rotation restarts into a consistent state; with `[testing] fail_at = "<point>"` the
-key backend fails there (as an HSM that went away would), so tests can prove that a
-change that cannot be completed is not half made. Unset (the default), nothing happens.
+rotation or of a database password change restarts into a consistent state; with
+`[testing] fail_at = "<point>"` the key backend fails there (as an HSM that went away
+would), so tests can prove that a change that cannot be completed is not half made.
+Unset (the default), nothing happens.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import signal
 from dataclasses import dataclass
 
 from keyplane.plugins.errors import BackendUnavailableError
-from keyplane.server.config import FAIL_POINTS, KILL_POINTS
+from keyplane.server.config import FAIL_POINTS, PASSWORD_KILL_POINTS, ROTATION_KILL_POINTS
 
-# The crash points, named in configuration ([testing] kill_at).
-POINTS = KILL_POINTS
-__all__ = ["FAIL_POINTS", "POINTS", "Faults"]
+# The crash points, named in configuration ([testing] kill_at): those of a rotation, and
+# those of a database password change.
+POINTS = ROTATION_KILL_POINTS
+PASSWORD_POINTS = PASSWORD_KILL_POINTS
+__all__ = ["FAIL_POINTS", "PASSWORD_POINTS", "POINTS", "Faults"]
 
 
 @dataclass
