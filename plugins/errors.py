@@ -63,6 +63,12 @@ class PasswordRequiredError(BackendConfigError):
     reason = "PASSWORD_REQUIRED"
 
 
+class WrongPasswordError(BackendAuthError):
+    """The database password given does not open the store."""
+
+    reason = "WRONG_PASSWORD"
+
+
 class PasswordSinkError(BackendConfigError):
     """A new database password has nowhere durable to go, so it is not changed."""
 

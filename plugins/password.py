@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 from keyplane.plugins.errors import (
     BackendConfigError,
@@ -58,6 +59,17 @@ class Password:
     def __reduce__(self) -> tuple[type[Password], tuple[bytes]]:
         # Pickled only through multiprocessing's pipe to a worker (never argv or env).
         return (Password, (self._value,))
+
+
+def backends_with_password(
+    configured: Mapping[str, Mapping[str, object]], password: Password | None
+) -> Mapping[str, Mapping[str, object]]:
+    """The backends' options with `password` handed to the software backend (in memory:
+    a config file cannot hold a Password)."""
+    if password is None:
+        return configured
+    software = {**configured.get("software", {}), "password": password}
+    return MappingProxyType({**configured, "software": MappingProxyType(software)})
 
 
 def check_kdf_params(params: object, salt: bytes) -> dict[str, int]:

@@ -33,6 +33,7 @@ from keyplane.plugins.errors import (
     KeyNotFoundError,
     PasswordRequiredError,
     SealedKeyError,
+    WrongPasswordError,
 )
 from keyplane.plugins.hookspecs import hookimpl
 from keyplane.plugins.keys import (
@@ -239,7 +240,7 @@ class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore):
             if _opens(kek, nonce, sealed):
                 self._settle_change(origin)
                 return kek
-        raise BackendAuthError("software backend: the PKI database password is wrong")
+        raise WrongPasswordError("software backend: the PKI database password is wrong")
 
     def _settle_change(self, origin: str) -> None:
         """Finish, or undo, a password change that a crash interrupted."""

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from keyplane.plugins.manager import KeyBackends
+from keyplane.plugins.password import Password, backends_with_password
 from keyplane.server.config import ServerConfig, format_address
 from keyplane.server.domain.bundles import Bundles
 from keyplane.server.domain.clock import Clock, SystemClock
@@ -114,11 +115,15 @@ class KeyplaneServer:
         self._health: health.aio.HealthServicer | None = None
         self._vital_part_died: asyncio.Event | None = None
 
-    def open(self) -> StartReport:
-        """Open the data dir and its key backends, initialising them on first start."""
+    def open(self, password: Password | None = None) -> StartReport:
+        """Open the data dir and its key backends, initialising them on first start.
+        `password` opens a password-protected pki.db that was given none (unlock); without
+        one such a pki.db raises PasswordRequiredError and nothing is opened."""
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self.config.data_dir.chmod(0o700)
-        self._backends = KeyBackends(self.config.backends, self.config.data_dir)
+        self._backends = KeyBackends(
+            backends_with_password(self.config.backends, password), self.config.data_dir
+        )
         self._store = StateStore(self.config.data_dir / "keyplane.db")
         if self.config.commit_thread_dies_after is not None:
             self._store.committer.die_after_batches = self.config.commit_thread_dies_after

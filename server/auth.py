@@ -80,6 +80,9 @@ ACCESS: dict[str, Access] = {
     # Signed documents, verified by the component against the roots it pins.
     "/keyplane.v1.TrustStateService/GetTrustState": PUBLIC,
     "/keyplane.v1.TrustStateService/WatchTrustState": PUBLIC,
+    # Served only by a locked server, on its 0600 Unix socket (server/locked.py): who can
+    # reach that socket is the server's own user.
+    "/keyplane.v1.UnlockService/Unlock": PUBLIC,
 }
 
 
