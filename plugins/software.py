@@ -201,8 +201,7 @@ class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore):
             kek = self._password_kek(params_text, salt, nonce, sealed)
         else:
             kek = self._key_file_kek(nonce, sealed)
-            # A change that staged a password but never re-sealed: the key file still rules.
-            self._source.discard_staged()
+            self._undo_unsealed_change()  # the key file still rules
         self._salt = bytes(salt)
         return kek
 
@@ -251,14 +250,20 @@ class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore):
                 "software backend: finished an interrupted database password change: "
                 "password_file now holds the new password"
             )
-        elif staged is not None and staged.exists():
+        else:
+            self._undo_unsealed_change()
+        # The database is sealed with a password: a key file left by a change goes now.
+        self._drop_key_file()
+
+    def _undo_unsealed_change(self) -> None:
+        """Drop the staged password of a change that a crash stopped before the re-seal."""
+        staged = self._source.staged
+        if staged is not None and staged.exists():
             self._source.discard_staged()
             log.warning(
                 "software backend: an interrupted database password change never re-sealed "
                 "pki.db; the password is unchanged"
             )
-        # The database is sealed with a password: a key file left by a change goes now.
-        self._drop_key_file()
 
     def _key_file_kek(self, nonce: bytes, sealed: bytes) -> bytes:
         if self._source.current() is not None:
