@@ -157,7 +157,7 @@ async def wait_for_unlock(data_dir: Path, unlock: Unlocker, stopping: asyncio.Ev
     _claim_socket(path)
     server = grpc.aio.server(interceptors=[KeyplaneInterceptor(_no_certificates)])
     servicer = UnlockServicer(unlock)
-    unlock_service_pb2_grpc.add_UnlockServiceServicer_to_server(servicer, server)
+    unlock_service_pb2_grpc.add_UnlockServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

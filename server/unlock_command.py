@@ -64,7 +64,7 @@ def run_unlock(args: argparse.Namespace) -> int:
         print("keyplane unlock: no password given", file=sys.stderr)
         return 2
     with grpc.insecure_channel(f"unix:{path}") as channel:
-        stub = unlock_service_pb2_grpc.UnlockServiceStub(channel)
+        stub = unlock_service_pb2_grpc.UnlockServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
             response = stub.Unlock(
                 unlock_service_pb2.UnlockRequest(password=password),
