@@ -72,8 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--password-env",
         metavar="VARIABLE",
         help="environment variable holding the pki.db password (config: password_env); "
-        "the password cannot be changed while it comes from there. With neither, a "
-        "password-protected server starts locked: run 'keyplane unlock'",
+        "the password cannot be changed while it comes from there. With neither (here or "
+        "in the config), a password-protected server starts locked: run 'keyplane unlock'",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.set_defaults(func=run_serve)
