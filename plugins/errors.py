@@ -55,3 +55,28 @@ class KeyOperationError(BackendError):
     """The backend failed to perform an operation on an existing key."""
 
     reason = "KEY_OPERATION_FAILED"
+
+
+class PasswordRequiredError(BackendConfigError):
+    """The store is sealed with a password and none was given (a server starts locked)."""
+
+    reason = "PASSWORD_REQUIRED"
+
+
+class WrongPasswordError(BackendAuthError):
+    """The database password given does not open the store."""
+
+    reason = "WRONG_PASSWORD"
+
+
+class PasswordSinkError(BackendConfigError):
+    """A new database password has nowhere durable to go, so it is not changed."""
+
+    reason = "NO_PASSWORD_SINK"
+
+
+class SealedKeyError(BackendError):
+    """A sealed key or secret does not unseal under the store's key: the store is damaged
+    or was altered (a flipped byte, a blob moved to another row)."""
+
+    reason = "SEALED_KEY_DAMAGED"

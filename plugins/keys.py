@@ -258,8 +258,17 @@ class SecretStore(abc.ABC):
         """The secret stored under `name`, or None."""
 
     @abc.abstractmethod
-    def change_password(self, new_password: bytes) -> None:
-        """Re-seal everything under a key derived from `new_password`, atomically."""
+    def change_password(
+        self,
+        new_password: bytes,
+        store_as: str | None = None,
+        checkpoint: Callable[[str], None] = lambda point: None,
+    ) -> None:
+        """Re-seal everything under a key derived from `new_password`, atomically, and
+        put the new password where the next start reads it, in an order no crash can
+        lock out; also seal `new_password` under `store_as` in the same transaction.
+        `checkpoint(point)` is called after each step (tests kill the process there).
+        PasswordSinkError, changing nothing, when there is nowhere to put the password."""
 
 
 @dataclass(frozen=True)

@@ -2,33 +2,28 @@
 
 The key-encryption key (KEK) comes from the database password through scrypt (its
 parameters and salt stored in the header), or, with no password, from a key file
-beside the database (mode 0600). Each key is sealed with its key id as associated
-data, so a sealed blob cannot be moved to another id. Nothing is written unsealed.
+beside the database (mode 0600); software_seal.py keeps it. Each key is sealed with
+its key id as associated data, so a sealed blob cannot be moved to another id.
+Nothing is written unsealed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.padding import AsymmetricPadding
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from keyplane.plugins.errors import (
-    BackendAuthError,
     BackendConfigError,
     BackendUnavailableError,
     KeyNotFoundError,
@@ -47,18 +42,14 @@ from keyplane.plugins.keys import (
     TlsKeySource,
     backend_private_key,
 )
+from keyplane.plugins.password import PasswordSource
+from keyplane.plugins.software_seal import Seal, key_aad, secret_aad
 from keyplane.plugins.uri import SoftwareKeyUri
 
 NAME = "software"
 # pki.db's name in a backup, wherever the `path` option puts it.
 BACKUP_FILE = "pki.db"
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-# scrypt cost: about 32 MiB and a tenth of a second, paid once per open.
-SCRYPT_PARAMS = {"n": 2**15, "r": 8, "p": 1}
-_CHECK_PLAINTEXT = b"keyplane pki.db key-encryption key check"
-_CHECK_AAD = b"keyplane:header"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS header (
@@ -87,94 +78,6 @@ CREATE TABLE IF NOT EXISTS keys (
 """
 
 
-def _aad(key_id: str) -> bytes:
-    return b"keyplane:key:" + key_id.encode()
-
-
-def _secret_aad(name: str) -> bytes:
-    return b"keyplane:secret:" + name.encode()
-
-
-@dataclass(frozen=True)
-class PasswordSink:
-    """Where the configured password comes from, so a new one can be put there."""
-
-    file: Path | None = None
-    env: str | None = None
-
-    def write(self, password: bytes) -> None:
-        if self.file is not None:
-            tmp = self.file.with_name(self.file.name + ".new")
-            tmp.unlink(missing_ok=True)
-            _write_private_file(tmp, password + b"\n")
-            os.replace(tmp, self.file)
-        elif self.env is not None:
-            log.warning(
-                "software backend: the PKI database password changed; set %s to the new "
-                "password before the next start",
-                self.env,
-            )
-
-
-def _read_password(options: Mapping[str, object]) -> bytes | None:
-    """The database password from `password_env` or `password_file`, or None."""
-    env_name = options.get("password_env")
-    file_name = options.get("password_file")
-    if env_name and file_name:
-        raise BackendConfigError("software backend: set password_env or password_file, not both")
-    if env_name:
-        value = os.environ.get(str(env_name))
-        if not value:
-            raise BackendConfigError(
-                f"software backend: environment variable {env_name} (password_env) is not set"
-            )
-        return value.encode()
-    if file_name:
-        try:
-            value = Path(str(file_name)).read_text().strip()
-        except UnicodeDecodeError:
-            raise BackendConfigError("software backend: password_file is not text") from None
-        except OSError as exc:
-            raise BackendConfigError(
-                f"software backend: cannot read password_file ({exc.strerror})"
-            ) from None
-        if not value:
-            raise BackendConfigError("software backend: password_file is empty")
-        return value.encode()
-    return None
-
-
-def _derive_kek(password: bytes, salt: bytes, params: Mapping[str, int]) -> bytes:
-    return Scrypt(salt=salt, length=32, n=params["n"], r=params["r"], p=params["p"]).derive(
-        password
-    )
-
-
-def _write_private_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_key_file(path: Path, kek: bytes) -> None:
-    """Write the key file whole or not at all: a temporary file, fsynced, then linked
-    into place (never over an existing one)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    _write_private_file(tmp, kek)
-    try:
-        os.link(tmp, path)
-    finally:
-        tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def database_path(options: Mapping[str, object], data_dir: Path) -> Path:
     """Where the software backend with these options keeps its pki.db."""
     return Path(str(options.get("path") or data_dir / "pki.db"))
@@ -187,15 +90,17 @@ def _generate(algorithm: KeyAlgorithm) -> ec.EllipticCurvePrivateKey | rsa.RSAPr
 
 
 class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore, BackupSource):
-    """Keys sealed in one pki.db file; unsealed keys are kept only in this process's memory."""
+    """Keys sealed in one pki.db file; unsealed keys are kept only in this process's memory.
+
+    Opening it opens every sealed key and secret once, so a damaged pki.db refuses the
+    start (naming the key) instead of failing the day the key is needed.
+    """
 
     name = NAME
 
-    def __init__(
-        self, path: Path, password: bytes | None, password_sink: PasswordSink | None = None
-    ) -> None:
+    def __init__(self, path: Path, source: PasswordSource | None = None) -> None:
         self.path = path
-        self._password_sink = password_sink
+        self._source = source or PasswordSource()
         self._lock = threading.RLock()
         self._cache: dict[str, BackendPrivateKey] = {}
         try:
@@ -217,17 +122,18 @@ class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore, BackupSource):
                     f"software backend: cannot open the PKI database ({exc})"
                 ) from None
             os.chmod(path, 0o600)
-            self._aead = AESGCM(self._open_kek(password))
+            self._seal = Seal(path, self._db, self._lock, self._transaction, self._source)
+            self._seal.verify()
         except BaseException:
             # Closed at once: the files SQLite opened beside it go with the connection.
             self._db.close()
             raise
 
-    # -- key-encryption key -------------------------------------------------------------
+    # -- the seal, and secrets ------------------------------------------------------------
 
     @property
     def key_file(self) -> Path:
-        return self.path.with_name(self.path.name + ".key")
+        return self._seal.key_file
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -240,91 +146,12 @@ class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore, BackupSource):
                 raise
             self._db.execute("COMMIT")
 
-    def _open_kek(self, password: bytes | None) -> bytes:
-        row = self._db.execute(
-            "SELECT kek_source, kdf_params, salt, check_nonce, check_sealed FROM header"
-        ).fetchone()
-        if row is None:
-            return self._initialise_header(password)
-        source, params_text, salt, nonce, sealed = row
-        if source == "password":
-            if password is None:
-                raise BackendConfigError(
-                    "software backend: the PKI database is protected by a password; "
-                    "set password_env or password_file"
-                )
-            kek = _derive_kek(password, salt, json.loads(params_text))
-        else:
-            if password is not None:
-                log.warning(
-                    "software backend: a password is configured but the PKI database uses "
-                    "a key file; run a password change to protect it with the password"
-                )
-            try:
-                kek = self.key_file.read_bytes()
-            except FileNotFoundError:
-                raise BackendUnavailableError(
-                    f"software backend: {self.key_file.name} is missing beside {self.path.name} "
-                    "(its keys are sealed with it): restore it from the backup the database "
-                    "came from; nothing was changed"
-                ) from None
-            except OSError as exc:
-                raise BackendUnavailableError(
-                    f"software backend: the PKI database key file is unreadable ({exc.strerror})"
-                ) from None
-        try:
-            AESGCM(kek).decrypt(nonce, sealed, _CHECK_AAD)
-        except (InvalidTag, ValueError):
-            raise BackendAuthError(
-                "software backend: the PKI database password (or key file) is wrong"
-            ) from None
-        return kek
-
-    def _initialise_header(self, password: bytes | None) -> bytes:
-        salt = secrets.token_bytes(16)
-        if password is not None:
-            kek = _derive_kek(password, salt, SCRYPT_PARAMS)
-            source = "password"
-        else:
-            kek = self._adopted_key_file() or secrets.token_bytes(32)
-            if not self.key_file.exists():
-                _write_key_file(self.key_file, kek)
-            source = "keyfile"
-            log.warning(
-                "software backend: no database password is set; private keys are sealed with "
-                "the key file %s (mode 0600). Set a password to protect them with it instead.",
-                self.key_file.name,
-            )
-        nonce = secrets.token_bytes(12)
-        sealed = AESGCM(kek).encrypt(nonce, _CHECK_PLAINTEXT, _CHECK_AAD)
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO header VALUES (1, ?, ?, ?, ?, ?, ?)",
-                (FORMAT_VERSION, source, json.dumps(SCRYPT_PARAMS), salt, nonce, sealed),
-            )
-        return kek
-
-    def _adopted_key_file(self) -> bytes | None:
-        """A key file beside a database without a header: the one a first open wrote
-        before it was interrupted (key files are written whole or not at all), so it is
-        kept, provided the database never sealed anything."""
-        if not self.key_file.exists():
-            return None
-        kek = self.key_file.read_bytes()
-        (sealed,) = self._db.execute(
-            "SELECT (SELECT count(*) FROM keys) + (SELECT count(*) FROM secrets)"
-        ).fetchone()
-        if len(kek) != 32 or sealed:
-            raise BackendUnavailableError(
-                "software backend: a key file exists beside an empty PKI database; "
-                "move it away or restore the database it belongs to"
-            )
-        return kek
-
     def store_secret(self, name: str, value: bytes) -> None:
+        self._seal.refresh()
         nonce = secrets.token_bytes(12)
-        sealed = self._aead.encrypt(nonce, value, _secret_aad(name))
         with self._transaction() as db:
+            self._seal.check_unchanged(db)
+            sealed = self._seal.aead.encrypt(nonce, value, secret_aad(name))
             db.execute(
                 "INSERT INTO secrets (name, nonce, sealed) VALUES (?, ?, ?) ON CONFLICT (name) "
                 "DO UPDATE SET nonce = excluded.nonce, sealed = excluded.sealed",
@@ -332,55 +159,24 @@ class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore, BackupSource):
             )
 
     def load_secret(self, name: str) -> bytes | None:
+        self._seal.refresh()
         with self._lock:
             row = self._db.execute(
                 "SELECT nonce, sealed FROM secrets WHERE name = ?", (name,)
             ).fetchone()
         if row is None:
             return None
-        try:
-            return self._aead.decrypt(row[0], row[1], _secret_aad(name))
-        except InvalidTag:
-            raise BackendAuthError(f"software backend: secret {name} does not unseal") from None
+        return self._seal.decrypt(row[0], row[1], secret_aad(name), f"secret {name}")
 
-    def change_password(self, new_password: bytes) -> None:
-        """Re-seal every key and secret under a KEK from `new_password`, in one transaction,
-        then put the new password where the configuration reads it from."""
-        salt = secrets.token_bytes(16)
-        new_kek = _derive_kek(new_password, salt, SCRYPT_PARAMS)
-        new_aead = AESGCM(new_kek)
-        with self._transaction() as db:
-            rows = db.execute("SELECT id, nonce, sealed FROM keys").fetchall()
-            for key_id, nonce, sealed in rows:
-                plain = self._aead.decrypt(nonce, sealed, _aad(key_id))
-                new_nonce = secrets.token_bytes(12)
-                db.execute(
-                    "UPDATE keys SET nonce = ?, sealed = ? WHERE id = ?",
-                    (new_nonce, new_aead.encrypt(new_nonce, plain, _aad(key_id)), key_id),
-                )
-            for name, nonce, sealed in db.execute("SELECT name, nonce, sealed FROM secrets"):
-                plain = self._aead.decrypt(nonce, sealed, _secret_aad(name))
-                new_nonce = secrets.token_bytes(12)
-                db.execute(
-                    "UPDATE secrets SET nonce = ?, sealed = ? WHERE name = ?",
-                    (new_nonce, new_aead.encrypt(new_nonce, plain, _secret_aad(name)), name),
-                )
-            check_nonce = secrets.token_bytes(12)
-            db.execute(
-                "UPDATE header SET kek_source = 'password', kdf_params = ?, salt = ?, "
-                "check_nonce = ?, check_sealed = ?",
-                (
-                    json.dumps(SCRYPT_PARAMS),
-                    salt,
-                    check_nonce,
-                    new_aead.encrypt(check_nonce, _CHECK_PLAINTEXT, _CHECK_AAD),
-                ),
-            )
-        self._aead = new_aead
-        with contextlib.suppress(FileNotFoundError):
-            self.key_file.unlink()
-        if self._password_sink is not None:
-            self._password_sink.write(new_password)
+    def change_password(
+        self,
+        new_password: bytes,
+        store_as: str | None = None,
+        checkpoint: Callable[[str], None] = lambda point: None,
+    ) -> None:
+        """See Seal.change_password: the new password reaches password_file before pki.db
+        is re-sealed; PasswordSinkError, and nothing changes, with no file to write."""
+        self._seal.change_password(new_password, store_as, checkpoint)
 
     # -- keys ---------------------------------------------------------------------------
 
@@ -393,12 +189,14 @@ class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore, BackupSource):
             serialization.NoEncryption(),
         )
         nonce = secrets.token_bytes(12)
-        sealed = self._aead.encrypt(nonce, plain, _aad(key_id))
         public_der = key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         now = datetime.datetime.now(datetime.UTC).isoformat()
+        self._seal.refresh()
         with self._transaction() as db:
+            self._seal.check_unchanged(db)
+            sealed = self._seal.aead.encrypt(nonce, plain, key_aad(key_id))
             db.execute(
                 "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (key_id, label, algorithm.value, public_der, nonce, sealed, now),
@@ -419,13 +217,12 @@ class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore, BackupSource):
         return row  # type: ignore[no-any-return]
 
     def _unseal(self, key_id: str) -> bytes:
+        self._seal.refresh()
         _, nonce, sealed = self._row(key_id)
-        try:
-            return self._aead.decrypt(nonce, sealed, _aad(key_id))
-        except InvalidTag:
-            raise BackendAuthError(
-                f"software backend: key software:{key_id} does not unseal (tampered or moved)"
-            ) from None
+        if self._seal.changed():  # re-sealed between the two reads
+            self._seal.refresh()
+            _, nonce, sealed = self._row(key_id)
+        return self._seal.decrypt(nonce, sealed, key_aad(key_id), f"key software:{key_id}")
 
     def tls_private_key_pem(self, uri: str) -> bytes:
         key_id = SoftwareKeyUri.parse(uri).key_id
@@ -535,14 +332,12 @@ def keyplane_open_backend(
 ) -> KeyBackend | None:
     if name != NAME:
         return None
-    unknown = set(options) - {"path", "password_env", "password_file"}
+    # `password` is never read from a config file: the server passes a Password in memory
+    # (a locked start that was unlocked, or a worker under --workers).
+    unknown = set(options) - {"path", "password_env", "password_file", "password"}
     if unknown:
         raise BackendConfigError(
             f"software backend: unknown option(s) {', '.join(sorted(unknown))}"
         )
     path = database_path(options, data_dir)
-    sink = PasswordSink(
-        file=Path(str(options["password_file"])) if options.get("password_file") else None,
-        env=str(options["password_env"]) if options.get("password_env") else None,
-    )
-    return SoftwareBackend(path, _read_password(options), sink)
+    return SoftwareBackend(path, PasswordSource.from_options(options))

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from keyplane.plugins.manager import KeyBackends
+from keyplane.plugins.password import Password, backends_with_password
 from keyplane.server.config import ServerConfig, format_address
 from keyplane.server.datadir import DataDir, DataDirState, private_umask
 from keyplane.server.domain.audit import AuditLog, RefusalRecorder
@@ -132,10 +133,12 @@ class KeyplaneServer:
         self._health: health.aio.HealthServicer | None = None
         self._vital_part_died: asyncio.Event | None = None
 
-    def open(self) -> StartReport:
+    def open(self, password: Password | None = None) -> StartReport:
         """Open the data dir and its key backends: initialise an empty one, finish an
         interrupted first start, reuse a complete one; refuse (DataDirIncomplete, nothing
-        changed) one that holds only part of a state (see server/datadir.py)."""
+        changed) one that holds only part of a state (see server/datadir.py). `password`
+        opens a password-protected pki.db that was given none (unlock); without one such
+        a pki.db raises PasswordRequiredError and nothing is opened."""
         private_umask()
         data_dir = DataDir.of_server(self.config.data_dir, self.config.backends["software"])
         found = data_dir.check()
@@ -144,7 +147,9 @@ class KeyplaneServer:
         elif found is DataDirState.UNFINISHED:
             log.warning("the first start of %s did not finish; finishing it", data_dir.path)
         data_dir.tighten_modes()
-        self._backends = KeyBackends(self.config.backends, self.config.data_dir)
+        self._backends = KeyBackends(
+            backends_with_password(self.config.backends, password), self.config.data_dir
+        )
         Faults(self.config.kill_at).checkpoint("start.backends_opened")
         self._store = StateStore(self.config.data_dir / "keyplane.db")
         if self.config.commit_thread_dies_after is not None:

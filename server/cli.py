@@ -11,10 +11,18 @@ from dataclasses import replace
 from pathlib import Path
 
 from keyplane.plugins.errors import BackendError
+from keyplane.plugins.password import Password
 from keyplane.server.app import KeyplaneServer
 from keyplane.server.config import ServerConfig, load_config
 from keyplane.server.datadir import private_umask
 from keyplane.server.errors import ConfigError, StartRefused
+from keyplane.server.locked import (
+    StoppedWhileLocked,
+    open_and_start,
+    open_before_workers,
+    password_for_workers,
+    with_password_source,
+)
 from keyplane.server.ports import Listener, claim_ports
 from keyplane.server.supervisor import serve_as_worker, supervise
 from keyplane.server.vitals import EXIT_VITAL_PART_DIED
@@ -56,6 +64,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "supervisor that restarts any that dies (config: workers). Without it, one process "
         "serves and exits with status 70 if a part it needs stops (for systemd to restart it)",
     )
+    password = parser.add_mutually_exclusive_group()
+    password.add_argument(
+        "--password-file",
+        type=Path,
+        help="file holding the pki.db password, for unattended starts (config: "
+        "[backends.software] password_file); a password change writes the new one here",
+    )
+    password.add_argument(
+        "--password-env",
+        metavar="VARIABLE",
+        help="environment variable holding the pki.db password (config: password_env); "
+        "the password cannot be changed while it comes from there. With neither (here or "
+        "in the config), a password-protected server starts locked: run 'keyplane unlock'",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.set_defaults(func=run_serve)
 
@@ -74,6 +96,7 @@ def run_serve(args: argparse.Namespace) -> int:
             bootstrap_listen=args.bootstrap_listen,
             fqdn=args.fqdn,
         )
+        config = with_password_source(config, args.password_file, args.password_env)
     except ConfigError as exc:
         print(f"keyplane serve: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -110,7 +133,13 @@ def _supervise(config: ServerConfig, args: argparse.Namespace, workers: int) -> 
     restart any that dies; SIGTERM or SIGINT stops them all."""
     listen, bootstrap = config.listen, config.bootstrap_listen
     first = KeyplaneServer(config)
-    report = first.open()
+    try:
+        # Locked (a password pki.db, no password given): no worker starts until unlocked.
+        password = open_before_workers(first, (listen, bootstrap)) or password_for_workers(config)
+    except StoppedWhileLocked:
+        return 0
+    assert first.report is not None  # noqa: S101 - opened
+    report = first.report
     first.close()
     if report.created:
         print(f"initialised {config.data_dir}: created {', '.join(report.created)}")
@@ -121,6 +150,9 @@ def _supervise(config: ServerConfig, args: argparse.Namespace, workers: int) -> 
         bootstrap,
         config.fqdn,
         args.log_level,
+        args.password_file,
+        args.password_env,
+        password,  # through multiprocessing's pipe: never in a worker's argv or environment
     )
     endpoint = config.data_dir / "admin" / "endpoint.json"
     endpoint.unlink(missing_ok=True)  # worker 0 writes it once it serves
@@ -144,6 +176,9 @@ def _worker_main(
     bootstrap: str,
     fqdn: str,
     log_level: str,
+    password_file: Path | None,
+    password_env: str | None,
+    password: Password | None,
     index: int,
 ) -> None:
     private_umask()
@@ -154,11 +189,12 @@ def _worker_main(
     config = load_config(
         config_path, data_dir=Path(data_dir), listen=listen, bootstrap_listen=bootstrap, fqdn=fqdn
     )
-    asyncio.run(_serve_worker(KeyplaneServer(config, worker=index)))
+    config = with_password_source(config, password_file, password_env)
+    asyncio.run(_serve_worker(KeyplaneServer(config, worker=index), password))
 
 
-async def _serve_worker(server: KeyplaneServer) -> None:
-    await asyncio.to_thread(server.open)
+async def _serve_worker(server: KeyplaneServer, password: Password | None) -> None:
+    await asyncio.to_thread(server.open, password)
     await server.start()
     await serve_as_worker(lambda: server.stop(grace=5.0), server.wait)
     if server.vital_part_died is not None:
@@ -172,8 +208,12 @@ async def _serve(server: KeyplaneServer) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
-    report = await asyncio.to_thread(server.open)
-    endpoints = await server.start()
+    started = await open_and_start(server, stopping)
+    if started is None:  # stopped while locked
+        return 0
+    endpoints = started
+    assert server.report is not None  # noqa: S101 - opened
+    report = server.report
     root = report.issuing_root
     if report.created:
         print(f"initialised {server.config.data_dir}: created {', '.join(report.created)}")

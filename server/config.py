@@ -50,8 +50,15 @@ ROTATION_KILL_POINTS = (
     "subordinate.activated",
     "trust.signed",
 )
+# Steps of a database password change (the software backend's change_password).
+PASSWORD_KILL_POINTS = (
+    "password.staged",
+    "password.resealed",
+    "password.replaced",
+    "password.keyfile_removed",
+)
 # ...and of a start: the key backends are open (pki.db made), the state DB not yet.
-KILL_POINTS = (*ROTATION_KILL_POINTS, "start.backends_opened")
+KILL_POINTS = (*ROTATION_KILL_POINTS, "start.backends_opened", *PASSWORD_KILL_POINTS)
 # Where a test may have the key backend fail ([testing] fail_at).
 FAIL_POINTS = ("trust.sign",)
 KEY_KINDS = ("root", "legacy_root", "server_tls", "intermediate_tls", "message_signing")

@@ -15,9 +15,11 @@ file is created, and older files with looser modes are tightened at start.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
+import sqlite3
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,6 +53,24 @@ class DataDirState(enum.Enum):
 
 def _password_configured(options: Mapping[str, object]) -> bool:
     return bool(options.get("password_file") or options.get("password_env"))
+
+
+def _sealed_with_password(key_db: Path) -> bool:
+    """Whether pki.db's header may say its keys are sealed with a password (which a
+    locked start is then given by keyplane unlock). Read as immutable, so nothing beside
+    it is made; a header still in the `-wal` is not seen there, and then the backend,
+    which reads it, decides."""
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{key_db.resolve().as_uri()}?immutable=1", uri=True)
+        ) as db:
+            row = db.execute("SELECT kek_source FROM header").fetchone()
+    except sqlite3.Error:
+        row = None
+    if row is None:
+        wal = key_db.with_name(key_db.name + "-wal")
+        return wal.exists() and wal.stat().st_size > 0
+    return bool(row[0] == "password")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -134,7 +154,12 @@ class DataDir:
         databases = (self.path / self.state_db, self.key_db)
         missing = [self._name(f) for f in databases if not f.exists()]
         why = ""
-        if not missing and self.key_file_needed and not self.key_file.exists():
+        if (
+            not missing
+            and self.key_file_needed
+            and not self.key_file.exists()
+            and not _sealed_with_password(self.key_db)
+        ):
             missing = [self._name(self.key_file)]
             why = f" (no database password is configured: it seals the keys in {self.key_db.name})"
         if not missing:

@@ -55,6 +55,7 @@ _BACKEND_STATUS: tuple[tuple[type[backend_errors.BackendError], grpc.StatusCode]
     (backend_errors.BackendConfigError, grpc.StatusCode.FAILED_PRECONDITION),
     (backend_errors.BackendUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (backend_errors.BackendAuthError, grpc.StatusCode.UNAVAILABLE),
+    (backend_errors.SealedKeyError, grpc.StatusCode.DATA_LOSS),
     (backend_errors.KeyOperationError, grpc.StatusCode.INTERNAL),
 )
 

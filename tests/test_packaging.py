@@ -36,6 +36,7 @@ def test_the_wheel_has_the_generated_api_and_every_package(tmp_path: Path) -> No
         "root_key_service_pb2_grpc.py",
         "trust_state_pb2.py",
         "enrollment_service_pb2_grpc.py",
+        "unlock_service_pb2_grpc.py",
         "py.typed",
     ):
         assert f"keyplane/v1/{module}" in names, module
@@ -45,6 +46,7 @@ def test_the_wheel_has_the_generated_api_and_every_package(tmp_path: Path) -> No
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "keyplane = keyplane.clients.cli:main" in text
     assert "serve = keyplane.server.cli:register" in text
+    assert "unlock = keyplane.server.unlock_command:register" in text
     assert "zone = keyplane.zone.cli:register" in text
     assert "backup-restore = keyplane.server.restore_cli:register" in text
     # Generated code is built, never committed.

@@ -74,6 +74,9 @@ def snapshot_state(server: RunningServer) -> tuple[object, ...]:
 # -- every RPC, every caller ---------------------------------------------------------------
 
 
+UNLOCK = "/keyplane.v1.UnlockService/Unlock"
+
+
 def _methods() -> Iterator[tuple[str, object, bool]]:
     """Every method the server serves, from the registered descriptors: (path, request
     class, server-streaming)."""
@@ -155,8 +158,16 @@ def test_every_rpc_of_every_service_as_every_kind_of_caller(tmp_path: Path) -> N
             - {
                 "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
                 "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                UNLOCK,
             }
         ), "in the access table but not served"
+        # Unlock is served by a locked server alone, on its 0600 Unix socket
+        # (tests/test_locked_start.py); a running server's listeners do not know it.
+        from keyplane.v1 import unlock_service_pb2
+
+        for who, channel in channels.items():
+            code, _ = _call(channel, UNLOCK, unlock_service_pb2.UnlockRequest, False)
+            assert code == "UNIMPLEMENTED", (who, code)
         for path, request, streaming in served:
             access = ACCESS[path]
             for who, channel in channels.items():

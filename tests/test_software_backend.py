@@ -12,7 +12,12 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from keyplane.plugins.errors import BackendAuthError, BackendConfigError
+from keyplane.plugins.errors import (
+    BackendAuthError,
+    BackendConfigError,
+    PasswordRequiredError,
+    SealedKeyError,
+)
 from keyplane.plugins.keys import BackendPrivateKey, KeyAlgorithm
 from keyplane.plugins.manager import KeyBackends
 from keyplane.plugins.uri import SoftwareKeyUri
@@ -162,13 +167,17 @@ def test_setting_a_password_on_a_key_file_database_removes_the_key_file(tmp_path
     data_dir = tmp_path / "data"
     with opened(data_dir) as backends:
         uri = backends.generate_key("software", "root", KeyAlgorithm.EC_P256).uri
+    # The operator names a password file (it need not exist yet), restarts, and sets it.
+    secret = tmp_path / "pki-db-password"
+    with opened(data_dir, password_file=str(secret)) as backends:
         backends.secret_store().change_password(b"first password")
 
     assert not (data_dir / "pki.db.key").exists()
-    with pytest.raises(BackendConfigError):
+    assert secret.read_text() == "first password\n"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    with pytest.raises(PasswordRequiredError):
         KeyBackends({"software": {}}, data_dir)
-    secret = password_file(tmp_path, "first password")
-    with opened(data_dir, password_file=secret) as backends:
+    with opened(data_dir, password_file=str(secret)) as backends:
         assert signs(backends.private_key(uri))
 
 
@@ -186,7 +195,6 @@ def test_sealed_key_moved_to_another_id_does_not_unseal(tmp_path: Path) -> None:
         ).fetchone()
         db.execute("UPDATE keys SET nonce = ?, sealed = ? WHERE id = ?", (nonce, sealed, victim_id))
 
-    with opened(data_dir) as backends:
-        with pytest.raises(BackendAuthError, match=victim_id):
-            backends.private_key(victim)
-        assert signs(backends.private_key(donor))
+    # Every sealed key is opened when pki.db is: the moved one refuses the open, by name.
+    with pytest.raises(SealedKeyError, match=f"software:{victim_id}"):
+        KeyBackends({"software": {}}, data_dir)

@@ -2,10 +2,10 @@
 
 A server configured with `[testing] kill_at = "<point>"` sends itself SIGKILL when it
 reaches that point, so tests can prove that a real process killed at each step of a
-rotation (or of its first start) restarts into a consistent state; with
-`[testing] fail_at = "<point>"` the key backend fails there (as an HSM that went away
-would), so tests can prove that a change that cannot be completed is not half made.
-Unset (the default), nothing happens.
+rotation, of its first start or of a database password change restarts into a
+consistent state; with `[testing] fail_at = "<point>"` the key backend fails there (as
+an HSM that went away would), so tests can prove that a change that cannot be completed
+is not half made. Unset (the default), nothing happens.
 """
 
 from __future__ import annotations
@@ -15,13 +15,21 @@ import signal
 from dataclasses import dataclass
 
 from keyplane.plugins.errors import BackendUnavailableError
-from keyplane.server.config import FAIL_POINTS, KILL_POINTS, ROTATION_KILL_POINTS
+from keyplane.server.config import (
+    FAIL_POINTS,
+    KILL_POINTS,
+    PASSWORD_KILL_POINTS,
+    ROTATION_KILL_POINTS,
+)
 
-# The crash points of a rotation, named in configuration ([testing] kill_at); a start
-# has one more (KILL_POINTS).
+# The crash points, named in configuration ([testing] kill_at): those of a rotation, of a
+# first start (START_POINTS) and of a database password change (PASSWORD_POINTS).
 POINTS = ROTATION_KILL_POINTS
-START_POINTS = tuple(p for p in KILL_POINTS if p not in ROTATION_KILL_POINTS)
-__all__ = ["FAIL_POINTS", "POINTS", "START_POINTS", "Faults"]
+PASSWORD_POINTS = PASSWORD_KILL_POINTS
+START_POINTS = tuple(
+    p for p in KILL_POINTS if p not in ROTATION_KILL_POINTS and p not in PASSWORD_KILL_POINTS
+)
+__all__ = ["FAIL_POINTS", "PASSWORD_POINTS", "POINTS", "START_POINTS", "Faults"]
 
 
 @dataclass

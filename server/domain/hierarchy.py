@@ -70,7 +70,7 @@ class Hierarchy:
         self.backends = backends
         self.clock = clock
         self.faults = faults or Faults(config.kill_at, config.fail_at)
-        self.settings = Settings(store, backends.secret_store())
+        self.settings = Settings(store, backends.secret_store(), self.faults.checkpoint)
         self.trust = TrustStatePublisher(
             config.fqdn, store, backends, self.settings, clock, self.faults
         )

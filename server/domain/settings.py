@@ -10,6 +10,7 @@ MessageSigning; the ClientTLS renewal window affects clients, the rest the serve
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from keyplane.plugins.keys import SecretStore
@@ -143,9 +144,16 @@ def _check_value(definition: SettingDefinition, value: str) -> str:
 class Settings:
     """Reads and validated writes of settings, over the state DB."""
 
-    def __init__(self, store: StateStore, secrets: SecretStore) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        secrets: SecretStore,
+        checkpoint: Callable[[str], None] = lambda point: None,
+    ) -> None:
         self.store = store
         self.secrets = secrets
+        # Called at each step of a database password change (crash tests kill there).
+        self._checkpoint = checkpoint
 
     def definition(self, name: str) -> SettingDefinition:
         try:
@@ -241,12 +249,14 @@ class Settings:
                     f"PKI{kind}KeyValidityHours ({validity})"
                 )
         stored = clean
-        if definition.value_type == "protected":
-            if name == DATABASE_PASSWORD:
-                # Re-seals every key and secret in pki.db atomically, then updates the
-                # configured password file.
-                self.secrets.change_password(clean.encode())
+        if name == DATABASE_PASSWORD:
+            # The new password reaches password_file before pki.db is re-sealed (the value
+            # sealed with it, in one transaction); with nowhere to write it, refused and
+            # nothing changes (FAILED_PRECONDITION, saying how to configure one).
+            self.secrets.change_password(clean.encode(), name, self._checkpoint)
+        elif definition.value_type == "protected":
             self.secrets.store_secret(name, clean.encode())
+        if definition.value_type == "protected":
             stored = MASK  # the value itself lives sealed in pki.db, never in keyplane.db
         with self.store.transaction(now) as tx:
             tx.set_setting(name, stored, definition.scope, actor)
