@@ -59,7 +59,10 @@ class KeyplaneClientError(Exception):
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         message = error.details() if hasattr(error, "details") else str(error)
         reason = ""
-        status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
+        try:
+            status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
+        except ValueError:  # a rich status that disagrees with the call's: the call's wins
+            status = None
         if status is not None:
             for detail in status.details:
                 info = error_details_pb2.ErrorInfo()

@@ -77,7 +77,15 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     )
 
 
+# A status message travels twice in the trailers (grpc-message and the rich status), and
+# a client drops trailers past 8 KiB (turning the status into RESOURCE_EXHAUSTED): a
+# message that echoes a long input is cut well below that.
+MAX_STATUS_MESSAGE = 1024
+
+
 def rich_status(code: grpc.StatusCode, message: str, reason: str) -> grpc.Status:
+    if len(message) > MAX_STATUS_MESSAGE:
+        message = message[: MAX_STATUS_MESSAGE - 14] + " … (truncated)"
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)
     detail = any_pb2.Any()
     detail.Pack(info)

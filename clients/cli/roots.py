@@ -144,6 +144,12 @@ def cmd_roots_legacy(client: KeyplaneClient, args: argparse.Namespace) -> int:
     return 0
 
 
+FINGERPRINT_HELP = (
+    "the root's fingerprint: 64 hex digits (optionally prefixed sha256:), or an "
+    "unambiguous prefix of 8 or more, as 'roots list' shows"
+)
+
+
 def register(
     commands: argparse._SubParsersAction,  # type: ignore[type-arg]
     common: argparse.ArgumentParser,
@@ -163,14 +169,14 @@ def register(
     p.add_argument("--algorithm", choices=sorted(ALGORITHMS), help="default: server config")
     p.set_defaults(call=cmd_roots_create)
     p = verbs.add_parser("show", parents=[common], help="show one root and its certificate")
-    p.add_argument("fingerprint", help="64 hex digits, optionally prefixed sha256:")
+    p.add_argument("fingerprint", help=FINGERPRINT_HELP)
     p.set_defaults(call=cmd_roots_show)
     p = verbs.add_parser(
         "revoke",
         parents=[common],
         help="revoke a root for good (destroys its private key and revokes what it issued)",
     )
-    p.add_argument("fingerprint", help="64 hex digits, optionally prefixed sha256:")
+    p.add_argument("fingerprint", help=FINGERPRINT_HELP)
     p.add_argument("--reason", required=True, help="why; kept in the audit log")
     p.add_argument("--yes", action="store_true", help="confirm: revocation is permanent")
     p.set_defaults(call=cmd_roots_revoke)

@@ -21,7 +21,7 @@ from keyplane.server.domain.admission import Admission
 from keyplane.server.domain.clock import Clock
 from keyplane.server.domain.credentials import AdminCredentialDir
 from keyplane.server.domain.faults import Faults
-from keyplane.server.domain.inputs import parse_fingerprint
+from keyplane.server.domain.inputs import resolve_fingerprint
 from keyplane.server.domain.roots import SERVER_ACTOR, Roots
 from keyplane.server.domain.rotation import Rotation
 from keyplane.server.domain.settings import Setting, Settings
@@ -121,8 +121,18 @@ class Hierarchy:
     def revoked_roots(self) -> list[KeyRecord]:
         return self.store.keys(KeyKind.ROOT, (KeyState.REVOKED,))
 
+    def root_fingerprint(self, fingerprint_text: str) -> str:
+        """The root (or legacy root) that `fingerprint_text` names: all 64 hex digits,
+        or an unambiguous prefix of 8 or more."""
+        known = [
+            r.fingerprint
+            for kind in (KeyKind.ROOT, KeyKind.LEGACY_ROOT)
+            for r in self.store.keys(kind)
+        ]
+        return resolve_fingerprint(fingerprint_text, known, "root key")
+
     def root(self, fingerprint_text: str) -> KeyRecord:
-        fp = parse_fingerprint(fingerprint_text)
+        fp = self.root_fingerprint(fingerprint_text)
         record = self.store.key(fp)
         if record is not None and record.kind == KeyKind.LEGACY_ROOT:
             return record

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
-from keyplane.server.errors import InvalidArgument
+from keyplane.server.errors import InvalidArgument, NotFound
 
 MAX_REASON_LENGTH = 1024
+# A prefix shorter than this could match keys no one meant; 8 hex digits is what people
+# copy from a listing and still one in four billion.
+MIN_PREFIX = 8
 _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+_PREFIX = re.compile(rf"^[0-9a-f]{{{MIN_PREFIX},64}}$")
 
 
 def parse_fingerprint(text: str) -> str:
@@ -20,6 +25,31 @@ def parse_fingerprint(text: str) -> str:
             "optionally prefixed 'sha256:'"
         )
     return value
+
+
+def resolve_fingerprint(text: str, known: Iterable[str], what: str) -> str:
+    """The one fingerprint of `known` that `text` names: all 64 hex digits, or an
+    unambiguous prefix of at least MIN_PREFIX (optionally prefixed `sha256:`). A full
+    fingerprint is returned as given, known or not (the caller says what is missing);
+    a prefix matching nothing is NotFound, one matching several InvalidArgument listing
+    them. Only for looking up what this server holds: a pin is always all 64 digits."""
+    value = text.strip().lower().removeprefix("sha256:")
+    if _FINGERPRINT.fullmatch(value):
+        return value
+    if not _PREFIX.fullmatch(value):
+        raise InvalidArgument(
+            "a fingerprint is 64 hex digits (SHA-256 of the key's SubjectPublicKeyInfo), "
+            f"optionally prefixed 'sha256:', or an unambiguous prefix of at least {MIN_PREFIX}"
+        )
+    matches = sorted({fp for fp in known if fp.startswith(value)})
+    if not matches:
+        raise NotFound(f"no {what} has a fingerprint starting {value}")
+    if len(matches) > 1:
+        raise InvalidArgument(
+            f"{value} is the start of {len(matches)} {what} fingerprints "
+            f"({', '.join(matches)}); give more digits"
+        )
+    return matches[0]
 
 
 def parse_reason(text: str) -> str:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from keyplane.plugins.errors import BackendError
 from keyplane.plugins.keys import KeyAlgorithm, fingerprint
 from keyplane.server.domain import certs
-from keyplane.server.domain.inputs import parse_fingerprint, parse_reason
+from keyplane.server.domain.inputs import parse_reason
 from keyplane.server.errors import (
     AlreadyRevoked,
     ConfirmationRequired,
@@ -152,7 +152,7 @@ class Roots:
         """Revoke a root for good, with everything it issued, publish that, then destroy
         its key."""
         h = self.h
-        fp = parse_fingerprint(fingerprint_text)
+        fp = h.root_fingerprint(fingerprint_text)
         reason = parse_reason(reason)
         if not confirm:
             raise ConfirmationRequired(

@@ -122,7 +122,7 @@ def _check_value(definition: SettingDefinition, value: str) -> str:
             number = int(value.strip())
         except ValueError:
             raise InvalidArgument(
-                f"{definition.name} takes a whole number, not {value!r}"
+                f"{definition.name} takes a whole number, not {value[:80]!r}"
             ) from None
         if number <= 0 or number > MAX_HOURS:
             raise InvalidArgument(f"{definition.name} must be between 1 and {MAX_HOURS}")
@@ -130,7 +130,7 @@ def _check_value(definition: SettingDefinition, value: str) -> str:
     if definition.value_type == "boolean":
         lowered = value.strip().lower()
         if lowered not in ("true", "false"):
-            raise InvalidArgument(f"{definition.name} takes true or false, not {value!r}")
+            raise InvalidArgument(f"{definition.name} takes true or false, not {value[:80]!r}")
         return lowered
     if len(value) > 4096:
         raise InvalidArgument(f"{definition.name} is longer than 4096 characters")
