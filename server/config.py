@@ -148,6 +148,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
             raw = tomllib.loads(path.read_text())
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path.name}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path.name} is not text (TOML is UTF-8)") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path.name} is not valid TOML: {exc}") from None
     top = {

@@ -81,7 +81,7 @@ def run_zone(args: argparse.Namespace) -> int:
     if args.config:
         try:
             raw = tomllib.loads(args.config.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             print(f"keyplane zone serve: cannot read {args.config}: {exc}", file=sys.stderr)
             return 2
         backends.update({k: dict(v) for k, v in raw.get("backends", {}).items()})

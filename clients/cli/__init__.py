@@ -7,11 +7,16 @@ call is reported."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Mapping, Sequence
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points
+from importlib.metadata import version as metadata_version
 from pathlib import Path
 
+import grpc
+
+from keyplane.clients.cli.help import TOP_EPILOG, complete_help
 from keyplane.clients.client import KeyplaneClient, KeyplaneClientError
 from keyplane.clients.credentials import (
     CredentialError,
@@ -34,6 +39,17 @@ class CliError(Exception):
     """A problem with the command's own input; printed without a status name."""
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return value
+
+
 def read_file(path: Path) -> bytes:
     """A file the command was given; CliError (not a traceback) if it cannot be read."""
     try:
@@ -52,22 +68,39 @@ def failure_line(exc: KeyplaneClientError, hints: Hints) -> str:
     return f"{PROG}: {exc.code.name}: {message}"
 
 
-def connection_options() -> argparse.ArgumentParser:
-    """The options every command that calls the server takes (a parent parser)."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+def _add_connection_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
         "--server",
+        default=default,
         help="server HOST:PORT (mutual-TLS listener); default $KEYPLANE_SERVER, else the "
         "address noted in the credentials dir, else 127.0.0.1:7443",
     )
-    common.add_argument(
+    parser.add_argument(
         "--credentials",
         type=Path,
+        default=default,
         help="credential dir with admin.pem and ca.pem; default $KEYPLANE_CREDENTIALS, "
         "else ./var/admin (the local server's admin credential)",
     )
-    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument(
+        "--json", action="store_true", default=default, help="print machine-readable JSON"
+    )
+
+
+def connection_options() -> argparse.ArgumentParser:
+    """The options every command that calls the server takes (a parent parser). They may
+    also come before the command (`keyplane --server H:P roots list`): here they default
+    to nothing at all, so that a value given before the command is kept."""
+    common = argparse.ArgumentParser(add_help=False)
+    _add_connection_options(common, argparse.SUPPRESS)
     return common
+
+
+def version() -> str:
+    try:
+        return metadata_version("keyplane")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="keyplane: a PKI control plane. Manage a server's key hierarchy, or run one.",
+        epilog=TOP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
+    _add_connection_options(parser, None)
+    parser.set_defaults(json=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = connection_options()
     nouns = (
@@ -103,14 +141,36 @@ def build_parser() -> argparse.ArgumentParser:
     agent.register(commands)
     for entry in entry_points(group=COMMAND_GROUP):
         entry.load()(commands)
+    complete_help(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if hasattr(args, "func"):  # a registered command runs on its own
-        return int(args.func(args))
+    try:
+        if hasattr(args, "func"):  # a registered command runs on its own
+            return int(args.func(args))
+        return _call_server(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:  # a file the command reads or writes
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{PROG}: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the last line of defence: one line, never a traceback
+        if os.environ.get("KEYPLANE_DEBUG"):
+            raise
+        print(
+            f"{PROG}: unexpected error: {type(exc).__name__}: {exc} "
+            "(set KEYPLANE_DEBUG=1 for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 70
+
+
+def _call_server(args: argparse.Namespace) -> int:
     try:
         offline = getattr(args, "offline", None)
         if offline is not None and offline(args):
@@ -126,10 +186,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.call(client, args))
     except KeyplaneClientError as exc:
         print(failure_line(exc, getattr(args, "hints", {})), file=sys.stderr)
+        hint = unreachable_hint(exc, args)
+        if hint:
+            print(hint, file=sys.stderr)
         return 1
     except (CliError, TrustStateError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
+
+
+def unreachable_hint(exc: KeyplaneClientError, args: argparse.Namespace) -> str:
+    """What to check when the call never reached a keyplane server."""
+    if exc.code is not grpc.StatusCode.UNAVAILABLE:
+        return ""
+    credentials_dir = args.credentials or default_credentials_dir()
+    server = args.server or default_server(credentials_dir)
+    text = exc.message.lower()
+    if "connection refused" in text or ("failed to connect" in text and "ssl" not in text):
+        return (
+            f"hint: nothing answers at {server}. Is the server running ('keyplane serve', "
+            "or 'make run')? Point --server or $KEYPLANE_SERVER at its mutual-TLS listener."
+        )
+    if "ssl" in text or "handshake" in text or "certificate" in text:
+        return (
+            f"hint: {server} answered but the TLS handshake failed: is it a keyplane "
+            f"server whose roots are in {credentials_dir / 'ca.pem'}, and is the "
+            "credential in that dir live (not revoked or expired)?"
+        )
+    if "deadline" in text or "timeout" in text:
+        return f"hint: {server} did not answer in time; is it overloaded or behind a firewall?"
+    return ""
 
 
 if __name__ == "__main__":

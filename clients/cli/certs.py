@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from keyplane.clients.cli import CONFIRM_HINTS, PROG, read_file
+from keyplane.clients.cli import CONFIRM_HINTS, PROG, positive_int, read_file
 from keyplane.clients.cli.output import print_json, table, timestamp
 from keyplane.clients.client import KeyplaneClient, KeyplaneClientError
 from keyplane.v1 import certificate_service_pb2
@@ -127,7 +127,7 @@ def register(
     verbs = certificates.add_subparsers(dest="verb", metavar="VERB", required=True)
     p = verbs.add_parser("list", parents=[common], help="issued certificates, newest first")
     p.add_argument("--component", choices=["agent", "zone-server", "admin", "operator", "auditor"])
-    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--limit", type=positive_int, default=1000, help="at most this many")
     p.set_defaults(call=cmd_certs_list)
     issue_help = (
         "issue agent certificates for CSR files in bulk (EnrollBatch, up to 1,000 per "

@@ -6,6 +6,7 @@ import argparse
 import re
 from typing import Any
 
+from keyplane.clients.cli import positive_int
 from keyplane.clients.cli.output import print_json, table, timestamp
 from keyplane.clients.client import KeyplaneClient
 from keyplane.v1 import certificate_service_pb2
@@ -128,7 +129,7 @@ def register(
         description=CREATE_HELP,
         formatter_class=raw,
     )
-    p.add_argument("--uses", type=int, default=1, help="enrollments it allows (default 1)")
+    p.add_argument("--uses", type=positive_int, default=1, help="enrollments it allows (default 1)")
     p.add_argument(
         "--ttl",
         type=parse_duration,
