@@ -10,8 +10,11 @@ that was offline through a root rotation catches up through the bridging version
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import hashlib
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -19,6 +22,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from google.protobuf import json_format
 
 from keyplane.v1 import trust_state_pb2
 
@@ -159,13 +163,49 @@ def follow(
     return state
 
 
+def decode_file(data: bytes) -> trust_state_pb2.SignedTrustState:
+    """A signed trust state in any of the forms keyplane writes: the binary that
+    `trust-state show --out` writes, the JSON that `trust-state show --json` prints (its
+    `signed` field holds the binary, base64), or SignedTrustState in protobuf's JSON
+    mapping. TrustStateError, saying which forms it takes, for anything else."""
+    forms = (
+        "it is neither the binary that 'keyplane trust-state show --out' writes nor the "
+        "JSON that 'keyplane trust-state show --json' prints"
+    )
+    if data.lstrip().startswith(b"{"):
+        try:
+            document = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise TrustStateError(f"the trust state is not valid JSON; {forms}") from None
+        if isinstance(document, dict) and isinstance(document.get("signed"), str):
+            try:
+                data = base64.b64decode(document["signed"], validate=True)
+            except binascii.Error:
+                raise TrustStateError("the trust state's 'signed' field is not base64") from None
+        else:
+            try:
+                return json_format.ParseDict(document, trust_state_pb2.SignedTrustState())
+            except json_format.ParseError:
+                raise TrustStateError(
+                    f"the trust state file is JSON of another kind; {forms}"
+                ) from None
+    try:
+        signed = trust_state_pb2.SignedTrustState.FromString(data)
+    except Exception:  # protobuf raises DecodeError, a plain Exception subclass
+        raise TrustStateError(f"the trust state does not parse; {forms}") from None
+    if not signed.body:
+        raise TrustStateError(f"the trust state is empty; {forms}")
+    return signed
+
+
 def load(data: bytes, pinned: Iterable[str] = ()) -> TrustState:
-    """A trust state from a file written by `keyplane trust-state show --out`.
+    """A trust state from a file written by `keyplane trust-state show --out` (or the
+    JSON that `--json` prints: see decode_file).
 
     With `pinned`, the document must be signed by a pinned root; without, the file is
     trusted as given (the reader fetched it over an authenticated channel).
     """
-    signed = trust_state_pb2.SignedTrustState.FromString(data)
+    signed = decode_file(data)
     pins = list(pinned)
     if pins:
         return accept(signed, None, pins)

@@ -75,7 +75,10 @@ def cmd_verify(client: KeyplaneClient | None, args: argparse.Namespace) -> int:
     pins = [args.fingerprint] if args.fingerprint else []
     try:
         if args.trust_state:
-            state = load_trust_state(read_file(args.trust_state), pins)
+            try:
+                state = load_trust_state(read_file(args.trust_state), pins)
+            except TrustStateError as exc:
+                raise CliError(f"{args.trust_state}: {exc}") from None
         else:
             assert client is not None  # noqa: S101 - main() connects when no file is given
             state = fetch_trust_state(client, args.credential.root_certificates_pem)
@@ -128,8 +131,12 @@ def register(
     p.add_argument(
         "--trust-state",
         type=Path,
-        help="a trust state written by 'keyplane trust-state show --out'; without it the "
-        "latest is fetched from the server",
+        help="a trust state written by 'keyplane trust-state show --out' (binary) or printed "
+        "by 'trust-state show --json'; without it the latest is fetched from the server",
     )
-    p.add_argument("--fingerprint", help="require the trust state to be signed by this root")
+    p.add_argument(
+        "--fingerprint",
+        help="require the trust state to be signed by this root: all 64 hex digits (a pin, "
+        "so no prefix)",
+    )
     p.set_defaults(call=cmd_verify, offline=_verifies_offline)

@@ -4,6 +4,7 @@ credential's roots."""
 from __future__ import annotations
 
 import argparse
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ def trust_json(state: TrustState) -> dict[str, Any]:
         "revoked_serials": list(body.revoked_serials),
         "client_settings": dict(body.client_settings),
         "signed_by": [s.root_fingerprint for s in state.signed.signatures],
+        # The document itself, so that this JSON can be given to --trust-state too.
+        "signed": base64.b64encode(state.serialize()).decode(),
     }
 
 
