@@ -17,19 +17,25 @@ PYTEST_ARGS ?=
 .PHONY: install run test lint proto system-test-deps bench bench-deps clean
 
 $(BIN)/python:
+	@echo "==> creating the virtualenv $(VENV)"
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
 	    scripts/system-packages.sh /usr/lib/python3/dist-packages/ensurepip=python3-venv && \
 	    rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 
 $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard proto/keyplane/v1/*.proto)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	@echo "==> [1/2] updating pip in $(VENV)"
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@echo "==> [2/2] installing keyplane, its dependencies and the generated API" \
+	    "(a minute or two the first time)"
+	@$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $@
 
 install: $(STAMP)
 
 run: install
-	$(BIN)/keyplane serve --data-dir $(DATA_DIR) --listen $(LISTEN)
+	@echo "==> starting keyplane serve --data-dir $(DATA_DIR) --listen $(LISTEN)" \
+	    "(the first start makes the roots and keys: a few seconds)"
+	@$(BIN)/keyplane serve --data-dir $(DATA_DIR) --listen $(LISTEN)
 
 system-test-deps:
 	@scripts/system-packages.sh softhsm2-util=softhsm2 pkcs11-tool=opensc openssl=openssl \

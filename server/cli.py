@@ -163,9 +163,20 @@ def _supervise(config: ServerConfig, args: argparse.Namespace, workers: int) -> 
         print(f"bootstrap listener on {bootstrap} (server TLS)", flush=True)
         print(f"issuing root: {root.name} sha256:{root.fingerprint}", flush=True)
         print(f"admin credential: {config.data_dir / 'admin'}", flush=True)
+        print(next_steps(config.data_dir), flush=True)
 
     return supervise(
         _worker_main, worker_args, workers, endpoint.exists, announce, "keyplane serve"
+    )
+
+
+def next_steps(data_dir: Path) -> str:
+    """What to run next, for whoever just started a server."""
+    credentials = "" if data_dir == Path("var") else f" --credentials {data_dir / 'admin'}"
+    activate = ". .venv/bin/activate && " if Path(".venv/bin/activate").exists() else ""
+    return (
+        f"next, in another shell: {activate}keyplane{credentials} roots list "
+        "(keyplane --help lists the commands; the README has a five-minute tour)"
     )
 
 
@@ -221,6 +232,7 @@ async def _serve(server: KeyplaneServer) -> int:
     print(f"bootstrap listener on {endpoints.bootstrap_listen} (server TLS)", flush=True)
     print(f"issuing root: {root.name} sha256:{root.fingerprint}", flush=True)
     print(f"admin credential: {server.config.data_dir / 'admin'}", flush=True)
+    print(next_steps(server.config.data_dir), flush=True)
     waiter = asyncio.create_task(server.wait())
     await asyncio.wait(
         [waiter, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED
