@@ -1,51 +1,47 @@
-"""The client agent runtime (`keyplane agent run|status|verify`): enroll with a token, keep
-the client certificate renewed (before it expires, and onto a new root), follow the signed
-trust state, and verify signed messages against it.
-
-Everything the agent holds lives in its data dir (mode 0700), each file written atomically:
-
-    agent.json    its name (the certificate's CN) and the server it enrolled with
-    key.pem       its private key (0600)          cert.pem     leaf + intermediate, PEM
-    roots.pem     the roots sent with the cert    issued.json  serial, not_after, renew_after
-    trust.bin     the newest verified trust state status.json  what `agent status` shows
-    pending-renewal.json   the next certificate's key and CSR (0600), until it is saved
-
-A renewal stages key.pem, cert.pem, roots.pem and issued.json in `.renewal/`, marks the set
-complete, then moves each file into place; a start that finds a complete set finishes the
-move, so a crash never leaves a key beside a certificate for another key. The new key is
-made once per certificate and kept until its certificate is saved: a renewal whose answer
-was lost is asked again for the same key, and the server answers it with the same
-certificate (a certificate renews once).
-"""
+"""The agent's runtime: one Agent over its data dir, with a renewal thread (before the
+certificate expires, soon after a new root, backing off after failures) and a trust
+thread (it follows the signed trust state over mutual TLS, reconnecting with backoff),
+and what `agent status` shows."""
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import logging
-import os
 import re
 import secrets
-import shutil
-import signal
-import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from keyplane.clients import trust
-from keyplane.clients.bundle import Bundle, BundleError, load_bundle
+from keyplane.clients.agent.errors import AgentError, EnrollmentRefused
+from keyplane.clients.agent.files import (
+    AGENT_FILE,
+    PENDING_FILE,
+    STATUS_FILE,
+    TRUST_FILE,
+    _endpoint_from_json,
+    _read_agent_json,
+    _write_agent_json,
+    endpoint_json,
+    load_issued,
+    save_issued,
+    write_atomic,
+)
+from keyplane.clients.agent.keys import (
+    Issued,
+    _common_name,
+    _iso,
+    _now,
+    chain_root,
+    issued_from,
+    new_key_and_csr,
+)
+from keyplane.clients.bundle import Bundle, BundleError
 from keyplane.clients.client import (
     KeyplaneClient,
     KeyplaneClientError,
@@ -55,23 +51,6 @@ from keyplane.clients.client import (
 )
 from keyplane.clients.credentials import Credential
 from keyplane.clients.trust import TrustState, TrustStateError
-from keyplane.clients.verify import MessageVerificationError, verify_message
-from keyplane.v1 import bundle_service_pb2, enrollment_service_pb2, message_signing_service_pb2
-
-PROG = "keyplane"
-AGENT_FILE = "agent.json"
-KEY_FILE = "key.pem"
-CERT_FILE = "cert.pem"
-ROOTS_FILE = "roots.pem"
-ISSUED_FILE = "issued.json"
-TRUST_FILE = "trust.bin"
-STATUS_FILE = "status.json"
-STAGING_DIR = ".renewal"
-STAGED_COMPLETE = "complete"
-# The key and CSR of a renewal not yet saved (0600): reused until it is.
-PENDING_FILE = "pending-renewal.json"
-# The files of one certificate, swapped together; the key goes first.
-CREDENTIAL_FILES = (KEY_FILE, CERT_FILE, ROOTS_FILE, ISSUED_FILE)
 
 RPC_TIMEOUT = 20.0
 # Reconnecting and retrying: 0.2 s, doubling to 10 s, with jitter.
@@ -100,288 +79,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 _random = secrets.SystemRandom()
 
 log = logging.getLogger("keyplane.agent")
-
-AGENT_HELP = """\
-A client agent: enrolls once with an enrollment token, then renews its client TLS
-certificate by itself (when the server says, and soon after a new root appears), follows
-the signed trust state over mutual TLS, and verifies signed messages against it. Its key,
-certificate and state live in --data-dir; a restart resumes without a token.
-"""
-
-RUN_HELP = """\
-Enroll (first start, with --token) and run: renew the certificate, follow the trust
-state. Stop it with SIGTERM or SIGINT.
-
-When its certificate is revoked (the trust state lists its serial or its key, or a
-renewal is refused as revoked; revoking a zone server revokes everything it issued),
-the agent stops renewing, logs "revoked: re-enroll with a new token", shows state
-"revoked" in 'keyplane agent status' and exits with status 3, then again at every
-start. Its data dir is left as it is: to enroll again, move it aside and start the
-agent with a new token.
-"""
-
-RUN_EPILOG = """\
-exit status: 0 stopped by SIGTERM/SIGINT; 1 enrollment refused or failed; 2 a bad
-bundle, data dir or option; 3 its certificate is revoked (re-enroll with a new token).
-
-example:
-  keyplane agent run --data-dir var-agent --bundle keyplane-init.dat \\
-      --token "$(keyplane tokens create)" --fingerprint <root fingerprint>
-"""
-
-
-class AgentError(Exception):
-    """The agent cannot start or go on; the message says why and what to do."""
-
-
-class EnrollmentRefused(AgentError):
-    """The server refused to enroll this agent (a bad token, a bad request)."""
-
-
-# -- files -----------------------------------------------------------------------------------
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to a temp file beside `path`, fsync it, and rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), mode)
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _iso(value: datetime.datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
-
-
-def _parse_iso(text: str) -> datetime.datetime:
-    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-def endpoint_json(endpoint: bundle_service_pb2.ServerEndpoint) -> dict[str, Any]:
-    return {
-        "name": endpoint.name,
-        "listen": endpoint.listen,
-        "bootstrap_listen": endpoint.bootstrap_listen,
-        "zone": endpoint.zone,
-    }
-
-
-def _endpoint_from_json(data: dict[str, Any]) -> bundle_service_pb2.ServerEndpoint:
-    return bundle_service_pb2.ServerEndpoint(
-        name=str(data["name"]),
-        listen=str(data["listen"]),
-        bootstrap_listen=str(data["bootstrap_listen"]),
-        zone=bool(data.get("zone", False)),
-    )
-
-
-# -- keys and certificates -------------------------------------------------------------------
-
-
-def new_key_and_csr(name: str) -> tuple[bytes, bytes]:
-    """A fresh EC P-256 key (PKCS#8 PEM) and a CSR for it with CN=`name`."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return key_pem, csr.public_bytes(serialization.Encoding.PEM)
-
-
-def _common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else ""
-
-
-def _public_der(key: Any) -> bytes:
-    der: bytes = key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return der
-
-
-@dataclass(frozen=True)
-class Issued:
-    """The agent's certificate: its key, chain, the roots sent with it, and its schedule."""
-
-    key_pem: bytes
-    chain_pem: bytes
-    roots_pem: bytes
-    serial: str
-    not_after: datetime.datetime
-    renew_after: datetime.datetime
-    renewals: int
-
-    @property
-    def chain(self) -> list[x509.Certificate]:
-        return x509.load_pem_x509_certificates(self.chain_pem)
-
-    def issued_json(self) -> dict[str, Any]:
-        return {
-            "serial": self.serial,
-            "not_after": _iso(self.not_after),
-            "renew_after": _iso(self.renew_after),
-            "renewals": self.renewals,
-        }
-
-
-def issued_from(
-    certificate: enrollment_service_pb2.IssuedCertificate, key_pem: bytes, name: str, renewals: int
-) -> Issued:
-    """Check what the server sent (for our key, our name, a chain) and keep it."""
-    try:
-        chain = x509.load_pem_x509_certificates(certificate.certificate_chain_pem.encode())
-    except ValueError:
-        raise AgentError("the server sent a certificate chain that does not parse") from None
-    leaf = chain[0]
-    key = serialization.load_pem_private_key(key_pem, password=None)
-    if _public_der(leaf.public_key()) != _public_der(key.public_key()):
-        raise AgentError("the server sent a certificate for another key")
-    if _common_name(leaf) != name:
-        raise AgentError(f"the server sent a certificate for {_common_name(leaf)!r}, not {name!r}")
-    return Issued(
-        key_pem=key_pem,
-        chain_pem=certificate.certificate_chain_pem.encode(),
-        roots_pem=certificate.roots_pem.encode(),
-        serial=certificate.serial or f"{leaf.serial_number:032x}",
-        not_after=certificate.not_after.ToDatetime(tzinfo=datetime.UTC),
-        renew_after=certificate.renew_after.ToDatetime(tzinfo=datetime.UTC),
-        renewals=renewals,
-    )
-
-
-def chain_root(chain: list[x509.Certificate], roots: dict[str, x509.Certificate]) -> str | None:
-    """The fingerprint of the root among `roots` that issued the chain's top certificate."""
-    top = chain[-1]
-    for fingerprint, root in roots.items():
-        try:
-            top.verify_directly_issued_by(root)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        return fingerprint
-    return None
-
-
-# -- the data dir ----------------------------------------------------------------------------
-
-
-def finish_staged_swap(directory: Path) -> bool:
-    """Move a complete staged certificate into place; drop an incomplete one."""
-    staging = directory / STAGING_DIR
-    if not staging.is_dir():
-        return False
-    if not (staging / STAGED_COMPLETE).exists():
-        shutil.rmtree(staging)  # never committed: the current certificate stays
-        return False
-    for name in CREDENTIAL_FILES:
-        if (staging / name).exists():
-            os.replace(staging / name, directory / name)
-    _fsync_dir(directory)
-    (staging / STAGED_COMPLETE).unlink()
-    staging.rmdir()
-    _fsync_dir(directory)
-    return True
-
-
-def save_issued(directory: Path, issued: Issued) -> None:
-    """Replace the certificate set (key, chain, roots, schedule) as one step."""
-    staging = directory / STAGING_DIR
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(mode=0o700)
-    write_atomic(staging / KEY_FILE, issued.key_pem, 0o600)
-    write_atomic(staging / CERT_FILE, issued.chain_pem)
-    write_atomic(staging / ROOTS_FILE, issued.roots_pem)
-    write_atomic(staging / ISSUED_FILE, json.dumps(issued.issued_json(), indent=2).encode())
-    write_atomic(staging / STAGED_COMPLETE, b"")
-    finish_staged_swap(directory)
-
-
-def load_issued(directory: Path) -> Issued | None:
-    """The certificate set in `directory`, None if there is none; AgentError if damaged."""
-    finish_staged_swap(directory)
-    if not (directory / CERT_FILE).exists():
-        return None
-    try:
-        key_pem = (directory / KEY_FILE).read_bytes()
-        chain_pem = (directory / CERT_FILE).read_bytes()
-        roots_pem = (directory / ROOTS_FILE).read_bytes()
-        meta = json.loads((directory / ISSUED_FILE).read_text())
-        chain = x509.load_pem_x509_certificates(chain_pem)
-        key = serialization.load_pem_private_key(key_pem, password=None)
-        issued = Issued(
-            key_pem=key_pem,
-            chain_pem=chain_pem,
-            roots_pem=roots_pem,
-            serial=str(meta["serial"]),
-            not_after=_parse_iso(meta["not_after"]),
-            renew_after=_parse_iso(meta["renew_after"]),
-            renewals=int(meta.get("renewals", 0)),
-        )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise AgentError(
-            f"the certificate in {directory} is damaged ({type(exc).__name__}); move the "
-            "directory aside and enroll again with a new token"
-        ) from None
-    if _public_der(chain[0].public_key()) != _public_der(key.public_key()):
-        raise AgentError(
-            f"{directory / KEY_FILE} is not the key of {directory / CERT_FILE}; move the "
-            "directory aside and enroll again with a new token"
-        )
-    return issued
-
-
-def _read_agent_json(directory: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((directory / AGENT_FILE).read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise AgentError(f"{directory / AGENT_FILE} is damaged ({type(exc).__name__})") from None
-    if not isinstance(data, dict):
-        raise AgentError(f"{directory / AGENT_FILE} is damaged (not an object)")
-    return data
-
-
-def _write_agent_json(
-    directory: Path, name: str, endpoint: bundle_service_pb2.ServerEndpoint | None
-) -> None:
-    data: dict[str, Any] = {"name": name}
-    if endpoint is not None:
-        data["endpoint"] = endpoint_json(endpoint)
-    write_atomic(directory / AGENT_FILE, json.dumps(data, indent=2).encode())
-
-
-# -- the runtime -----------------------------------------------------------------------------
 
 
 def _serial_number(serial: str) -> int | None:
@@ -908,233 +605,3 @@ class Agent:
             self._write_status()
         log.info("renewed: serial %s, valid until %s", issued.serial, _iso(issued.not_after))
         self._restart_watch()
-
-
-# -- commands --------------------------------------------------------------------------------
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr)
-    return code
-
-
-def _prepare_data_dir(directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    directory.chmod(0o700)
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s keyplane agent: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        data = args.bundle.read_bytes()
-    except OSError as exc:
-        return _fail(f"cannot read the init bundle {args.bundle}: {exc.strerror}", 2)
-    try:
-        bundle = load_bundle(data, args.fingerprint)
-    except BundleError as exc:
-        return _fail(f"the init bundle {args.bundle} is refused: {exc}", 2)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        _prepare_data_dir(args.data_dir)
-        agent = Agent(args.data_dir, bundle, args.name, args.time_scale, stop)
-    except AgentError as exc:
-        return _fail(str(exc), 2)
-    except OSError as exc:
-        return _fail(f"cannot use the data dir {args.data_dir}: {exc.strerror}", 2)
-    if agent.revoked is None and not agent.enrolled:
-        try:
-            if not agent.enroll(args.token or ""):
-                return 0
-        except EnrollmentRefused as exc:
-            return _fail(str(exc), 1)
-        except AgentError as exc:
-            return _fail(f"enrollment failed: {exc}", 1)
-        except OSError as exc:
-            return _fail(f"cannot save the certificate in {args.data_dir}: {exc.strerror}", 1)
-    if agent.revoked is None:
-        agent.run()
-    revoked = agent.revoked
-    if revoked is not None:
-        return _fail(
-            f"{revoked}; the data dir {args.data_dir} is kept as it is: move it aside and "
-            "start 'keyplane agent run' with a new --token",
-            EXIT_REVOKED,
-        )
-    return 0
-
-
-def _read_status(directory: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((directory / STATUS_FILE).read_text())
-    except FileNotFoundError:
-        raise AgentError(
-            f"no agent in {directory} (no {STATUS_FILE}); start one with 'keyplane agent run'"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise AgentError(f"cannot read {directory / STATUS_FILE}: {exc}") from None
-    if not isinstance(data, dict):
-        raise AgentError(f"{directory / STATUS_FILE} is damaged")
-    return data
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    try:
-        data = _read_status(args.data_dir)
-    except AgentError as exc:
-        return _fail(str(exc), 2)
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
-    endpoint = data.get("endpoint") or {}
-    rows = [
-        ("name", data.get("name")),
-        ("state", data.get("state")),
-        ("serial", data.get("serial")),
-        ("not after", data.get("not_after")),
-        ("renew after", data.get("renew_after")),
-        ("chain root", data.get("chain_root_fingerprint")),
-        ("trusted roots", ", ".join(data.get("trusted_roots") or [])),
-        ("trust state", data.get("trust_state_version")),
-        ("endpoint", f"{endpoint.get('name', '')} {endpoint.get('listen', '')}".strip()),
-        ("renewals", data.get("renewals")),
-        ("last error", data.get("last_error")),
-        ("updated", data.get("updated")),
-    ]
-    for label, value in rows:
-        print(f"{label + ':':21}{'-' if value is None or value == '' else value}")
-    return 0
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    try:
-        state_bytes = (args.data_dir / TRUST_FILE).read_bytes()
-    except FileNotFoundError:
-        return _fail(
-            f"no trust state in {args.data_dir} (start the agent with 'keyplane agent run' "
-            "and let it follow the trust state)",
-            2,
-        )
-    except OSError as exc:
-        return _fail(f"cannot read {args.data_dir / TRUST_FILE}: {exc.strerror}", 2)
-    try:
-        state = trust.load(state_bytes)
-    except Exception:  # protobuf's DecodeError or TrustStateError
-        return _fail(f"{args.data_dir / TRUST_FILE} is damaged", 2)
-    try:
-        payload = args.file.read_bytes()
-        signature = args.signature.read_bytes()
-    except OSError as exc:
-        return _fail(f"cannot read {exc.filename}: {exc.strerror}", 2)
-    try:
-        signed = message_signing_service_pb2.SignedMessage.FromString(signature)
-    except Exception:  # protobuf's DecodeError
-        return _fail(f"signature rejected: {args.signature} is not a keyplane signature file", 1)
-    try:
-        verified = verify_message(payload, signed, state)
-    except MessageVerificationError as exc:
-        return _fail(f"signature rejected: {exc}", 1)
-    signed_at = verified.signed_at.isoformat()
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "valid": True,
-                    "signer_fingerprint": verified.signer_fingerprint,
-                    "signer_subject": verified.signer_subject,
-                    "root_fingerprint": verified.root_fingerprint,
-                    "signed_at": signed_at,
-                    "trust_state_version": state.version,
-                },
-                indent=2,
-            )
-        )
-    else:
-        print(
-            f"OK: signed by {verified.signer_subject} at {signed_at} "
-            f"(root {verified.root_fingerprint[:16]}…, trust state v{state.version})"
-        )
-    return 0
-
-
-def _time_scale(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError("the time scale must be a positive number")
-    return value
-
-
-def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add `keyplane agent run|status|verify` to the CLI."""
-    agent = commands.add_parser(
-        "agent",
-        help="run a client agent (enroll, renew, follow trust)",
-        description=AGENT_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    verbs = agent.add_subparsers(dest="verb", metavar="VERB", required=True)
-    data_dir_help = "the agent's directory: key, certificate, trust state, status (mode 0700)"
-
-    p = verbs.add_parser(
-        "run",
-        help="enroll (first start) and run: renew, follow the trust state; stop with SIGTERM",
-        description=RUN_HELP,
-        epilog=RUN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--bundle",
-        type=Path,
-        required=True,
-        help="the init bundle (keyplane-init.dat from 'keyplane bundle download')",
-    )
-    p.add_argument("--data-dir", type=Path, required=True, help=data_dir_help)
-    p.add_argument(
-        "--token",
-        help="enrollment token from 'keyplane tokens create' (first start only; a restart "
-        "with a valid certificate does not need it)",
-    )
-    p.add_argument(
-        "--fingerprint",
-        help="the root fingerprint to expect in the bundle (sha256:HEX or HEX); "
-        "a bundle without it is refused",
-    )
-    p.add_argument(
-        "--name",
-        help="the certificate's common name (default: agent-<8 hex>, kept in the data dir)",
-    )
-    p.add_argument(
-        "--time-scale",
-        type=_time_scale,
-        default=1.0,
-        metavar="N",
-        help="wait (renew_after - now) / N seconds before renewing (for tests; default 1)",
-    )
-    p.set_defaults(func=cmd_run)
-
-    p = verbs.add_parser("status", help="show what the agent in --data-dir holds and does")
-    p.add_argument("--data-dir", type=Path, required=True, help=data_dir_help)
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(func=cmd_status)
-
-    p = verbs.add_parser(
-        "verify",
-        help="verify a signed file against the agent's trust state (offline)",
-    )
-    p.add_argument("file", type=Path, help="the signed file")
-    p.add_argument("signature", type=Path, help="its signature (FILE.sig from 'keyplane sign')")
-    p.add_argument("--data-dir", type=Path, required=True, help=data_dir_help)
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(func=cmd_verify)
