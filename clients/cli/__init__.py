@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         settings,
         signing,
         tokens,
+        trust,
         trust_state,
         zones,
     )
@@ -92,7 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = connection_options()
-    nouns = (roots, keys, settings, trust_state, signing, bundle, tokens, certs, zones, identities)
+    nouns = (
+        roots,
+        keys,
+        settings,
+        trust_state,
+        signing,
+        bundle,
+        tokens,
+        certs,
+        zones,
+        identities,
+        trust,
+    )
     for noun in nouns:
         noun.register(commands, common)
     agent.register(commands)

@@ -10,6 +10,7 @@ import json
 import sqlite3
 from collections.abc import Callable, Iterator
 
+from keyplane.server.store.peers import PeerReads
 from keyplane.server.store.records import (
     CERT_COLUMNS,
     KEY_COLUMNS,
@@ -39,6 +40,7 @@ class Reads:
 
     def __init__(self, connect: Connect) -> None:
         self._connect = connect
+        self.peers = PeerReads(connect)
 
     def keys_where(self, where: str, args: tuple[object, ...]) -> list[KeyRecord]:
         with self._connect() as db:

@@ -9,6 +9,7 @@ import sqlite3
 from collections.abc import Callable
 
 from keyplane.server.kinds import KeyKind, KeyState
+from keyplane.server.store.peers import PeerWrites
 from keyplane.server.store.reads import Reads, on
 from keyplane.server.store.records import (
     CERT_COLUMNS,
@@ -32,6 +33,7 @@ class Transaction:
         # revocations, trust states, zones); the commit then bumps the generation.
         self.changes_hierarchy = False
         self.after_commit: list[Callable[[], None]] = []
+        self.peers = PeerWrites(db, self)
 
     def on_commit(self, callback: Callable[[], None]) -> None:
         """Call `callback` once this transaction has committed (never if it rolls back)."""
