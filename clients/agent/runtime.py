@@ -1,7 +1,8 @@
 """The agent's runtime: one Agent over its data dir, with a renewal thread (before the
 certificate expires, soon after a new root, backing off after failures) and a trust
 thread (it follows the signed trust state over mutual TLS, reconnecting with backoff),
-and what `agent status` shows."""
+and what `agent status` shows. While its own server does not answer, both turn to a
+peer server its own server trusts (failover.py) and come back when it answers again."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import re
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,16 @@ from cryptography import x509
 
 from keyplane.clients import trust
 from keyplane.clients.agent.errors import AgentError, EnrollmentRefused
+from keyplane.clients.agent.failover import (
+    FAILBACK_SECONDS,
+    PEER_POLL_SECONDS,
+    PROBE_TIMEOUT,
+    Peer,
+    PeerTrust,
+    peers_of,
+    revoked_by_peers,
+    unreachable,
+)
 from keyplane.clients.agent.files import (
     AGENT_FILE,
     PENDING_FILE,
@@ -95,6 +107,17 @@ def says_revoked(error: KeyplaneClientError) -> bool:
     return error.code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in error.message
 
 
+@dataclass(frozen=True)
+class RenewalOutcome:
+    """What one renewal call came to."""
+
+    error: str
+    issued: Issued | None = None
+    refused_as_revoked: bool = False
+    # The server did not answer: a peer may be asked instead.
+    unanswered: bool = False
+
+
 class Backoff:
     """Exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling."""
 
@@ -141,6 +164,9 @@ class Agent:
         self._renew_backoff = Backoff()
         self._root_backoff = Backoff(SOON_MAX_SECONDS, ROOT_RETRY_MAX)
         self._threads: list[threading.Thread] = []
+        # The peer server in use while its own server does not answer (None: its own).
+        self._using: Peer | None = None
+        self._peer_trust = PeerTrust(directory)
 
         meta = _read_agent_json(directory)
         self._issued = load_issued(directory)
@@ -230,10 +256,19 @@ class Agent:
             return self._trust.roots_pem()
         return self._bundle.roots_pem()
 
+    def _peers(self) -> list[Peer]:
+        """Its own server's peers (the one in use first)."""
+        peers = peers_of(self._trust, self._bundle)
+        if self._using is not None:
+            peers.sort(key=lambda p: p.fqdn != self._using.fqdn)  # type: ignore[union-attr]
+        return peers
+
     def _chain_root(self) -> str | None:
         if self._issued is None:
             return None
         roots = self._roots()
+        for peer in peers_of(self._trust, self._bundle):
+            roots.update(peer.roots)  # a certificate renewed at a peer ends at its root
         for pem in (self._issued.roots_pem, self._bundle.roots_pem()):
             if pem:
                 for cert in x509.load_pem_x509_certificates(pem):
@@ -276,6 +311,10 @@ class Agent:
                 "trusted_roots": list(self._roots()),
                 "trust_state_version": self._trust.version if self._trust else None,
                 "endpoint": endpoint_json(self._endpoint),
+                "server_in_use": endpoint_json(
+                    self._using.endpoint() if self._using is not None else self._endpoint
+                ),
+                "peer_roots": {p.fqdn: list(p.roots) for p in peers_of(self._trust, self._bundle)},
                 "renewals": issued.renewals if issued else 0,
                 "last_error": self._last_error(),
                 "revoked_because": self._revoked,
@@ -306,10 +345,23 @@ class Agent:
         if state is None or issued is None or self._revoked is not None:
             return
         body = state.body
-        if _serial_number(issued.serial) in {_serial_number(s) for s in body.revoked_serials}:
-            self._mark_revoked(issued.serial, "the trust state lists it as revoked")
-        elif trust.key_fingerprint(issued.chain[0]) in body.revoked_certificate_key_fingerprints:
-            self._mark_revoked(issued.serial, "the trust state lists its key as revoked")
+        serial = _serial_number(issued.serial)
+        peer = self._peer_trust.state
+        # A peer's revocations count too: a certificate renewed at a peer is the peer's,
+        # and while on a peer, its trust state says what its own server had revoked.
+        own_lists = [(body, "the trust state")]
+        if peer is not None and self._using is not None:
+            own_lists.append((peer.body, f"{peer.body.server_fqdn}'s trust state"))
+        for lists, where in own_lists:
+            if serial in {_serial_number(s) for s in lists.revoked_serials}:
+                self._mark_revoked(issued.serial, f"{where} lists it as revoked")
+                return
+            if trust.key_fingerprint(issued.chain[0]) in lists.revoked_certificate_key_fingerprints:
+                self._mark_revoked(issued.serial, f"{where} lists its key as revoked")
+                return
+        why = revoked_by_peers(issued.chain[0], serial, [state, peer if self._using else None])
+        if why is not None:
+            self._mark_revoked(issued.serial, why)
 
     def _mark_revoked(self, serial: str, because: str) -> None:
         """Record that the certificate `serial` is revoked, if it is still the current
@@ -331,18 +383,35 @@ class Agent:
         if state is None or issued is None or self._soon is not None or self._revoked:
             return
         reason = ""
-        newest = state.body.roots[-1].fingerprint if state.body.roots else ""
-        # The server issues from an intermediate under its newest root once that one is
-        # active; a zone server's intermediate is not listed, so its agents just try.
-        ready = self._endpoint.zone or any(
-            i.issuer_fingerprint == newest and i.state == "active" for i in state.body.intermediates
-        )
+        newest, ready = self._newest_root()
         if newest and ready and self._chain_root() != newest:
             reason = f"the trust state's newest root is {newest[:16]}…"
         if reason and self._retry_at is None:
             self._soon = time.monotonic() + _random.uniform(0, SOON_MAX_SECONDS)
             self._soon_reason = reason
             self._wake.set()
+
+    def _newest_root(self) -> tuple[str, bool]:
+        """The newest root of the server that issued the certificate (its own, or a peer
+        it renewed at), and whether that server issues under it yet."""
+        state = self._trust
+        if state is None:
+            return "", False
+        chain = self._chain_root()
+        for section in state.body.peers:
+            if chain is not None and chain in {r.fingerprint for r in section.roots}:
+                newest = section.roots[-1].fingerprint if section.roots else ""
+                return newest, any(
+                    i.issuer_fingerprint == newest and i.state == "active"
+                    for i in section.intermediates
+                )
+        newest = state.body.roots[-1].fingerprint if state.body.roots else ""
+        # The server issues from an intermediate under its newest root once that one is
+        # active; a zone server's intermediate is not listed, so its agents just try.
+        ready = self._endpoint.zone or any(
+            i.issuer_fingerprint == newest and i.state == "active" for i in state.body.intermediates
+        )
+        return newest, ready
 
     # -- enrollment ----------------------------------------------------------------------
 
@@ -438,13 +507,17 @@ class Agent:
         while not self._stop.is_set():
             key = self._channel_key()
             channel = channel_for(self._endpoint.listen, self._credential(key[0]))
-            client = KeyplaneClient(channel, timeout=RPC_TIMEOUT)
+            # With a peer to turn to, a server slow to answer counts as down sooner.
+            timeout = PROBE_TIMEOUT if self._peers() else RPC_TIMEOUT
+            client = KeyplaneClient(channel, timeout=timeout)
             watch: TrustStateWatch | None = None
             connected_at: float | None = None
+            failed_over = False
             try:
                 # Catch up first: it also proves the connection, which clears an old error.
                 self._accept(client.get_trust_state(self._held_version()))
                 connected_at = time.monotonic()
+                self._use(None)
                 with self._lock:
                     watch = client.watch_trust_state(self._held_version())
                     self._watch = watch
@@ -455,8 +528,11 @@ class Agent:
                     if self._channel_key() != key:
                         break
             except KeyplaneClientError as exc:
-                self._record_error("trust", str(exc))
                 log.warning("trust state stream: %s", exc)
+                if unreachable(exc) and self._peers():
+                    failed_over = True  # below, once this client is closed
+                else:
+                    self._record_error("trust", str(exc))
             except TrustStateError as exc:
                 self._record_error("trust", f"trust state rejected: {exc}")
                 log.warning("trust state rejected: %s", exc)
@@ -471,11 +547,64 @@ class Agent:
                 client.close()
             if self._stop.is_set():
                 return
+            if failed_over and self._follow_a_peer():
+                backoff.reset()
+                continue  # its own server is asked again now
             if self._channel_key() != key:
                 continue  # a new certificate or new roots: reconnect with them now
             if connected_at is not None and time.monotonic() - connected_at > BACKOFF_MAX:
                 backoff.reset()  # it was up for a while: this is a new outage
             self._stop.wait(backoff.next())
+
+    def _use(self, peer: Peer | None) -> None:
+        """Say which server is in use: its own (None) or a peer."""
+        with self._lock:
+            before = self._using
+            if (before.fqdn if before else None) == (peer.fqdn if peer else None):
+                return
+            self._using = peer
+            self._write_status()
+        if peer is None:
+            log.info("back on its own server %s", self._endpoint.name)
+        else:
+            log.warning(
+                "its own server %s does not answer: using the peer %s (%s)",
+                self._endpoint.name,
+                peer.fqdn,
+                peer.listen,
+            )
+
+    def _follow_a_peer(self) -> bool:
+        """While its own server does not answer: follow a peer's trust state for a few
+        seconds (then its own server is asked again). False if no peer answered."""
+        deadline = time.monotonic() + FAILBACK_SECONDS
+        answered = False
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            for peer in self._peers():
+                with self._lock:
+                    if self._issued is None:
+                        return False
+                    credential = self._credential(peer.roots_pem())
+                try:
+                    with KeyplaneClient(
+                        channel_for(peer.listen, credential), timeout=PROBE_TIMEOUT
+                    ) as client:
+                        self._peer_trust.follow(client, peer)
+                except (KeyplaneClientError, TrustStateError) as exc:
+                    log.warning("the peer %s: %s", peer.fqdn, exc)
+                    continue
+                answered = True
+                self._use(peer)
+                with self._lock:
+                    self._clear_error("trust")
+                    self._check_revoked()
+                    self._write_status()
+                break
+            if not answered:
+                self._use(None)
+                return False
+            self._stop.wait(PEER_POLL_SECONDS)
+        return answered
 
     def _held_version(self) -> int:
         with self._lock:
@@ -559,43 +688,48 @@ class Agent:
             else:
                 why = "renewal time"
             roots_pem = self._roots_pem()
+            # Its own server first; a peer only if that does not answer.
+            targets: list[tuple[Peer | None, str, bytes]] = [
+                (None, self._endpoint.listen, roots_pem)
+            ]
+            targets += [(p, p.listen, p.roots_pem()) for p in self._peers()]
         log.info("renewing (%s)", why)
         key_pem, csr_pem = self._pending_renewal(current.serial)
-        channel = channel_for(self._endpoint.listen, self._credential(roots_pem))
-        with self._lock:
-            if self._stop.is_set():
-                channel.close()
-                return
-            self._renew_channel = channel
-        error = ""
-        refused_as_revoked = False
-        try:
-            response = KeyplaneClient(channel, timeout=RPC_TIMEOUT).renew(csr_pem)
-            issued = issued_from(response, key_pem, self.name, current.renewals + 1)
-        except KeyplaneClientError as exc:
-            error = str(exc)
-            refused_as_revoked = says_revoked(exc)
-        except AgentError as exc:
-            error = str(exc)
-        finally:
-            with self._lock:
-                self._renew_channel = None
-            channel.close()
+        # With a peer to turn to, a server that is slow to answer counts as down sooner.
+        own_timeout = PROBE_TIMEOUT if len(targets) > 1 else RPC_TIMEOUT
+        for peer, address, roots in targets:
+            outcome = self._renew_at(
+                address,
+                roots,
+                key_pem,
+                csr_pem,
+                current.renewals + 1,
+                RPC_TIMEOUT if peer is not None else own_timeout,
+            )
+            if not outcome.unanswered:
+                break
+            log.warning(
+                "renewal at %s: %s", peer.fqdn if peer else self._endpoint.name, outcome.error
+            )
+        error, refused_as_revoked = outcome.error, outcome.refused_as_revoked
+        if outcome.issued is not None and peer is not None:
+            log.info("renewed at the peer %s (its own server does not answer)", peer.fqdn)
         if refused_as_revoked:
             self._mark_revoked(current.serial, f"the renewal was refused: {error}")
             return
         if self._stop.is_set():
             return
-        if error:
+        if outcome.issued is None:
             self._renewal_failed(error)
             return
+        issued = outcome.issued
         self._renew_backoff.reset()
         with self._lock:
             save_issued(self.directory, issued)
             (self.directory / PENDING_FILE).unlink(missing_ok=True)  # saved: no longer pending
             self._clear_error("renew")
             self._install(issued)
-            newest = self._trust.body.roots[-1].fingerprint if self._trust else None
+            newest, _ = self._newest_root()
             if newest and self._chain_root() != newest:
                 # Still under an older root: try again later, then less and less often.
                 self._soon = time.monotonic() + self._root_backoff.next()
@@ -605,3 +739,33 @@ class Agent:
             self._write_status()
         log.info("renewed: serial %s, valid until %s", issued.serial, _iso(issued.not_after))
         self._restart_watch()
+
+    def _renew_at(
+        self,
+        address: str,
+        roots_pem: bytes,
+        key_pem: bytes,
+        csr_pem: bytes,
+        renewals: int,
+        timeout: float,
+    ) -> RenewalOutcome:
+        """One renewal call, at one server."""
+        channel = channel_for(address, self._credential(roots_pem))
+        with self._lock:
+            if self._stop.is_set():
+                channel.close()
+                return RenewalOutcome("stopped")
+            self._renew_channel = channel
+        try:
+            response = KeyplaneClient(channel, timeout=timeout).renew(csr_pem)
+            return RenewalOutcome("", issued_from(response, key_pem, self.name, renewals))
+        except KeyplaneClientError as exc:
+            return RenewalOutcome(
+                str(exc), refused_as_revoked=says_revoked(exc), unanswered=unreachable(exc)
+            )
+        except AgentError as exc:
+            return RenewalOutcome(str(exc))
+        finally:
+            with self._lock:
+                self._renew_channel = None
+            channel.close()
