@@ -721,9 +721,18 @@ class TrustExchange:
         history (once in a row), the last good state stays, and the error is raised."""
         with self._lock:
             record = self._trusted_by_fqdn(fqdn)
+            held = view_of(record).state
+            # The version held, sent again (a push and a pull crossed): nothing to do. A
+            # pull asked from the version held when it began, so what a push brought
+            # meanwhile is not news from it either; a push of an older version is refused.
+            versions = [
+                v
+                for v in versions
+                if held is None
+                or (v.SerializeToString() != held.signed and (via != "pull" or _newer(v, held)))
+            ]
             if not versions:
                 return record.peer_version
-            held = view_of(record).state
             approved = load_roots_pem(record.peer_roots_pem)
             followed: Followed = follow_peer(fqdn, held, approved, versions)
             now = self._now()
@@ -772,6 +781,13 @@ class TrustExchange:
 
     def trusted_addresses(self) -> list[PeerAddress]:
         return [self._address_of(r) for r in self.store.reads.peers.trust_peers(("trusted",))]
+
+
+def _newer(signed: trust_state_pb2.SignedTrustState, held: PeerState) -> bool:
+    try:
+        return trust_state_pb2.TrustStateBody.FromString(signed.body).version > held.version
+    except Exception:  # protobuf's DecodeError: let the follower refuse it
+        return True
 
 
 def _root_fingerprints(signed: trust_state_pb2.SignedTrustState) -> list[str]:
