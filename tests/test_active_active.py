@@ -298,7 +298,7 @@ def test_two_servers_in_active_active(tmp_path: Path) -> None:
         # -- B revokes the trust: A's roots leave B's bundle and trust state ----------------
         done = run_cli("trust", "revoke", A_FQDN, "--reason", "decommissioned", data_dir=b_dir)
         assert done.returncode == 0, done.stderr
-        assert "the peer told" in done.stdout
+        assert "the peer was told" in done.stdout
         after = tmp_path / "b-after.dat"
         run_cli("bundle", "download", "--out", str(after), data_dir=b_dir).check_returncode()
         body = load_bundle(after.read_bytes()).body

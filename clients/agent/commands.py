@@ -144,6 +144,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("trusted roots", ", ".join(data.get("trusted_roots") or [])),
         ("trust state", data.get("trust_state_version")),
         ("endpoint", f"{endpoint.get('name', '')} {endpoint.get('listen', '')}".strip()),
+        ("server in use", _in_use(data)),
         ("renewals", data.get("renewals")),
         ("last error", data.get("last_error")),
         ("updated", data.get("updated")),
@@ -151,6 +152,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     for label, value in rows:
         print(f"{label + ':':21}{'-' if value is None or value == '' else value}")
     return 0
+
+
+def _in_use(data: dict[str, Any]) -> str:
+    """Which server the agent uses now: its own, or a peer while its own does not answer."""
+    using = data.get("server_in_use") or {}
+    where = f"{using.get('name', '')} {using.get('listen', '')}".strip()
+    return f"{where} (peer: its own server does not answer)" if using.get("peer") else where
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -65,6 +65,7 @@ def endpoint_json(endpoint: bundle_service_pb2.ServerEndpoint) -> dict[str, Any]
         "listen": endpoint.listen,
         "bootstrap_listen": endpoint.bootstrap_listen,
         "zone": endpoint.zone,
+        "peer": endpoint.peer,
     }
 
 

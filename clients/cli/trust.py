@@ -148,8 +148,8 @@ def cmd_trust_reject(client: KeyplaneClient, args: argparse.Namespace) -> int:
     if args.json:
         print_json({**request_json(response.request), "peer_told": response.peer_told})
     else:
-        told = "told" if response.peer_told else "will be told when it answers"
-        print(f"rejected request {response.request.id} ({response.request.peer_fqdn}: {told})")
+        told = "was told" if response.peer_told else "will be told when it answers"
+        print(f"rejected request {response.request.id} ({response.request.peer_fqdn} {told})")
     return 0
 
 
@@ -158,7 +158,7 @@ def cmd_trust_revoke(client: KeyplaneClient, args: argparse.Namespace) -> int:
     if args.json:
         print_json({**request_json(response.request), "peer_told": response.peer_told})
     else:
-        told = "told" if response.peer_told else "will be told when it answers"
+        told = "was told" if response.peer_told else "will be told when it answers"
         print(f"revoked the trust with {response.request.peer_fqdn} (the peer {told})")
     return 0
 
