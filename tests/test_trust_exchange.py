@@ -325,6 +325,52 @@ def test_replayed_and_stale_messages_are_refused(tmp_path: Path) -> None:
         assert [(r.id, r.state) for r in b.peer_rows()] == [(request_id, "trusted")]
 
 
+def stranger_offer(recipient: PeerServer, fqdn: str) -> pb.SignedPeerMessage:
+    """An offer from a server nobody knows, signed by its own (new) root."""
+    key = p256()
+    root = certs.build_root_certificate(key, f"{fqdn} Root 0", datetime.datetime.now(datetime.UTC))  # type: ignore[arg-type]
+    fingerprint = certs.key_fingerprint(root)
+    body = pb.PeerMessageBody(
+        kind=pb.PEER_MESSAGE_KIND_OFFER,
+        request_id=new_request_id(),
+        sender_fqdn=fqdn,
+        recipient_fqdn=recipient.fqdn,
+        listen="10.0.0.9:7443",
+        bootstrap_listen="10.0.0.9:7444",
+        commitment=commitment(new_nonce(), [fingerprint]),
+        recipient_root_fingerprint=recipient.root_fingerprint(),
+    )
+    body.send_time.FromDatetime(datetime.datetime.now(datetime.UTC))
+    body.roots.append(trusted_certificate(root, f"{fqdn} Root 0"))
+    return sign_message(body, [Signer(fingerprint, key, KeyAlgorithm.EC_P256)])  # type: ignore[arg-type]
+
+
+def test_offers_are_bounded_and_nobody_replaces_another_server_s_request(tmp_path: Path) -> None:
+    with two_servers(tmp_path) as (a, b):
+        made = request(a, b)
+        stub = b.bootstrap_stub()
+        # Someone else claiming A's name cannot push A's request aside...
+        message = rpc_refused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            stub.OfferTrust,
+            pb.OfferTrustRequest(message=stranger_offer(b, a.fqdn)),
+        )
+        assert "with other roots is under way" in message
+        assert [(r.id, r.state) for r in b.peer_rows()] == [(made.id, "pending")]
+        # ...and strangers cannot flood B with requests.
+        for i in range(19):
+            stub.OfferTrust(
+                pb.OfferTrustRequest(message=stranger_offer(b, f"x{i}.test")), timeout=30
+            )
+        rpc_refused(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            stub.OfferTrust,
+            pb.OfferTrustRequest(message=stranger_offer(b, "x-last.test")),
+        )
+        assert len(b.peer_rows()) == 20
+        nothing_trusted(b)
+
+
 def test_a_nonce_that_does_not_match_its_commitment_is_refused(tmp_path: Path) -> None:
     with two_servers(tmp_path) as (a, b):
         stub = b.bootstrap_stub()

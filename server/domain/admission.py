@@ -94,6 +94,8 @@ class Admission:
         issuer = self.peers.issuer_of(cert)
         if issuer is None:
             refuse("this server has no record of issuing it")
+        if issuer.certificate.not_valid_after_utc < self.clock.now():
+            refuse(f"its issuer, an intermediate of the trusted peer {issuer.peer}, has expired")
         view = self.peers.view(issuer.peer)
         if view is not None and certs.serial_hex(cert) in view.revoked_serials:
             refuse(f"it was revoked by its server, the trusted peer {issuer.peer}")

@@ -63,6 +63,7 @@ from keyplane.server.errors import (
     KeyplaneError,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
 )
 from keyplane.server.store import LIVE_PEER_STATES, PeerRecord, Transaction, TrustEventRecord
 from keyplane.v1 import trust_service_pb2 as pb
@@ -73,6 +74,14 @@ log = logging.getLogger(__name__)
 HISTORY_DEFAULT = 100
 HISTORY_MAX = 10_000
 MAX_REASON = 500
+# Offers are public: at most this many requests from peers are under way at once (made
+# within the last REQUEST_LIFETIME; an older one that never got a nonce no longer counts).
+MAX_INCOMING = 20
+REQUEST_LIFETIME = datetime.timedelta(hours=1)
+# Updates are public too: of the refusals of one peer's updates, the history keeps each
+# reason once per REFUSAL_EVERY, and at most MAX_REFUSALS in that time.
+REFUSAL_EVERY = datetime.timedelta(minutes=1)
+MAX_REFUSALS = 10
 
 
 @dataclass(frozen=True)
@@ -428,6 +437,26 @@ class TrustExchange:
                     "request is refused"
                 )
             live = self._live(body.sender_fqdn)
+            if live is not None and live.direction == "incoming" and live.state != "trusted":
+                if not set(load_roots_pem(live.peer_roots_pem)) & set(roots):
+                    # Only the same server (one of the same roots) may replace its request.
+                    raise FailedPrecondition(
+                        f"a request from {body.sender_fqdn} with other roots is under way "
+                        f"(request {live.id}); its admin may send it again, or this server's "
+                        "admin may reject it first"
+                    )
+            under_way = [
+                r
+                for r in self.store.reads.peers.trust_peers(("awaiting-nonce", "pending"))
+                if r.direction == "incoming"
+                and (r.state == "pending" or self._now() - r.created_at < REQUEST_LIFETIME)
+                and (live is None or r.id != live.id)
+            ]
+            if len(under_way) >= MAX_INCOMING:
+                raise ResourceExhausted(
+                    f"{len(under_way)} requests from peers are under way already; reject some "
+                    "('keyplane trust list', 'keyplane trust reject ID') before more can come"
+                )
             if live is not None and live.state == "trusted":
                 raise AlreadyExists(
                     f"{body.sender_fqdn} is trusted already; revoke the trust on both sides "
@@ -737,6 +766,14 @@ class TrustExchange:
             followed: Followed = follow_peer(fqdn, held, approved, versions)
             now = self._now()
             with self.store.transaction(now) as tx:
+                current = tx.reads.peers.trust_peer(record.id)
+                if (
+                    followed.state is not None
+                    and current is not None
+                    and current.peer_version >= followed.state.version
+                ):
+                    # Another worker (a push beside a pull) stored this or a newer one.
+                    return current.peer_version
                 if followed.state is not None:
                     tx.peers.update_peer(
                         record.id,
@@ -756,7 +793,10 @@ class TrustExchange:
                     self._publish(tx)
                 if followed.error is not None:
                     detail = f"{type(followed.error).__name__}: {followed.error}"
-                    if tx.peers.last_history(record.id) != ("update-refused", detail):
+                    recent = tx.peers.recent_details(
+                        record.id, "update-refused", now - REFUSAL_EVERY
+                    )
+                    if detail not in recent and len(recent) < MAX_REFUSALS:
                         actor = f"peer server {fqdn} ({via})"
                         fps = _root_fingerprints(versions[-1])
                         self._history(tx, record, "update-refused", actor, fps, detail)

@@ -244,13 +244,13 @@ class PeerWrites:
             (ts(self._tx.now), request_id, fqdn, event, actor, ",".join(fingerprints), detail),
         )
 
-    def last_history(self, request_id: str) -> tuple[str, str] | None:
-        """(event, detail) of the newest step of a request."""
-        row = self._db.execute(
-            "SELECT event, detail FROM trust_history WHERE request_id = ? ORDER BY id DESC LIMIT 1",
-            (request_id,),
-        ).fetchone()
-        return (str(row[0]), str(row[1])) if row else None
+    def recent_details(self, request_id: str, event: str, since: datetime.datetime) -> list[str]:
+        """The details of a request's `event` steps since `since`."""
+        rows = self._db.execute(
+            "SELECT detail FROM trust_history WHERE request_id = ? AND event = ? AND at >= ?",
+            (request_id, event, ts(since)),
+        ).fetchall()
+        return [str(r[0]) for r in rows]
 
     def mark_peer_renewed(self, serial: str, successor: str, fqdn: str) -> bool:
         """Record that the peer certificate `serial` was renewed here to `successor`;
