@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from keyplane.server.domain.exchange import PeerAddress, TrustExchange
+from keyplane.server.domain.exchange import TrustExchange
+from keyplane.server.domain.peer_side import PeerAddress
 from keyplane.server.domain.trust import TrustStatePublisher
 from keyplane.server.errors import KeyplaneError
 from keyplane.v1 import trust_state_pb2

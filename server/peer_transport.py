@@ -23,7 +23,7 @@ from cryptography import x509
 
 from keyplane.server.config import parse_address
 from keyplane.server.domain import certs
-from keyplane.server.domain.exchange import PeerAddress
+from keyplane.server.domain.peer_side import PeerAddress
 from keyplane.server.errors import (
     AlreadyExists,
     ConfigError,

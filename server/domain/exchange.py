@@ -16,29 +16,23 @@
 Every message is signed by its sender's active roots (peer_messages). A's request is
 A's approval (its admin pinned FP); B's approval starts trust on both sides, A first:
 B commits only once A's signed ACK says A has. A peer that does not answer (request,
-approval) leaves this side as it was. Trust, once set up, is kept current by the peer
-link: each side follows the other's trust state (peer_states) and republishes its own
-with the peer's section. Every step is in the history and the audit log, in the same
-transaction as the change it records.
+approval) leaves this side as it was. Trust, once set up, lives on in peer_trust: the
+peer link keeps each side current with the other's trust state, and either may end
+it. Every step is in the history and the audit log, in the same transaction as the
+change it records.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from cryptography import x509
 
-from keyplane.plugins.keys import KeyAlgorithm
 from keyplane.server.domain import certs
-from keyplane.server.domain.hierarchy import Hierarchy
 from keyplane.server.domain.inputs import parse_fingerprint
 from keyplane.server.domain.peer_messages import (
-    Signer,
     check_addressed,
     commitment,
     commitment_matches,
@@ -49,13 +43,12 @@ from keyplane.server.domain.peer_messages import (
     parse_message,
     roots_of,
     roots_pem,
-    sign_message,
-    trusted_certificate,
     verify_signed,
 )
-from keyplane.server.domain.peer_states import Followed, PeerState, accept_one, follow_peer
+from keyplane.server.domain.peer_side import PeerAddress, listen_address, reason_text
+from keyplane.server.domain.peer_states import PeerState, accept_one, follow_peer
+from keyplane.server.domain.peer_trust import TrustedPeerSide
 from keyplane.server.domain.peers import PeerView, view_of
-from keyplane.server.domain.roots import SERVER_ACTOR
 from keyplane.server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -65,7 +58,7 @@ from keyplane.server.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from keyplane.server.store import LIVE_PEER_STATES, PeerRecord, Transaction, TrustEventRecord
+from keyplane.server.store import LIVE_PEER_STATES, PeerRecord, TrustEventRecord
 from keyplane.v1 import trust_service_pb2 as pb
 from keyplane.v1 import trust_state_pb2
 
@@ -73,55 +66,10 @@ log = logging.getLogger(__name__)
 
 HISTORY_DEFAULT = 100
 HISTORY_MAX = 10_000
-MAX_REASON = 500
 # Offers are public: at most this many requests from peers are under way at once (made
 # within the last REQUEST_LIFETIME; an older one that never got a nonce no longer counts).
 MAX_INCOMING = 20
 REQUEST_LIFETIME = datetime.timedelta(hours=1)
-# Updates are public too: of the refusals of one peer's updates, the history keeps each
-# reason once per REFUSAL_EVERY, and at most MAX_REFUSALS in that time.
-REFUSAL_EVERY = datetime.timedelta(minutes=1)
-MAX_REFUSALS = 10
-
-
-@dataclass(frozen=True)
-class PeerAddress:
-    """How to reach a peer's bootstrap listener: its fqdn (the name its TLS certificate
-    carries), address, and the roots its chain ends at."""
-
-    fqdn: str
-    bootstrap_listen: str
-    roots_pem: bytes
-
-
-class PeerTransport(Protocol):
-    """The calls this server makes to a peer (server/peer_transport.py). Each raises the
-    domain error its status means: UNAVAILABLE and DEADLINE_EXCEEDED when the peer does
-    not answer, and the peer's own refusal otherwise."""
-
-    def discover(
-        self, bootstrap_listen: str
-    ) -> tuple[x509.Certificate, list[trust_state_pb2.SignedTrustState]]:
-        """The root the peer's TLS chain ends at (not verified) and its latest trust state."""
-        ...
-
-    def offer(self, peer: PeerAddress, message: pb.SignedPeerMessage) -> pb.SignedPeerMessage: ...
-
-    def reveal(self, peer: PeerAddress, message: pb.SignedPeerMessage) -> str: ...
-
-    def decide(
-        self, peer: PeerAddress, message: pb.SignedPeerMessage
-    ) -> pb.SignedPeerMessage | None: ...
-
-    def end(self, peer: PeerAddress, message: pb.SignedPeerMessage) -> None: ...
-
-    def trust_states(
-        self, peer: PeerAddress, since: int
-    ) -> list[trust_state_pb2.SignedTrustState]: ...
-
-    def push(
-        self, peer: PeerAddress, sender_fqdn: str, versions: list[trust_state_pb2.SignedTrustState]
-    ) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -133,138 +81,9 @@ class Listing:
     history: list[TrustEventRecord]
 
 
-def _address(text: str, what: str) -> str:
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise InvalidArgument(f"{what} must be HOST:PORT (port 1-65535), not {text!r}")
-    if len(text) > 255 or not text.isascii() or not text.isprintable():
-        raise InvalidArgument(f"{what} must be printable ASCII HOST:PORT, at most 255 bytes")
-    return text.strip()
-
-
-def _reason(text: str, default: str) -> str:
-    text = (text or default).strip()
-    if len(text) > MAX_REASON or not text.isprintable():
-        raise InvalidArgument(f"a reason is printable text of at most {MAX_REASON} characters")
-    return text
-
-
-class TrustExchange:
-    """This server's side of trust with peers."""
-
-    def __init__(
-        self,
-        hierarchy: Hierarchy,
-        transport: PeerTransport,
-        endpoints: Callable[[], tuple[str, str]],
-    ) -> None:
-        self.h = hierarchy
-        self.store = hierarchy.store
-        self.transport = transport
-        self.endpoints = endpoints
-        self.fqdn = hierarchy.config.fqdn
-        # Changes of one request never interleave in this process; across workers the
-        # state DB's unique index on a live peer does the same.
-        self._lock = threading.RLock()
-
-    # -- helpers -------------------------------------------------------------------------
-
-    def _now(self) -> datetime.datetime:
-        return self.h.clock.now()
-
-    def _signers(self) -> list[Signer]:
-        return [
-            Signer(r.fingerprint, self.h.backends.private_key(r.key_uri), KeyAlgorithm(r.algorithm))
-            for r in self.h.active_roots()
-        ]
-
-    def _own_roots(self) -> dict[str, x509.Certificate]:
-        return {
-            r.fingerprint: certs.load_pem(r.certificate_pem or "") for r in self.h.active_roots()
-        }
-
-    def _body(
-        self, kind: pb.PeerMessageKind, request_id: str, recipient: str
-    ) -> pb.PeerMessageBody:
-        body = pb.PeerMessageBody(
-            kind=kind, request_id=request_id, sender_fqdn=self.fqdn, recipient_fqdn=recipient
-        )
-        body.send_time.FromDatetime(self._now())
-        return body
-
-    def _with_own_roots(self, body: pb.PeerMessageBody) -> pb.PeerMessageBody:
-        for record in self.h.active_roots():
-            body.roots.append(
-                trusted_certificate(certs.load_pem(record.certificate_pem or ""), record.name)
-            )
-        listen, bootstrap = self.endpoints()
-        body.listen, body.bootstrap_listen = listen, bootstrap
-        return body
-
-    def _sign(self, body: pb.PeerMessageBody) -> pb.SignedPeerMessage:
-        return sign_message(body, self._signers())
-
-    @staticmethod
-    def peer_roots(record: PeerRecord) -> dict[str, x509.Certificate]:
-        """The roots this server holds for the peer now: its last accepted trust state's,
-        else the ones the exchange gave."""
-        view = view_of(record)
-        return view.roots
-
-    def _address_of(self, record: PeerRecord) -> PeerAddress:
-        return PeerAddress(
-            record.fqdn, record.bootstrap_listen, roots_pem(self.peer_roots(record)).encode()
-        )
-
-    def _row(self, request_id: str) -> PeerRecord:
-        found = self.store.reads.peers.trust_peer(request_id.strip().lower())
-        if found is None:
-            raise NotFound(f"no trust request has id {request_id!r} ('keyplane trust list')")
-        return found
-
-    def _live(self, fqdn: str) -> PeerRecord | None:
-        return next(
-            (r for r in self.store.reads.peers.trust_peers(LIVE_PEER_STATES) if r.fqdn == fqdn),
-            None,
-        )
-
-    def _known_revoked_roots(self) -> set[str]:
-        """Every root a peer's trust state said was revoked, as far as this server saw."""
-        revoked: set[str] = set()
-        for record in self.store.reads.peers.trust_peers():
-            view = view_of(record)
-            if view.state is not None:
-                revoked.update(view.state.body.revoked_root_fingerprints)
-        return revoked
-
-    def _history(
-        self,
-        tx: Transaction,
-        record: PeerRecord,
-        event: str,
-        actor: str,
-        fingerprints: list[str] | tuple[str, ...],
-        detail: str = "",
-    ) -> None:
-        tx.peers.add_history(record.id, record.fqdn, event, actor, fingerprints, detail)
-        tx.audit(
-            actor,
-            f"trust.{event.replace('-', '_')}",
-            record.fqdn,
-            request_id=record.id,
-            fingerprints=list(fingerprints),
-            **({"detail": detail} if detail else {}),
-        )
-
-    def _publish(self, tx: Transaction) -> None:
-        self.h.trust.publish_in(tx, SERVER_ACTOR)
-
-    def _refuse_self(self, fqdn: str, roots: dict[str, x509.Certificate]) -> None:
-        if fqdn == self.fqdn or set(roots) & set(self._own_roots()):
-            raise InvalidArgument(
-                "that is this server itself; give the peer's bootstrap listener and its "
-                "root fingerprint"
-            )
+class TrustExchange(TrustedPeerSide):
+    """Setting trust up with a peer, both ways (see the module docstring); what is set
+    up lives on in TrustedPeerSide."""
 
     # -- A: requesting -------------------------------------------------------------------
 
@@ -302,7 +121,7 @@ class TrustExchange:
         return address, state
 
     def request(self, actor: str, peer: str, fingerprint_text: str) -> PeerRecord:
-        bootstrap = _address(peer, "--peer")
+        bootstrap = listen_address(peer, "--peer")
         fingerprint = parse_fingerprint(fingerprint_text)
         with self._lock:
             address, state = self._discover(bootstrap, fingerprint)
@@ -338,7 +157,7 @@ class TrustExchange:
             raise PermissionDenied(f"{address.fqdn} answered for another request")
         if len(receipt.nonce) != 32:
             raise PermissionDenied(f"{address.fqdn} sent no valid nonce")
-        _address(receipt.listen, "the receipt's listen")
+        listen_address(receipt.listen, "the receipt's listen")
         reveal = self._body(pb.PEER_MESSAGE_KIND_REVEAL, request_id, address.fqdn)
         reveal.nonce = nonce
         their_code = self.transport.reveal(address, self._sign(reveal))
@@ -410,8 +229,8 @@ class TrustExchange:
         check_addressed(body, self.fqdn, self._now())
         roots = roots_of(body)
         verify_signed(signed, roots, require_all=True)
-        _address(body.listen, "the offer's listen")
-        _address(body.bootstrap_listen, "the offer's bootstrap_listen")
+        listen_address(body.listen, "the offer's listen")
+        listen_address(body.bootstrap_listen, "the offer's bootstrap_listen")
         if len(body.commitment) != 32:
             raise InvalidArgument("an offer carries a 32-byte commitment")
         if body.recipient_root_fingerprint not in self._own_roots():
@@ -598,7 +417,7 @@ class TrustExchange:
         return followed.state
 
     def reject(self, actor: str, request_id: str, reason: str) -> tuple[PeerRecord, bool]:
-        reason = _reason(reason, "rejected by an admin")
+        reason = reason_text(reason, "rejected by an admin")
         with self._lock:
             record = self._row(request_id)
             if record.state not in ("awaiting-nonce", "pending"):
@@ -618,25 +437,6 @@ class TrustExchange:
                 )
         return self._row(record.id), told
 
-    def _tell_end(self, record: PeerRecord, reason: str, rejected: bool = False) -> bool:
-        """Tell the peer that this request or trust ended; whether it heard."""
-        address = self._address_of(record)
-        if rejected:
-            body = self._body(pb.PEER_MESSAGE_KIND_DECISION, record.id, record.fqdn)
-            body.approved = False
-        else:
-            body = self._body(pb.PEER_MESSAGE_KIND_END, record.id, record.fqdn)
-        body.reason = reason
-        try:
-            if rejected:
-                self.transport.decide(address, self._sign(body))
-            else:
-                self.transport.end(address, self._sign(body))
-        except KeyplaneError as exc:
-            log.warning("could not tell %s yet (%s); will try again", record.fqdn, exc)
-            return False
-        return True
-
     # -- A: the peer decided -------------------------------------------------------------
 
     def receive_decision(self, signed: pb.SignedPeerMessage) -> pb.SignedPeerMessage | None:
@@ -653,7 +453,7 @@ class TrustExchange:
             actor = f"peer server {record.fqdn}"
             if not body.approved:
                 if record.state == "pending":
-                    reason = _reason(body.reason, "rejected by the peer's admin")
+                    reason = reason_text(body.reason, "rejected by the peer's admin")
                     with self.store.transaction(self._now()) as tx:
                         tx.peers.update_peer(record.id, state="rejected", end_reason=reason)
                         self._history(tx, record, "rejected", actor, list(roots), reason)
@@ -672,140 +472,6 @@ class TrustExchange:
                 raise FailedPrecondition(f"request {record.id} is {record.state} already")
             return self._sign(self._body(pb.PEER_MESSAGE_KIND_ACK, record.id, record.fqdn))
 
-    # -- either side: ending -------------------------------------------------------------
-
-    def _trusted(self, peer: str) -> PeerRecord:
-        name = peer.strip()
-        for record in self.store.reads.peers.trust_peers(("trusted",)):
-            if name in (record.fqdn, record.id):
-                return record
-        raise NotFound(f"no trusted peer {name!r} ('keyplane trust list' shows them)")
-
-    def revoke(self, actor: str, peer: str, reason: str) -> tuple[PeerRecord, bool]:
-        """End the trust with a peer: its roots leave this server's bundle, trust state
-        and admission in this transaction; then the peer is told (or, later, the link)."""
-        reason = _reason(reason, "revoked by an admin")
-        with self._lock:
-            record = self._trusted(peer)
-            roots = list(self.peer_roots(record))
-            with self.store.transaction(self._now()) as tx:
-                tx.peers.update_peer(record.id, state="revoked", end_unsent=True, end_reason=reason)
-                self._history(tx, record, "revoked", actor, roots, reason)
-                self._publish(tx)
-            log.info("revoked the trust with %s: %s", record.fqdn, reason)
-            told = self._tell_end(record, reason)
-            if told:
-                with self.store.transaction(self._now()) as tx:
-                    tx.peers.update_peer(record.id, end_unsent=False)
-        return self._row(record.id), told
-
-    def receive_end(self, signed: pb.SignedPeerMessage) -> None:
-        body = parse_message(signed, pb.PEER_MESSAGE_KIND_END)
-        check_addressed(body, self.fqdn, self._now())
-        with self._lock:
-            record = self.store.reads.peers.trust_peer(body.request_id)
-            if record is None or record.fqdn != body.sender_fqdn:
-                raise NotFound(f"no request {body.request_id} with {body.sender_fqdn}")
-            verify_signed(signed, self.peer_roots(record))
-            if record.state not in LIVE_PEER_STATES:
-                return  # ended here already
-            reason = _reason(body.reason, "ended by the peer")
-            ended = "revoked" if record.state == "trusted" else "rejected"
-            actor = f"peer server {record.fqdn}"
-            with self.store.transaction(self._now()) as tx:
-                tx.peers.update_peer(record.id, state=ended, end_reason=reason)
-                self._history(tx, record, ended, actor, list(self.peer_roots(record)), reason)
-                if ended == "revoked":
-                    self._publish(tx)
-            log.info("%s ended request %s: %s", record.fqdn, record.id, reason)
-
-    def deliver_ends(self) -> None:
-        """Tell peers of the ends they did not hear of yet (the peer link calls this)."""
-        for record in self.store.reads.peers.trust_peers(("rejected", "revoked")):
-            if not record.end_unsent:
-                continue
-            rejected = record.state == "rejected" and record.direction == "incoming"
-            if self._tell_end(record, record.end_reason or "", rejected=rejected):
-                with self.store.transaction(self._now()) as tx:
-                    tx.peers.update_peer(record.id, end_unsent=False)
-                log.info("told %s that request %s ended", record.fqdn, record.id)
-
-    # -- the peer link -------------------------------------------------------------------
-
-    def held_version(self, fqdn: str) -> int:
-        record = self._trusted_by_fqdn(fqdn)
-        return record.peer_version
-
-    def _trusted_by_fqdn(self, fqdn: str) -> PeerRecord:
-        for record in self.store.reads.peers.trust_peers(("trusted",)):
-            if record.fqdn == fqdn:
-                return record
-        raise FailedPrecondition(f"this server does not trust {fqdn!r}")
-
-    def accept_update(
-        self, fqdn: str, versions: list[trust_state_pb2.SignedTrustState], via: str
-    ) -> int:
-        """Follow a trusted peer's trust state from the version held, pinned to the
-        approved roots; keep and publish what is accepted. A refusal is kept in the
-        history (once in a row), the last good state stays, and the error is raised."""
-        with self._lock:
-            record = self._trusted_by_fqdn(fqdn)
-            held = view_of(record).state
-            # The version held, sent again (a push and a pull crossed): nothing to do. A
-            # pull asked from the version held when it began, so what a push brought
-            # meanwhile is not news from it either; a push of an older version is refused.
-            versions = [
-                v
-                for v in versions
-                if held is None
-                or (v.SerializeToString() != held.signed and (via != "pull" or _newer(v, held)))
-            ]
-            if not versions:
-                return record.peer_version
-            approved = load_roots_pem(record.peer_roots_pem)
-            followed: Followed = follow_peer(fqdn, held, approved, versions)
-            now = self._now()
-            with self.store.transaction(now) as tx:
-                current = tx.reads.peers.trust_peer(record.id)
-                if (
-                    followed.state is not None
-                    and current is not None
-                    and current.peer_version >= followed.state.version
-                ):
-                    # Another worker (a push beside a pull) stored this or a newer one.
-                    return current.peer_version
-                if followed.state is not None:
-                    tx.peers.update_peer(
-                        record.id,
-                        peer_state=followed.state.signed,
-                        peer_version=followed.state.version,
-                        peer_updated_at=now,
-                    )
-                    tx.audit(
-                        f"peer server {fqdn}",
-                        "trust.peer_update",
-                        fqdn,
-                        request_id=record.id,
-                        version=followed.state.version,
-                        roots=list(followed.state.roots),
-                        via=via,
-                    )
-                    self._publish(tx)
-                if followed.error is not None:
-                    detail = f"{type(followed.error).__name__}: {followed.error}"
-                    recent = tx.peers.recent_details(
-                        record.id, "update-refused", now - REFUSAL_EVERY
-                    )
-                    if detail not in recent and len(recent) < MAX_REFUSALS:
-                        actor = f"peer server {fqdn} ({via})"
-                        fps = _root_fingerprints(versions[-1])
-                        self._history(tx, record, "update-refused", actor, fps, detail)
-            if followed.error is not None:
-                if followed.state is None:
-                    raise followed.error
-                log.warning("%s: %s", fqdn, followed.error)
-            return followed.state.version if followed.state else record.peer_version
-
     # -- reading -------------------------------------------------------------------------
 
     def listing(self, history_size: int = 0) -> Listing:
@@ -818,22 +484,3 @@ class TrustExchange:
             peers=[view_of(r) for r in rows if r.state == "trusted"],
             history=self.store.reads.peers.trust_history(size),
         )
-
-    def trusted_addresses(self) -> list[PeerAddress]:
-        return [self._address_of(r) for r in self.store.reads.peers.trust_peers(("trusted",))]
-
-
-def _newer(signed: trust_state_pb2.SignedTrustState, held: PeerState) -> bool:
-    try:
-        return trust_state_pb2.TrustStateBody.FromString(signed.body).version > held.version
-    except Exception:  # protobuf's DecodeError: let the follower refuse it
-        return True
-
-
-def _root_fingerprints(signed: trust_state_pb2.SignedTrustState) -> list[str]:
-    """The roots a (refused) version names, if it parses at all."""
-    try:
-        body = trust_state_pb2.TrustStateBody.FromString(signed.body)
-    except Exception:  # protobuf's DecodeError
-        return []
-    return [r.fingerprint for r in body.roots]
