@@ -204,6 +204,10 @@ def test_the_same_request_retried_is_idempotent(tmp_path: Path) -> None:
         assert second.id == first.id and second.comparison_code == first.comparison_code
         assert [(r.id, r.state) for r in b.peer_rows()] == [(first.id, "pending")]
         assert len(a.peer_rows()) == 1
+        fingerprint = b.root_fingerprint()
+        b.stop()  # the same answer while the peer is down: nothing is sent again
+        with a.admin() as admin:
+            assert admin.request_trust(b.bootstrap, fingerprint).id == first.id
 
 
 def test_a_request_while_the_peer_is_down_records_nothing(tmp_path: Path) -> None:

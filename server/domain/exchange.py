@@ -124,6 +124,15 @@ class TrustExchange(TrustedPeerSide):
         bootstrap = listen_address(peer, "--peer")
         fingerprint = parse_fingerprint(fingerprint_text)
         with self._lock:
+            for row in self.store.reads.peers.trust_peers(("pending",)):
+                if (
+                    row.direction == "outgoing"
+                    and row.bootstrap_listen == bootstrap
+                    and fingerprint in load_roots_pem(row.peer_roots_pem)
+                ):
+                    # Asked again: the same request, as the peer has recorded it (this
+                    # server records one only once the peer has), even while it is down.
+                    return row
             address, state = self._discover(bootstrap, fingerprint)
             live = self._live(address.fqdn)
             if live is not None and live.state == "trusted":
@@ -137,7 +146,10 @@ class TrustExchange(TrustedPeerSide):
                     f"{live.id}): compare the code and approve or reject it here"
                 )
             if live is not None:
-                return self._send_again(live, address)
+                raise FailedPrecondition(
+                    f"a request to {address.fqdn} is under way already (request {live.id}, "
+                    f"made to {live.bootstrap_listen})"
+                )
             return self._request_new(actor, address, state, fingerprint)
 
     def _exchange(
@@ -209,17 +221,6 @@ class TrustExchange(TrustedPeerSide):
             tx.peers.insert_peer(record)
             self._history(tx, record, "requested", actor, [*state.roots, *own], f"code {code}")
         log.info("asked %s for trust (request %s, code %s)", address.fqdn, request_id, code)
-        return record
-
-    def _send_again(self, record: PeerRecord, address: PeerAddress) -> PeerRecord:
-        """The same request, sent again (the peer answers it as before, or records it
-        again if it lost it)."""
-        if record.offer is None or record.own_nonce is None:
-            raise FailedPrecondition(f"request {record.id} cannot be sent again")
-        offer = pb.SignedPeerMessage.FromString(record.offer)
-        self._exchange(
-            address, offer, record.id, record.own_nonce, load_roots_pem(record.peer_roots_pem)
-        )
         return record
 
     # -- B: receiving --------------------------------------------------------------------
