@@ -38,16 +38,15 @@ class Bundle:
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.roots.values())
 
     def enrollment_endpoint(self) -> bundle_service_pb2.ServerEndpoint:
-        """Where to enroll: the first zone server if the bundle names one, else the server."""
-        zones = [s for s in self.body.servers if s.zone]
+        """Where to enroll: the first zone server if the bundle names one, else the server
+        (never a peer server: a component enrolls with its own)."""
+        zones = [s for s in self.body.servers if s.zone and not s.peer]
         if zones:
             return zones[0]
-        if not self.body.servers:
-            raise BundleError("the init bundle names no server")
-        return self.body.servers[0]
+        return self.server()
 
     def server(self) -> bundle_service_pb2.ServerEndpoint:
-        servers = [s for s in self.body.servers if not s.zone]
+        servers = [s for s in self.body.servers if not s.zone and not s.peer]
         if not servers:
             raise BundleError("the init bundle names no server")
         return servers[0]

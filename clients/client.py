@@ -33,6 +33,8 @@ from keyplane.v1 import (
     root_key_service_pb2_grpc,
     settings_service_pb2,
     settings_service_pb2_grpc,
+    trust_service_pb2,
+    trust_service_pb2_grpc,
     trust_state_pb2,
     trust_state_service_pb2,
     trust_state_service_pb2_grpc,
@@ -172,6 +174,7 @@ class KeyplaneClient:
         self._identities = identity_service_pb2_grpc.IdentityServiceStub(channel)  # type: ignore[no-untyped-call]
         self._backups = backup_service_pb2_grpc.BackupServiceStub(channel)  # type: ignore[no-untyped-call]
         self._audit = audit_service_pb2_grpc.AuditServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._peers = trust_service_pb2_grpc.TrustServiceStub(channel)  # type: ignore[no-untyped-call]
 
     @classmethod
     def connect(cls, address: str, credential: Credential) -> KeyplaneClient:
@@ -548,3 +551,41 @@ class KeyplaneClient:
             ),
         )
         return list(response.identities)
+
+    # -- trust with peer servers (active/active) ------------------------------------------
+
+    def request_trust(self, peer: str, peer_fingerprint: str) -> trust_service_pb2.TrustRequest:
+        """Ask the server at `peer` (its bootstrap listener) for trust; the server checks
+        that its root has `peer_fingerprint` first."""
+        response: trust_service_pb2.RequestTrustResponse = self._call(
+            self._peers.RequestTrust,
+            trust_service_pb2.RequestTrustRequest(peer=peer, peer_fingerprint=peer_fingerprint),
+        )
+        return response.request
+
+    def list_trust(self, history_size: int = 0) -> trust_service_pb2.ListTrustResponse:
+        response: trust_service_pb2.ListTrustResponse = self._call(
+            self._peers.ListTrust, trust_service_pb2.ListTrustRequest(history_size=history_size)
+        )
+        return response
+
+    def approve_trust(self, request_id: str) -> trust_service_pb2.TrustedPeer:
+        response: trust_service_pb2.ApproveTrustResponse = self._call(
+            self._peers.ApproveTrust, trust_service_pb2.ApproveTrustRequest(id=request_id)
+        )
+        return response.peer
+
+    def reject_trust(
+        self, request_id: str, reason: str = ""
+    ) -> trust_service_pb2.RejectTrustResponse:
+        response: trust_service_pb2.RejectTrustResponse = self._call(
+            self._peers.RejectTrust,
+            trust_service_pb2.RejectTrustRequest(id=request_id, reason=reason),
+        )
+        return response
+
+    def revoke_trust(self, peer: str, reason: str = "") -> trust_service_pb2.RevokeTrustResponse:
+        response: trust_service_pb2.RevokeTrustResponse = self._call(
+            self._peers.RevokeTrust, trust_service_pb2.RevokeTrustRequest(peer=peer, reason=reason)
+        )
+        return response

@@ -29,6 +29,7 @@ from keyplane.server.domain.backups import Backups
 from keyplane.server.domain.bundles import Bundles
 from keyplane.server.domain.clock import Clock, SystemClock
 from keyplane.server.domain.enrollment import Enrollment
+from keyplane.server.domain.exchange import TrustExchange
 from keyplane.server.domain.faults import Faults
 from keyplane.server.domain.hierarchy import Hierarchy, StartReport, TlsMaterial
 from keyplane.server.domain.identities import Identities
@@ -37,6 +38,8 @@ from keyplane.server.domain.zones import Zones
 from keyplane.server.grpc_options import server_options
 from keyplane.server.interceptor import CallLimits, KeyplaneInterceptor
 from keyplane.server.logs import quiet_client_cancellations
+from keyplane.server.peer_link import PeerLink
+from keyplane.server.peer_transport import GrpcPeerTransport
 from keyplane.server.ports import add_listener
 from keyplane.server.services.audit import AuditServicer
 from keyplane.server.services.backups import BackupServicer
@@ -48,6 +51,7 @@ from keyplane.server.services.keys import KeyServicer
 from keyplane.server.services.message_signing import MessageSigningServicer
 from keyplane.server.services.root_keys import RootKeyServicer
 from keyplane.server.services.settings import SettingsServicer
+from keyplane.server.services.trust import TrustServicer
 from keyplane.server.services.trust_state import TrustStateServicer, VersionNotifier
 from keyplane.server.services.zones import ZoneServicer
 from keyplane.server.store import StateStore
@@ -73,6 +77,8 @@ from keyplane.v1 import (
     root_key_service_pb2_grpc,
     settings_service_pb2,
     settings_service_pb2_grpc,
+    trust_service_pb2,
+    trust_service_pb2_grpc,
     trust_state_service_pb2,
     trust_state_service_pb2_grpc,
     zone_service_pb2,
@@ -96,6 +102,7 @@ SERVICE_NAMES = tuple(
         identity_service_pb2,
         backup_service_pb2,
         audit_service_pb2,
+        trust_service_pb2,
     )
     for service in module.DESCRIPTOR.services_by_name.values()
 )
@@ -132,6 +139,7 @@ class KeyplaneServer:
         self.vitals = Vitals()
         self._health: health.aio.HealthServicer | None = None
         self._vital_part_died: asyncio.Event | None = None
+        self.peer_link: PeerLink | None = None
 
     def open(self, password: Password | None = None) -> StartReport:
         """Open the data dir and its key backends: initialise an empty one, finish an
@@ -223,6 +231,10 @@ class KeyplaneServer:
             loop.call_soon_threadsafe(notifier.published, version)
 
         hierarchy.trust.on_publish(wake_watchers)
+        exchange = TrustExchange(hierarchy, GrpcPeerTransport(), self._advertised)
+        # Worker 0 keeps the trusted peers current (the others serve what it stores).
+        self.peer_link = PeerLink(exchange, hierarchy.trust) if self.worker == 0 else None
+        link = self.peer_link
         servicers: list[tuple[Callable[..., None], object]] = [
             (
                 root_key_service_pb2_grpc.add_RootKeyServiceServicer_to_server,
@@ -269,6 +281,10 @@ class KeyplaneServer:
                 audit_service_pb2_grpc.add_AuditServiceServicer_to_server,
                 AuditServicer(AuditLog(hierarchy.store)),
             ),
+            (
+                trust_service_pb2_grpc.add_TrustServiceServicer_to_server,
+                TrustServicer(exchange, link.wake if link else lambda: None),
+            ),
         ]
         for add, servicer in servicers:
             add(servicer, server)
@@ -314,6 +330,8 @@ class KeyplaneServer:
             scheduler = asyncio.create_task(self._rotation_loop())
             self.vitals.watch_task("rotation scheduler", scheduler)
             self._tasks.append(scheduler)
+            if self.peer_link is not None:
+                self.peer_link.start()
         self._vital_part_died = asyncio.Event()
         what = f"keyplane server (worker {self.worker})"
         self._tasks.append(asyncio.create_task(self.vitals.monitor(self._on_vital_death, what)))
@@ -372,6 +390,8 @@ class KeyplaneServer:
 
     async def stop(self, grace: float | None = 5.0) -> None:
         self.vitals.stopping()
+        if self.peer_link is not None:
+            await asyncio.to_thread(self.peer_link.stop)
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()

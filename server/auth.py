@@ -96,6 +96,19 @@ ACCESS: dict[str, Access] = {
     # Served only by a locked server, on its 0600 Unix socket (server/locked.py): who can
     # reach that socket is the server's own user.
     "/keyplane.v1.UnlockService/Unlock": PUBLIC,
+    # Trust with peer servers (active/active): admins set it up and end it.
+    "/keyplane.v1.TrustService/RequestTrust": ADMIN,
+    "/keyplane.v1.TrustService/ListTrust": READ,
+    "/keyplane.v1.TrustService/ApproveTrust": ADMIN,
+    "/keyplane.v1.TrustService/RejectTrust": ADMIN,
+    "/keyplane.v1.TrustService/RevokeTrust": ADMIN,
+    # What one server sends another: each carries a message signed by the sender's roots
+    # (or signed trust states), verified by the domain against the roots it pinned.
+    "/keyplane.v1.TrustService/OfferTrust": PUBLIC,
+    "/keyplane.v1.TrustService/RevealTrustNonce": PUBLIC,
+    "/keyplane.v1.TrustService/DecideTrust": PUBLIC,
+    "/keyplane.v1.TrustService/EndTrust": PUBLIC,
+    "/keyplane.v1.TrustService/PushTrustState": PUBLIC,
 }
 
 

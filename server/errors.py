@@ -62,6 +62,12 @@ class AlreadyRevoked(FailedPrecondition):
     reason = "ALREADY_REVOKED"
 
 
+class LastRootOfTrust(FailedPrecondition):
+    """The only active root carries a trust with a peer: rotate first, or end the trust."""
+
+    reason = "LAST_ROOT_OF_TRUST"
+
+
 class LegacyRootImmutable(FailedPrecondition):
     """The legacy root is never created, rotated or revoked."""
 
@@ -106,6 +112,13 @@ class Unavailable(KeyplaneError):
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "UNAVAILABLE"
+
+
+class DeadlineExceeded(KeyplaneError):
+    """Another server (a peer) did not answer in time; nothing was changed here."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
 
 
 class ConfigError(Exception):

@@ -19,6 +19,9 @@ class KeyKind(enum.StrEnum):
     INTERMEDIATE_TLS = "intermediate_tls"
     MESSAGE_SIGNING = "message_signing"
     ZONE_INTERMEDIATE = "zone_intermediate"
+    # A trusted peer server's intermediate (its own or a zone's), as its trust state
+    # lists it: never in this server's key inventory, only an issuer to admit by.
+    PEER_INTERMEDIATE = "peer_intermediate"
 
 
 # The server's own subordinates, which it rotates by itself.

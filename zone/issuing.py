@@ -1,7 +1,8 @@
 """What a zone server does for its clients: admits them (by the trust state it relays,
-with the server's authority rules), enrolls them (its server spends the token and
-records the certificate), and renews the certificates its own intermediate issued,
-each once, without a round trip to the server."""
+with the server's authority rules; a trusted peer's agents as agents), enrolls them (its
+server spends the token and records the certificate), and renews the certificates its
+own intermediate (or a trusted peer) issued, each once, without a round trip to the
+server."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from keyplane.server.errors import (
     Unauthenticated,
     Unavailable,
 )
-from keyplane.server.kinds import Role
+from keyplane.server.kinds import KeyKind, Role
 
 if TYPE_CHECKING:
     from keyplane.zone.runtime import ZoneServer
@@ -56,7 +57,7 @@ class ZoneIssuer:
         self._lock = threading.Lock()
         self._issuer_cache: tuple[x509.Certificate, BackendPrivateKey] | None = None
         self._issuer_pem = ""
-        self._verdicts: dict[bytes, tuple[int, Identity]] = {}
+        self._verdicts: dict[bytes, tuple[tuple[int, int], Identity]] = {}
 
     # -- the intermediate ----------------------------------------------------------------
 
@@ -151,7 +152,10 @@ class ZoneIssuer:
         self._refuse_if_revoked()
         _, key, common_name = check_csr(csr_data)
         renewal.check_renewal(identity, key, common_name)
-        if identity.issuer_fingerprint not in self.zone.store.intermediates():
+        # A trusted peer's agent (active/active) renews here too: from this zone's own
+        # intermediate, reported to its server, once per certificate at this zone.
+        peer_agent = identity.issuer is KeyKind.PEER_INTERMEDIATE
+        if not peer_agent and identity.issuer_fingerprint not in self.zone.store.intermediates():
             raise FailedPrecondition(
                 "this certificate was not issued by this zone server: renew it where it "
                 "was issued (a certificate renews where its issuer lives)"

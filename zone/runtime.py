@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from keyplane.clients.bundle import Bundle, load_bundle
@@ -213,7 +214,21 @@ class ZoneServer:
     def _tls_version(self) -> tuple[str, str]:
         state = self.relay.state
         roots = ",".join(state.root_fingerprints) if state else ""
-        return self.store.get("tls_chain_pem") or "", roots
+        peers = ",".join(r.fingerprint for p in state.body.peers for r in p.roots) if state else ""
+        return self.store.get("tls_chain_pem") or "", f"{roots};{peers}"
+
+    def _peer_roots_pem(self) -> bytes:
+        """The trusted peers' roots: their agents (active/active) are admitted here."""
+        state = self.relay.state
+        if state is None:
+            return b""
+        return b"".join(
+            x509.load_der_x509_certificate(r.certificate_der).public_bytes(
+                serialization.Encoding.PEM
+            )
+            for p in state.body.peers
+            for r in p.roots
+        )
 
     def _credentials(self, require_client_auth: bool) -> grpc.ServerCredentials:
         served = {"version": self._tls_version()}
@@ -222,7 +237,7 @@ class ZoneServer:
             credential = self.upstream.credential()
             return grpc.ssl_server_certificate_configuration(
                 [(credential.private_key_pem, credential.certificate_chain_pem)],
-                root_certificates=credential.root_certificates_pem,
+                root_certificates=credential.root_certificates_pem + self._peer_roots_pem(),
             )
 
         def fetch() -> grpc.ServerCertificateConfiguration | None:

@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         settings,
         signing,
         tokens,
+        trust,
         trust_state,
         zones,
     )
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = connection_options()
     nouns = (
         roots, keys, settings, trust_state, signing, bundle, tokens, certs, zones,
-        identities, backup, audit,
+        identities, backup, audit, trust,
     )  # fmt: skip
     for noun in nouns:
         noun.register(commands, common)

@@ -135,6 +135,25 @@ EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("keyplane audit list --action access.refused --limit 20", "recent refusals"),
     ),
     "audit verify": (("keyplane audit verify", "check the hash chain end to end"),),
+    "trust": (("keyplane trust list", "peers, requests under way and their codes"),),
+    "trust request": (
+        (
+            "keyplane trust request --peer pki-b.example.org:7444 --peer-fingerprint "
+            "<B's root, 64 hex, from B's admin>",
+            "ask server B for trust; compare the code shown with B's admin",
+        ),
+    ),
+    "trust list": (("keyplane trust list --json", "requests, codes and trusted peers"),),
+    "trust approve": (
+        ("keyplane trust approve 5f2c…(request id)", "once both admins read the same code"),
+    ),
+    "trust reject": (
+        ("keyplane trust reject 5f2c…(request id) --reason 'unexpected'", "refuse a request"),
+    ),
+    "trust revoke": (
+        ("keyplane trust revoke pki-b.example.org --reason 'decommissioned'", "end a trust"),
+    ),
+    "trust history": (("keyplane trust history --limit 20", "the last 20 steps"),),
     "agent": (
         (
             "keyplane agent run --bundle bundle.pb --token $TOKEN --data-dir agent1",

@@ -6,9 +6,12 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from keyplane.clients.cli.output import print_json, table, timestamp
 from keyplane.clients.client import ALGORITHM_NAMES, ALGORITHMS, KeyplaneClient
-from keyplane.v1 import root_key_service_pb2
+from keyplane.v1 import root_key_service_pb2, trust_state_pb2
 
 ROOTS_HELP = """\
 Manage this server's root keys. At most two roots are active at a time. To rotate:
@@ -81,12 +84,24 @@ def _print_root(root: root_key_service_pb2.RootKey) -> None:
 
 def cmd_roots_list(client: KeyplaneClient, args: argparse.Namespace) -> int:
     listing = client.list_root_keys()
+    peers: list[dict[str, Any]] = [
+        {
+            "server": p.server_fqdn,
+            "trust_state_version": p.trust_state_version,
+            "roots": [
+                {"name": r.name, "fingerprint": r.fingerprint, "certificate_pem": _pem(r)}
+                for r in p.roots
+            ],
+        }
+        for p in listing.peers
+    ]
     if args.json:
         print_json(
             {
                 "active": [root_json(r) for r in listing.active],
                 "revoked": [root_json(r) for r in listing.revoked],
                 "legacy": legacy_json(listing.legacy),
+                "peers": peers,
             }
         )
         return 0
@@ -104,7 +119,21 @@ def cmd_roots_list(client: KeyplaneClient, args: argparse.Namespace) -> int:
         ]
     )
     print(table(rows, header))
+    for peer in peers:
+        # A trusted peer's roots, apart: this server trusts them, it does not hold them.
+        print(f"\npeer {peer['server']} (trusted; its trust state v{peer['trust_state_version']}):")
+        print(
+            table(
+                [[r["name"], "peer", r["fingerprint"]] for r in peer["roots"]],
+                ["NAME", "STATE", "FINGERPRINT"],
+            )
+        )
     return 0
+
+
+def _pem(root: trust_state_pb2.TrustedCertificate) -> str:
+    cert = x509.load_der_x509_certificate(root.certificate_der)
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def cmd_roots_create(client: KeyplaneClient, args: argparse.Namespace) -> int:

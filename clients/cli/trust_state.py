@@ -41,6 +41,20 @@ def trust_json(state: TrustState) -> dict[str, Any]:
         "revoked_keys": list(body.revoked_key_fingerprints),
         "revoked_serials": list(body.revoked_serials),
         "client_settings": dict(body.client_settings),
+        "peers": [
+            {
+                "server": p.fqdn,
+                "listen": p.listen,
+                "bootstrap_listen": p.bootstrap_listen,
+                "roots": certs(p.roots),
+                "revoked_roots": list(p.revoked_root_fingerprints),
+                "intermediates": certs(p.intermediates),
+                "revoked_keys": list(p.revoked_key_fingerprints),
+                "revoked_serials": list(p.revoked_serials),
+                "trust_state_version": p.trust_state_version,
+            }
+            for p in body.peers
+        ],
         "signed_by": [s.root_fingerprint for s in state.signed.signatures],
         # The document itself, so that this JSON can be given to --trust-state too.
         "signed": base64.b64encode(state.serialize()).decode(),
@@ -69,6 +83,10 @@ def cmd_trust_state_show(client: KeyplaneClient, args: argparse.Namespace) -> in
             f"  revoked roots: {len(data['revoked_roots'])}, keys: {len(data['revoked_keys'])}, "
             f"serials: {len(data['revoked_serials'])}"
         )
+        for peer in data["peers"]:
+            print(f"  peer {peer['server']} (its v{peer['trust_state_version']}):")
+            for c in peer["roots"]:
+                print(f"    {'roots':14} {c['state']:9} {c['fingerprint']}  {c['name']}")
     else:
         print(f"wrote trust state version {state.version} to {args.out}")
     return 0

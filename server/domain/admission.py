@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from keyplane.server.domain import certs
 from keyplane.server.domain.clock import Clock
 from keyplane.server.domain.identity import Identity
+from keyplane.server.domain.peers import TrustedPeers
 from keyplane.server.errors import PermissionDenied
 from keyplane.server.kinds import KeyKind, KeyState, Role
 from keyplane.server.store import KeyRecord, StateStore, ZoneRecord
@@ -34,6 +35,7 @@ class Admission:
         self.store = store
         self.clock = clock
         self._verdicts: dict[bytes, tuple[int, Identity]] = {}
+        self.peers = TrustedPeers(store)
 
     def admit(self, cert: x509.Certificate) -> Identity:
         """The identity of a caller holding `cert`; PERMISSION_DENIED with the reason
@@ -68,7 +70,7 @@ class Admission:
                 refuse("it was revoked")
             issuer = self._zone_issuer(cert)
             if issuer is None:
-                refuse("this server has no record of issuing it")
+                return self._admit_peer_agent(cert)
         if issuer is None or issuer.state == KeyState.REVOKED:
             refuse("its issuer is revoked")
         if issuer.kind == KeyKind.ROOT and issuer.state != KeyState.ACTIVE:
@@ -84,6 +86,25 @@ class Admission:
         if Role.ZONE_SERVER in identity.roles and self.zone_of(identity) is None:
             refuse("it is not the certificate of a live zone server (was the zone revoked?)")
         return identity
+
+    def _admit_peer_agent(self, cert: x509.Certificate) -> Identity:
+        """A trusted peer's agent (active/active): issued by one of the peer's live
+        intermediates, not revoked by the peer; an agent here, whatever else it claims
+        is refused."""
+        issuer = self.peers.issuer_of(cert)
+        if issuer is None:
+            refuse("this server has no record of issuing it")
+        if issuer.certificate.not_valid_after_utc < self.clock.now():
+            refuse(f"its issuer, an intermediate of the trusted peer {issuer.peer}, has expired")
+        view = self.peers.view(issuer.peer)
+        if view is not None and certs.serial_hex(cert) in view.revoked_serials:
+            refuse(f"it was revoked by its server, the trusted peer {issuer.peer}")
+        if view is not None and certs.key_fingerprint(cert) in view.revoked_keys:
+            refuse(f"its key was revoked by its server, the trusted peer {issuer.peer}")
+        try:
+            return Identity.admitted(cert, KeyKind.PEER_INTERMEDIATE, issuer.fingerprint)
+        except PermissionDenied as exc:
+            refuse(str(exc).removeprefix("the certificate "))
 
     def _zone_issuer(self, cert: x509.Certificate) -> KeyRecord | None:
         """The live zone intermediate that signed `cert`, if one did."""

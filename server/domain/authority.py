@@ -8,6 +8,8 @@ issue and to admit, and every zone server uses it to issue, admit and report.
                                credentials, zone-server TLS
     the server's intermediate  agent certificates                  agent
     a zone's intermediate      agent certificates only             agent
+    a trusted peer's           (the peer's agent certificates,     agent
+      intermediate              admitted here, never issued)
 
 A certificate's role counts only if its issuer may confer it: a certificate whose SAN
 claims a role its issuer may not confer is refused outright, whatever else it says.
@@ -33,11 +35,15 @@ CONFERS: dict[KeyKind, frozenset[Role]] = {
     KeyKind.ROOT: frozenset({Role.ADMIN, Role.OPERATOR, Role.AUDITOR, Role.ZONE_SERVER}),
     KeyKind.INTERMEDIATE_TLS: frozenset({Role.AGENT}),
     KeyKind.ZONE_INTERMEDIATE: frozenset({Role.AGENT}),
+    # Active/active: the peer's agents may fail over here; its admins, zones and
+    # anything else its roots issued get no role at this server.
+    KeyKind.PEER_INTERMEDIATE: frozenset({Role.AGENT}),
 }
 ISSUER_NAMES = {
     KeyKind.ROOT: "a root",
     KeyKind.INTERMEDIATE_TLS: "the server's intermediate",
     KeyKind.ZONE_INTERMEDIATE: "a zone's intermediate",
+    KeyKind.PEER_INTERMEDIATE: "a trusted peer's intermediate",
 }
 
 # Every agent certificate names this DNS name (under the constrained `.invalid`): with a

@@ -1,6 +1,6 @@
 """Init bundles (the active roots, the server's and every live zone server's listeners,
-the trust-state version, signed by every active root; never a secret) and the legacy
-public key file."""
+the trusted peers' roots and listeners, the trust-state version, signed by every active
+root; never a secret) and the legacy public key file."""
 
 from __future__ import annotations
 
@@ -49,6 +49,14 @@ class Bundles:
                 listen=zone.listen,
                 bootstrap_listen=zone.bootstrap_listen,
                 zone=True,
+            )
+        for peer in hierarchy.admission.peers.views():
+            body.peer_roots.extend(peer.server().roots)
+            body.servers.add(
+                name=peer.fqdn,
+                listen=peer.record.listen,
+                bootstrap_listen=peer.record.bootstrap_listen,
+                peer=True,
             )
         body_bytes = body.SerializeToString(deterministic=True)
         bundle = bundle_service_pb2.InitBundle(body=body_bytes)

@@ -221,6 +221,7 @@ class Enrollment:
         token_digest: str | None,
         records: list[CertificateRecord],
         renews: str | None = None,
+        renews_peer: str = "",
     ) -> Future[object]:
         """Spend a token use per certificate (if a token was given) and record them, all
         or nothing, committed with other requests' work in one fsync; the future
@@ -240,6 +241,7 @@ class Enrollment:
                         "role": record.role,
                         "subject": record.subject,
                         **({"renews": renews} if renews else {}),
+                        **({"renews_for_peer": renews_peer} if renews_peer else {}),
                     }
                 ),
                 after_fingerprint=record.fingerprint,
@@ -259,12 +261,25 @@ class Enrollment:
                 found = tx.reads.certificates_for_key(fp)
                 if found:
                     raise AlreadyExists(key_in_use(found))
-            if renews is not None and not tx.mark_renewed(renews, records[0].serial):
+            if (
+                renews is not None
+                and not renews_peer
+                and not tx.mark_renewed(renews, records[0].serial)
+            ):
                 raise PermissionDenied(
                     f"certificate {renews} was renewed already; a certificate renews once "
                     "(renew from the newest one, or enroll again with a new token)"
                 )
             tx.insert_certificates(rows)
+            if (
+                renews is not None
+                and renews_peer
+                and not tx.peers.mark_peer_renewed(renews, records[0].serial, renews_peer)
+            ):
+                raise PermissionDenied(
+                    f"certificate {renews} (issued by the trusted peer {renews_peer}) was "
+                    "renewed here already; a certificate renews once per server"
+                )
             tx.audit_many(audit)
 
         return self.store.group_commit_pending(records[0].issued_at, record_issue)
@@ -353,6 +368,8 @@ class Enrollment:
                 "this certificate was issued by a zone server: renew it at that zone server "
                 "(a certificate renews where its issuer lives)"
             )
+        if identity.issuer is KeyKind.PEER_INTERMEDIATE:
+            return self._renew_for_peer(identity, key, common_name, repeat)
         with self.store.snapshot():
             again = self._renewed_already(identity, key) if repeat else None
             if again is not None:
@@ -362,6 +379,52 @@ class Enrollment:
             self._refuse_known_key(key)
             issued, record = self._build(key, common_name)
         return issued, self._record_pending(identity.actor, None, [record], identity.serial)
+
+    def _renew_for_peer(
+        self, identity: Identity, key: SubjectKey, common_name: str, repeat: bool
+    ) -> tuple[Issued, Future[object]]:
+        """A trusted peer's agent renews here (active/active: its server does not
+        answer): from this server's intermediate, recorded here, once per certificate at
+        this server. With `repeat`, a renewal asked again gets the same certificate."""
+        issuer = self.hierarchy.admission.peers.issuer_of(identity.certificate)
+        if issuer is None:
+            raise PermissionDenied("the certificate's issuer is no longer a trusted peer's")
+        with self.store.snapshot():
+            done = self.store.reads.peers.peer_renewal(identity.serial)
+            if done is not None:
+                successor = self.store.certificate(done[0])
+                if (
+                    not repeat
+                    or successor is None
+                    or successor.fingerprint != fingerprint(key)
+                    or successor.revoked_at is not None
+                ):
+                    raise PermissionDenied(
+                        f"certificate {identity.serial} was renewed here already; a "
+                        "certificate renews once per server (renew from the newest one)"
+                    )
+                finished: Future[object] = Future()
+                finished.set_result(None)
+                return self._issued_again(successor), finished
+            self._refuse_known_key(key)
+            issued, record = self._build(key, common_name)
+        pending = self._record_pending(
+            identity.actor, None, [record], identity.serial, renews_peer=issuer.peer
+        )
+        return issued, pending
+
+    def _issued_again(self, successor: CertificateRecord) -> Issued:
+        """A certificate issued before, as a renewal answers it."""
+        issuer = self.store.key(successor.issuer_fingerprint)
+        issuer_pem = (issuer.certificate_pem or "") if issuer is not None else ""
+        _, window = self.hierarchy.settings.rotation("ClientTLS")
+        return Issued(
+            chain_pem=successor.certificate_pem + issuer_pem,
+            roots_pem=self.hierarchy.trusted_roots_pem().decode(),
+            serial=successor.serial,
+            not_after=successor.not_after,
+            renew_after=renew_after(successor.not_after, window),
+        )
 
     def _renewed_already(self, identity: Identity, key: SubjectKey) -> Issued | None:
         """A renewal asked again after its answer was lost (the same certificate, a CSR

@@ -22,6 +22,7 @@ from keyplane.server.domain.clock import Clock
 from keyplane.server.domain.credentials import AdminCredentialDir
 from keyplane.server.domain.faults import Faults
 from keyplane.server.domain.inputs import resolve_fingerprint
+from keyplane.server.domain.peers import trusted_views
 from keyplane.server.domain.roots import SERVER_ACTOR, Roots
 from keyplane.server.domain.rotation import Rotation
 from keyplane.server.domain.settings import Setting, Settings
@@ -78,6 +79,7 @@ class Hierarchy:
         self.roots = Roots(self)
         self.rotation = Rotation(self)
         self.admission = Admission(store, clock)
+        self.trust.peer_sections = lambda reads: [v.server() for v in trusted_views(reads)]
         self._lock = threading.RLock()
 
     @property
@@ -216,9 +218,15 @@ class Hierarchy:
         return "".join(r.certificate_pem or "" for r in self.active_roots()).encode()
 
     def tls_version(self) -> tuple[str, ...]:
-        """Changes whenever the server certificate or the set of active roots changes."""
+        """Changes whenever the server certificate, the set of active roots or the
+        trusted peers' roots change."""
         server = self.current_server_tls()
-        return (server.fingerprint, *(r.fingerprint for r in self.active_roots()))
+        return (
+            server.fingerprint,
+            *(r.fingerprint for r in self.active_roots()),
+            "peers:",
+            *self.admission.peers.root_fingerprints(),
+        )
 
     def current_server_tls(self) -> KeyRecord:
         return self.active_key(KeyKind.SERVER_TLS)
@@ -231,5 +239,6 @@ class Hierarchy:
             version=self.tls_version(),
             certificate_chain_pem=chain.encode(),
             private_key_pem=self.backends.tls_private_key_pem(server.key_uri),
-            client_ca_pem=self.trusted_roots_pem(),
+            # A trusted peer's agents fail over here (mutual TLS both ways).
+            client_ca_pem=self.trusted_roots_pem() + self.admission.peers.roots_pem(),
         )

@@ -18,6 +18,7 @@ from keyplane.server.errors import (
     AlreadyRevoked,
     ConfirmationRequired,
     LastActiveRoot,
+    LastRootOfTrust,
     LegacyRootImmutable,
     RootLimitReached,
     Unavailable,
@@ -166,6 +167,15 @@ class Roots:
             if record.state == KeyState.REVOKED:
                 raise AlreadyRevoked(f"{record.name} ({fp}) is revoked already")
             if len(h.active_roots()) <= 1:
+                trusted = [p.fqdn for p in h.store.reads.peers.trust_peers(("trusted",))]
+                if trusted:
+                    peers = ", ".join(trusted)
+                    raise LastRootOfTrust(
+                        f"{record.name} is the only active root, and the trust with {peers} "
+                        f"rests on it: revoke the trust first ('keyplane trust revoke "
+                        f"{trusted[0]}'), or create a second root first ('keyplane roots "
+                        f"create'), let {peers} follow it, then revoke this one"
+                    )
                 raise LastActiveRoot(
                     f"{record.name} is the only active root; create a new root with "
                     "'keyplane roots create' first, then revoke this one"

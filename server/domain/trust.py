@@ -77,6 +77,9 @@ class TrustStatePublisher:
         self.faults = faults
         self._lock = threading.Lock()
         self._listeners: list[Callable[[int], None]] = []
+        # The trusted peers' sections, read through the transaction's reads (set by the
+        # hierarchy: server/domain/peers.py).
+        self.peer_sections: Callable[[Reads], list[trust_state_pb2.PeerServer]] = lambda r: []
 
     def on_publish(self, listener: Callable[[int], None]) -> None:
         """Call `listener(version)` after each new version commits (from any thread)."""
@@ -127,10 +130,18 @@ class TrustStatePublisher:
                 for n in ("PKIClientTLSKeyValidityHours", "PKIClientTLSKeyRenewalWindowHours")
             }
         )
+        body.peers.extend(self.peer_sections(reads))
         return body
 
     @staticmethod
     def _digest(body: trust_state_pb2.TrustStateBody) -> str:
+        """What the content is, without the peers' own version numbers: a peer version
+        that changes nothing of its section publishes nothing new (and two peers that
+        each listed the other's version would publish each other forever)."""
+        if body.peers:
+            body = trust_state_pb2.TrustStateBody.FromString(body.SerializeToString())
+            for peer in body.peers:
+                peer.trust_state_version = 0
         return hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()
 
     def publish(self, actor: str) -> int:

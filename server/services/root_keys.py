@@ -35,6 +35,14 @@ class RootKeyServicer(root_key_service_pb2_grpc.RootKeyServiceServicer):
                 active=[convert.root_key(r) for r in self._hierarchy.active_roots()],
                 revoked=[convert.root_key(r) for r in self._hierarchy.revoked_roots()],
                 legacy=convert.legacy_root_key(legacy, self._hierarchy.public_key_of(legacy)),
+                peers=[
+                    pb.PeerRoots(
+                        server_fqdn=view.fqdn,
+                        roots=view.server().roots,
+                        trust_state_version=view.record.peer_version,
+                    )
+                    for view in self._hierarchy.admission.peers.views()
+                ],
             )
 
         return await asyncio.to_thread(read)

@@ -2,6 +2,7 @@
 
 from keyplane.server.store.audit_chain import ChainedEvent
 from keyplane.server.store.backup import BackupReads, Revocation, Unrevoked, check_file
+from keyplane.server.store.peers import LIVE_PEER_STATES, PeerRecord, TrustEventRecord
 from keyplane.server.store.records import (
     Actor,
     AuditOutcome,
@@ -18,6 +19,7 @@ from keyplane.server.store.state import StateStore
 from keyplane.server.store.transaction import AuditEntry, Transaction
 
 __all__ = [
+    "LIVE_PEER_STATES",
     "SCHEMA_VERSION",
     "Actor",
     "AuditEntry",
@@ -27,11 +29,13 @@ __all__ = [
     "CertificateRecord",
     "ChainedEvent",
     "KeyRecord",
+    "PeerRecord",
     "Revocation",
     "SchemaError",
     "StateStore",
     "TokenRecord",
     "Transaction",
+    "TrustEventRecord",
     "TrustStateRecord",
     "Unrevoked",
     "ZoneRecord",

@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Callable, Iterator
 
 from keyplane.server.store.audit_chain import AUDIT_COLUMNS, HEAD, ChainedEvent, parse_head
+from keyplane.server.store.peers import PeerReads
 from keyplane.server.store.records import (
     CERT_COLUMNS,
     KEY_COLUMNS,
@@ -44,6 +45,7 @@ class Reads:
 
     def __init__(self, connect: Connect) -> None:
         self._connect = connect
+        self.peers = PeerReads(connect)
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[Reads]:

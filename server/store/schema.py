@@ -16,7 +16,7 @@ from keyplane.server.store.audit_chain import (
     format_head,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # The audit log is append-only: no statement may change or remove an event (keyplane's
 # store has no such write either). Someone with the file can drop these; the hash chain
@@ -109,6 +109,55 @@ CREATE TABLE trust_states (
     root_set TEXT NOT NULL,
     signed BLOB NOT NULL,
     created_at TEXT NOT NULL
+);
+-- Trust with peer servers (active/active): one row per request, whichever side made
+-- it; a live one (under way or trusted) per peer fqdn. The peer's last accepted trust
+-- state is kept with it: what this server admits of the peer, and publishes.
+CREATE TABLE trust_peers (
+    id TEXT PRIMARY KEY,
+    direction TEXT NOT NULL CHECK (direction IN ('outgoing', 'incoming')),
+    state TEXT NOT NULL CHECK (state IN ('awaiting-nonce', 'pending', 'trusted', 'rejected',
+        'revoked', 'superseded')),
+    fqdn TEXT NOT NULL,
+    listen TEXT NOT NULL,
+    bootstrap_listen TEXT NOT NULL,
+    peer_roots_pem TEXT NOT NULL,
+    own_fingerprints TEXT NOT NULL,
+    commitment BLOB,
+    own_nonce BLOB,
+    peer_nonce BLOB,
+    offer BLOB,
+    comparison_code TEXT,
+    peer_state BLOB,
+    peer_version INTEGER NOT NULL DEFAULT 0,
+    peer_updated_at TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    trusted_at TEXT,
+    -- An END (revocation or withdrawal) the peer has not heard yet.
+    end_unsent INTEGER NOT NULL DEFAULT 0,
+    end_reason TEXT
+);
+CREATE UNIQUE INDEX trust_peers_live ON trust_peers (fqdn)
+    WHERE state IN ('awaiting-nonce', 'pending', 'trusted');
+-- Every step of trust with peers (requested, received, approved, rejected, revoked,
+-- superseded, refused updates): who, when, which fingerprints.
+CREATE TABLE trust_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    fqdn TEXT NOT NULL,
+    event TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    fingerprints TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+-- Certificates a trusted peer issued that this server renewed: each renews once here.
+CREATE TABLE peer_renewals (
+    serial TEXT PRIMARY KEY,
+    successor TEXT NOT NULL REFERENCES certificates (serial),
+    fqdn TEXT NOT NULL,
+    renewed_at TEXT NOT NULL
 );
 CREATE TABLE enrollment_tokens (
     token_hash TEXT PRIMARY KEY,
@@ -216,6 +265,58 @@ CREATE INDEX audit_at ON audit (at, id);
 CREATE INDEX audit_action ON audit (action, id);
 ALTER TABLE enrollment_tokens ADD COLUMN revoked_at TEXT;
 ALTER TABLE enrollment_tokens ADD COLUMN revoked_by TEXT;
+""",
+    # Active/active: trust with peer servers, its history, renewals of peers' certificates.
+    5: """
+-- Trust with peer servers (active/active): one row per request, whichever side made
+-- it; a live one (under way or trusted) per peer fqdn. The peer's last accepted trust
+-- state is kept with it: what this server admits of the peer, and publishes.
+CREATE TABLE trust_peers (
+    id TEXT PRIMARY KEY,
+    direction TEXT NOT NULL CHECK (direction IN ('outgoing', 'incoming')),
+    state TEXT NOT NULL CHECK (state IN ('awaiting-nonce', 'pending', 'trusted', 'rejected',
+        'revoked', 'superseded')),
+    fqdn TEXT NOT NULL,
+    listen TEXT NOT NULL,
+    bootstrap_listen TEXT NOT NULL,
+    peer_roots_pem TEXT NOT NULL,
+    own_fingerprints TEXT NOT NULL,
+    commitment BLOB,
+    own_nonce BLOB,
+    peer_nonce BLOB,
+    offer BLOB,
+    comparison_code TEXT,
+    peer_state BLOB,
+    peer_version INTEGER NOT NULL DEFAULT 0,
+    peer_updated_at TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    trusted_at TEXT,
+    -- An END (revocation or withdrawal) the peer has not heard yet.
+    end_unsent INTEGER NOT NULL DEFAULT 0,
+    end_reason TEXT
+);
+CREATE UNIQUE INDEX trust_peers_live ON trust_peers (fqdn)
+    WHERE state IN ('awaiting-nonce', 'pending', 'trusted');
+-- Every step of trust with peers (requested, received, approved, rejected, revoked,
+-- superseded, refused updates): who, when, which fingerprints.
+CREATE TABLE trust_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    fqdn TEXT NOT NULL,
+    event TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    fingerprints TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+-- Certificates a trusted peer issued that this server renewed: each renews once here.
+CREATE TABLE peer_renewals (
+    serial TEXT PRIMARY KEY,
+    successor TEXT NOT NULL REFERENCES certificates (serial),
+    fqdn TEXT NOT NULL,
+    renewed_at TEXT NOT NULL
+);
 """,
 }
 

@@ -22,6 +22,7 @@ from keyplane.server.store.audit_chain import (
     format_head,
     parse_head,
 )
+from keyplane.server.store.peers import PeerWrites
 from keyplane.server.store.reads import Reads, on
 from keyplane.server.store.records import (
     CERT_COLUMNS,
@@ -65,6 +66,7 @@ class Transaction:
         # (id, hash) of the newest audit event, once this transaction has read it.
         self.audit_head: tuple[int, str] | None = None
         self._head_read: tuple[int, str] | None = None
+        self.peers = PeerWrites(db, self)
 
     def on_commit(self, callback: Callable[[], None]) -> None:
         """Call `callback` once this transaction has committed (never if it rolls back)."""
