@@ -108,7 +108,7 @@ class CrlSite:
             ) from None
         self._runner = runner
         port = self._port
-        for sockets in (runner.addresses or []):
+        for sockets in runner.addresses or []:
             port = int(sockets[1])
             break
         self.address = format_address(self._host, port)
