@@ -508,6 +508,21 @@ class KeyplaneClient:
         )
         return response.recorded
 
+    def list_zone_revocations(self) -> list[zone_service_pb2.ZoneRevocation]:
+        """The revoked certificates the calling zone's intermediates issued (a zone
+        server's call)."""
+        response: zone_service_pb2.ListZoneRevocationsResponse = self._call(
+            self._zones.ListZoneRevocations, zone_service_pb2.ListZoneRevocationsRequest()
+        )
+        return list(response.revocations)
+
+    def publish_zone_crl(self, crl_der: bytes) -> int:
+        """Have the server keep and serve the CRL the calling zone signed; its number."""
+        response: zone_service_pb2.PublishZoneCrlResponse = self._call(
+            self._zones.PublishZoneCrl, zone_service_pb2.PublishZoneCrlRequest(crl_der=crl_der)
+        )
+        return response.crl_number
+
     def redeem_enrollment_token(self, token: str, subject: str, certificate_der: bytes) -> None:
         """Spend a use of `token` and record the certificate a zone issued for it."""
         self._call(

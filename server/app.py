@@ -11,6 +11,7 @@ restart.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from keyplane.plugins.manager import KeyBackends
 from keyplane.plugins.password import Password, backends_with_password
 from keyplane.server.config import ServerConfig, format_address
+from keyplane.server.crl_http import CrlSite
 from keyplane.server.datadir import DataDir, DataDirState, private_umask
 from keyplane.server.domain.audit import AuditLog, RefusalRecorder
 from keyplane.server.domain.backups import Backups
@@ -118,6 +120,7 @@ class Endpoints:
     bootstrap_listen: str
     connect_listen: str
     connect_bootstrap: str
+    crl_listen: str = ""  # the CRL listener (HTTP), when one is configured
 
 
 class KeyplaneServer:
@@ -140,6 +143,7 @@ class KeyplaneServer:
         self._health: health.aio.HealthServicer | None = None
         self._vital_part_died: asyncio.Event | None = None
         self.peer_link: PeerLink | None = None
+        self._crl_site: CrlSite | None = None
 
     def open(self, password: Password | None = None) -> StartReport:
         """Open the data dir and its key backends: initialise an empty one, finish an
@@ -311,11 +315,22 @@ class KeyplaneServer:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
         connect_boot = "127.0.0.1" if boot_host in ("0.0.0.0", "") else boot_host  # noqa: S104
+        crl_listen = ""
+        if self.config.crl_listen:
+            crls = hierarchy.crls
+
+            def lookup(fingerprint: str) -> tuple[bytes, datetime.datetime] | None:
+                record = crls.served(fingerprint)
+                return (record.der, record.this_update) if record is not None else None
+
+            self._crl_site = CrlSite(lookup, self.config.crl_listen)
+            crl_listen = await self._crl_site.start()
         self.endpoints = Endpoints(
             format_address(host, bound),
             format_address(boot_host, boot_bound),
             format_address(connect_host, bound),
             format_address(connect_boot, boot_bound),
+            crl_listen,
         )
         store = self._store
         assert store is not None  # noqa: S101 - open() ran
@@ -325,7 +340,10 @@ class KeyplaneServer:
         self._tasks.append(follower)
         if self.worker == 0:
             self.hierarchy.admin_dir.write_endpoint(
-                self.endpoints.connect_listen, self.endpoints.connect_bootstrap, self.config.fqdn
+                self.endpoints.connect_listen,
+                self.endpoints.connect_bootstrap,
+                self.config.fqdn,
+                self.endpoints.crl_listen,
             )
             scheduler = asyncio.create_task(self._rotation_loop())
             self.vitals.watch_task("rotation scheduler", scheduler)
@@ -395,6 +413,9 @@ class KeyplaneServer:
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
+        if self._crl_site is not None:
+            await self._crl_site.stop()
+            self._crl_site = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

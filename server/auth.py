@@ -80,6 +80,8 @@ ACCESS: dict[str, Access] = {
     "/keyplane.v1.ZoneService/RenewZoneServer": ZONE,
     "/keyplane.v1.ZoneService/ReportIssuedCertificates": ZONE,
     "/keyplane.v1.ZoneService/RedeemEnrollmentToken": ZONE,
+    "/keyplane.v1.ZoneService/ListZoneRevocations": ZONE,
+    "/keyplane.v1.ZoneService/PublishZoneCrl": ZONE,
     "/keyplane.v1.ZoneService/ListZoneServers": READ,
     "/keyplane.v1.ZoneService/GetZoneServer": READ,
     "/keyplane.v1.ZoneService/RevokeZoneServer": OPERATE,

@@ -40,6 +40,18 @@ keyplane.db, say) is refused, and a port another process holds is refused too.
 Two listeners serve the same API: --listen requires a client certificate from this
 hierarchy (mutual TLS); --bootstrap-listen (default: the next port) is server-TLS only,
 for health checks, reflection and what components need before they have a certificate.
+
+With --crl-listen, a third listener serves the CRL of every CA of the hierarchy over
+plain HTTP, for TLS stacks that are not keyplane's (nginx, Envoy, HAProxy, Java, openssl
+-crl_download): GET /crl/<issuer fingerprint>.crl (DER) or .pem. Set the setting
+PKICRLBaseURL to where that is reachable and every certificate issued from then on names
+its issuer's CRL there (a CRL distribution point). keyplane's own components never need
+it: the trust state tells them of a revocation first.
+
+example:
+  keyplane serve --data-dir /var/lib/keyplane --listen 0.0.0.0:7443 \\
+      --crl-listen 0.0.0.0:8080
+  keyplane settings set PKICRLBaseURL http://pki.example.org:8080
 """
 
 
@@ -57,6 +69,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--bootstrap-listen", help="server-TLS bootstrap listener HOST:PORT (default: next port)"
     )
     parser.add_argument("--fqdn", help="the server's name, used in root names (default: host's)")
+    parser.add_argument(
+        "--crl-listen",
+        metavar="HOST:PORT",
+        help="serve CRLs over plain HTTP here (config: crl_listen; default: not served), "
+        "e.g. 0.0.0.0:8080; every worker serves it from the same state DB",
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -94,6 +112,7 @@ def run_serve(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             listen=args.listen,
             bootstrap_listen=args.bootstrap_listen,
+            crl_listen=args.crl_listen,
             fqdn=args.fqdn,
         )
         config = with_password_source(config, args.password_file, args.password_env)
@@ -109,14 +128,20 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         # This process owns the ports (its workers bind beside its claim) for its life,
         # claimed before the data dir is opened: see server/ports.py.
-        with claim_ports(
-            [
-                Listener("--listen", *config.listen_address),
-                Listener("--bootstrap-listen", *config.bootstrap_address),
-            ]
-        ) as claims:
-            listen, bootstrap = claims.addresses
-            config = replace(config, listen=listen, bootstrap_listen=bootstrap)
+        listeners = [
+            Listener("--listen", *config.listen_address),
+            Listener("--bootstrap-listen", *config.bootstrap_address),
+        ]
+        if config.crl_address is not None:
+            listeners.append(Listener("--crl-listen", *config.crl_address))
+        with claim_ports(listeners) as claims:
+            listen, bootstrap, *crl_listen = claims.addresses
+            config = replace(
+                config,
+                listen=listen,
+                bootstrap_listen=bootstrap,
+                crl_listen=crl_listen[0] if crl_listen else "",
+            )
             if workers is None:
                 return asyncio.run(_serve(KeyplaneServer(config)))
             return _supervise(config, args, workers)
@@ -148,6 +173,7 @@ def _supervise(config: ServerConfig, args: argparse.Namespace, workers: int) -> 
         str(config.data_dir),
         listen,
         bootstrap,
+        config.crl_listen,
         config.fqdn,
         args.log_level,
         args.password_file,
@@ -161,6 +187,8 @@ def _supervise(config: ServerConfig, args: argparse.Namespace, workers: int) -> 
         root = report.issuing_root
         print(f"keyplane server listening on {listen} (mutual TLS, {workers} workers)", flush=True)
         print(f"bootstrap listener on {bootstrap} (server TLS)", flush=True)
+        if config.crl_listen:
+            print(f"CRLs on http://{config.crl_listen}/crl/ (every worker)", flush=True)
         print(f"issuing root: {root.name} sha256:{root.fingerprint}", flush=True)
         print(f"admin credential: {config.data_dir / 'admin'}", flush=True)
         print(next_steps(config.data_dir), flush=True)
@@ -185,6 +213,7 @@ def _worker_main(
     data_dir: str,
     listen: str,
     bootstrap: str,
+    crl_listen: str,
     fqdn: str,
     log_level: str,
     password_file: Path | None,
@@ -198,7 +227,12 @@ def _worker_main(
         format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s",
     )
     config = load_config(
-        config_path, data_dir=Path(data_dir), listen=listen, bootstrap_listen=bootstrap, fqdn=fqdn
+        config_path,
+        data_dir=Path(data_dir),
+        listen=listen,
+        bootstrap_listen=bootstrap,
+        crl_listen=crl_listen,
+        fqdn=fqdn,
     )
     config = with_password_source(config, password_file, password_env)
     asyncio.run(_serve_worker(KeyplaneServer(config, worker=index), password))
@@ -230,6 +264,8 @@ async def _serve(server: KeyplaneServer) -> int:
         print(f"initialised {server.config.data_dir}: created {', '.join(report.created)}")
     print(f"keyplane server listening on {endpoints.listen} (mutual TLS)", flush=True)
     print(f"bootstrap listener on {endpoints.bootstrap_listen} (server TLS)", flush=True)
+    if endpoints.crl_listen:
+        print(f"CRLs on http://{endpoints.crl_listen}/crl/", flush=True)
     print(f"issuing root: {root.name} sha256:{root.fingerprint}", flush=True)
     print(f"admin credential: {server.config.data_dir / 'admin'}", flush=True)
     print(next_steps(server.config.data_dir), flush=True)

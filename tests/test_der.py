@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509 import verification
 
-from keyplane.server.domain import certs, der
+from keyplane.server.domain import certs, client_template, der
 from tests.serverkit import openssl_verify
 
 NOW = datetime.datetime(2026, 11, 29, 7, 30, 15, 123456, tzinfo=datetime.UTC)
@@ -54,6 +54,7 @@ def _both(
     monkeypatch: pytest.MonkeyPatch, issuer: tuple[object, x509.Certificate], **kwargs: object
 ) -> tuple[x509.Certificate, x509.Certificate]:
     monkeypatch.setattr(certs, "new_serial", lambda: SERIAL)
+    monkeypatch.setattr(client_template, "new_serial", lambda: SERIAL)
     key, cert = issuer
     template = certs.ClientTemplate.for_issuer(key, cert)  # type: ignore[arg-type]
     assert template is not None
@@ -73,9 +74,15 @@ def test_template_matches_builder(
     subject_kind: str,
 ) -> None:
     subject = _key(subject_kind).public_key()
-    for role, names, server_auth in (
-        ("agent", None, False),
-        ("zone-server", ["zone-1", "127.0.0.1", "::1", "zone-1", "zone-1.example.org"], True),
+    for role, names, server_auth, crl_url in (
+        ("agent", None, False, None),
+        ("agent", None, False, "http://crl.example.org:8080/crl/" + "ab" * 32 + ".crl"),
+        (
+            "zone-server",
+            ["zone-1", "127.0.0.1", "::1", "zone-1", "zone-1.example.org"],
+            True,
+            "https://pki.example.org/base/crl/" + "cd" * 32 + ".crl",
+        ),
     ):
         fast, slow = _both(
             monkeypatch,
@@ -87,8 +94,12 @@ def test_template_matches_builder(
             validity=WEEK,
             names=names,
             server_auth=server_auth,
+            crl_url=crl_url,
         )
         assert fast.tbs_certificate_bytes == slow.tbs_certificate_bytes
+        if crl_url is not None:  # the distribution point names the issuer's CRL
+            points = fast.extensions.get_extension_for_class(x509.CRLDistributionPoints)
+            assert points.value[0].full_name == [x509.UniformResourceIdentifier(crl_url)]
         assert fast.signature_algorithm_oid == slow.signature_algorithm_oid
         fast.verify_directly_issued_by(issuers[issuer_kind][1])
         assert fast.serial_number == SERIAL

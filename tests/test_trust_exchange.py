@@ -721,8 +721,10 @@ def test_a_version_4_state_db_gains_the_trust_tables(tmp_path: Path) -> None:
     path = tmp_path / "keyplane.db"
     StateStore(path).close()
     db = sqlite3.connect(path)
-    for table in ("trust_peers", "trust_history", "peer_renewals"):
+    for table in ("trust_peers", "trust_history", "peer_renewals", "crls"):
         db.execute(f"DROP TABLE {table}")
+    for table in ("keys", "certificates"):  # and what later versions added
+        db.execute(f"ALTER TABLE {table} DROP COLUMN revoke_reason_code")
     db.execute("UPDATE meta SET value = '4' WHERE name = 'schema_version'")
     db.commit()
     db.close()

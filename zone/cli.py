@@ -53,6 +53,12 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         help="bootstrap listener HOST:PORT (0: a free port, kept across restarts)",
     )
     p.add_argument(
+        "--crl-listen",
+        metavar="HOST:PORT",
+        help="serve the CRL of the zone's intermediate over plain HTTP here (default: not "
+        "served), e.g. 0.0.0.0:8080; the server serves it too, under PKICRLBaseURL",
+    )
+    p.add_argument(
         "--config",
         type=Path,
         help="TOML with [backends.*] and intermediate_backend (default software)",
@@ -103,6 +109,7 @@ def run_zone(args: argparse.Namespace) -> int:
         args.bootstrap_listen,
         backend,
         backends,
+        crl_listen=args.crl_listen or "",
         report_writer_dies_after=dies_after,
     )
     try:
@@ -156,6 +163,8 @@ async def _serve(zone: ZoneServer) -> int:
     await zone.start()
     print(f"zone server {zone.options.name} listening on {zone.listen} (mutual TLS)", flush=True)
     print(f"bootstrap listener on {zone.bootstrap} (server TLS)", flush=True)
+    if zone.crl_listen:
+        print(f"CRLs on http://{zone.crl_listen}/crl/", flush=True)
     signalled = asyncio.create_task(stopping.wait())
     served = asyncio.create_task(zone.wait())
     await asyncio.wait([signalled, served], return_when=asyncio.FIRST_COMPLETED)
@@ -171,7 +180,12 @@ async def _serve(zone: ZoneServer) -> int:
 def _supervise(prepared: ZoneServer, options: ZoneOptions, args: argparse.Namespace) -> int:
     """Run `args.workers` serving processes on the ports `prepared` chose and restart any
     that dies; SIGTERM or SIGINT stops them all."""
-    options = replace(options, listen=prepared.listen, bootstrap_listen=prepared.bootstrap)
+    options = replace(
+        options,
+        listen=prepared.listen,
+        bootstrap_listen=prepared.bootstrap,
+        crl_listen=prepared.crl_listen,
+    )
 
     def announce() -> None:
         print(

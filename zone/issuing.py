@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes
 
 from keyplane.clients.client import KeyplaneClientError
 from keyplane.plugins.keys import BackendPrivateKey, fingerprint
-from keyplane.server.domain import authority, certs, renewal
+from keyplane.server.domain import authority, certs, crl, renewal
 from keyplane.server.domain.csr_policy import SubjectKey, check_csr
 from keyplane.server.domain.enrollment import Issued, renew_after
 from keyplane.server.domain.identity import Identity
@@ -57,12 +57,31 @@ class ZoneIssuer:
         self._lock = threading.Lock()
         self._issuer_cache: tuple[x509.Certificate, BackendPrivateKey] | None = None
         self._issuer_pem = ""
+        self._issuer_fingerprint: tuple[x509.Certificate, str] | None = None
         self._verdicts: dict[bytes, tuple[tuple[int, int], Identity]] = {}
 
     # -- the intermediate ----------------------------------------------------------------
 
     def intermediate(self) -> x509.Certificate:
         return self._issuer()[0]
+
+    def issuer(self) -> tuple[x509.Certificate, BackendPrivateKey]:
+        """The intermediate's certificate and key (its CRL is signed with it)."""
+        return self._issuer()
+
+    def _crl_url(self, issuer_cert: x509.Certificate) -> str | None:
+        """The distribution point of what the zone issues: the intermediate's CRL under
+        the server's PKICRLBaseURL, which the trust state carries."""
+        state = self.zone.relay.state
+        base = state.body.zone_settings.get(crl.CRL_BASE_URL_SETTING, "") if state else ""
+        if not base:
+            return None
+        with self._lock:
+            cached = self._issuer_fingerprint
+            if cached is None or cached[0] is not issuer_cert:
+                cached = (issuer_cert, certs.key_fingerprint(issuer_cert))
+                self._issuer_fingerprint = cached
+        return crl.crl_url(base, cached[1])
 
     def _issuer(self) -> tuple[x509.Certificate, BackendPrivateKey]:
         """The intermediate's certificate and key, parsed once per intermediate. zone.db
@@ -102,6 +121,7 @@ class ZoneIssuer:
             self.zone.clock.now(),
             validity,
             names=[authority.AGENT_DNS_NAME],
+            crl_url=self._crl_url(issuer_cert),
         )
         return Issued(
             chain_pem=certs.to_pem(cert) + certs.to_pem(issuer_cert),

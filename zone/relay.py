@@ -110,6 +110,7 @@ class Relay:
             self.notify(state.version)
             return
         self.zone.upstream.maybe_renew_quietly()
+        self.zone.crl.wake()  # the version may revoke what this zone issued
         if state is not None:
             self.notify(state.version)
 

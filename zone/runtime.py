@@ -26,6 +26,7 @@ from keyplane.clients.client import KeyplaneClientError
 from keyplane.clients.trust import TrustState
 from keyplane.plugins.manager import KeyBackends
 from keyplane.server.config import format_address, parse_address
+from keyplane.server.crl_http import CrlSite
 from keyplane.server.datadir import DataDir, DataDirState, private_umask
 from keyplane.server.domain import certs
 from keyplane.server.domain.clock import Clock, SystemClock
@@ -37,6 +38,7 @@ from keyplane.server.services.enrollment import EnrollmentServicer
 from keyplane.server.services.trust_state import TrustStateServicer, VersionNotifier
 from keyplane.server.vitals import Vitals
 from keyplane.v1 import enrollment_service_pb2_grpc, trust_state_service_pb2_grpc
+from keyplane.zone.crl import ZoneCrlSigner
 from keyplane.zone.issuing import ZoneIssuer
 from keyplane.zone.relay import Relay
 from keyplane.zone.state import ZoneStore, stored_addresses
@@ -75,6 +77,8 @@ class ZoneOptions:
     bootstrap_listen: str
     backend: str = "software"
     backends: dict[str, dict[str, object]] | None = None
+    # CRLs over plain HTTP (server/crl_http.py); empty: not served.
+    crl_listen: str = ""
     # Testing only: the report writer thread dies after this many batches (a fault hook).
     report_writer_dies_after: int | None = None
 
@@ -110,17 +114,22 @@ class ZoneServer:
         host, port = parse_address(listen, "--listen")
         boot_host, boot_port = parse_address(bootstrap, "--bootstrap-listen")
         self.ports: PortClaims | None = None
-        if own_ports:
-            self.ports = claim_ports(
-                [
-                    Listener("--listen", host, port),
-                    Listener("--bootstrap-listen", boot_host, boot_port),
-                ]
+        listeners = [
+            Listener("--listen", host, port),
+            Listener("--bootstrap-listen", boot_host, boot_port),
+        ]
+        if options.crl_listen:
+            listeners.append(
+                Listener("--crl-listen", *parse_address(options.crl_listen, "--crl-listen"))
             )
-            self.listen, self.bootstrap = self.ports.addresses
+        if own_ports:
+            self.ports = claim_ports(listeners)
+            self.listen, self.bootstrap, *crl_listen = self.ports.addresses
         else:
-            self.listen = format_address(host, port or free_port(host))
-            self.bootstrap = format_address(boot_host, boot_port or free_port(boot_host))
+            self.listen, self.bootstrap, *crl_listen = (
+                format_address(x.host, x.port or free_port(x.host)) for x in listeners
+            )
+        self.crl_listen = crl_listen[0] if crl_listen else ""
         if found is DataDirState.EMPTY:
             self.data_dir.begin_first_start()
         elif found is DataDirState.UNFINISHED:
@@ -133,6 +142,8 @@ class ZoneServer:
         self.upstream = Upstream(self)
         self.relay = Relay(self)
         self.issuing = ZoneIssuer(self)
+        self.crl = ZoneCrlSigner(self)
+        self._crl_site: CrlSite | None = None
         self._server: grpc.aio.Server | None = None
         self._threads: list[threading.Thread] = []
         self.vitals = Vitals()
@@ -292,6 +303,9 @@ class ZoneServer:
         add_listener(server, self.listen, self._credentials(True), "--listen")
         add_listener(server, self.bootstrap, self._credentials(False), "--bootstrap-listen")
         await server.start()
+        if self.crl_listen:
+            self._crl_site = CrlSite(self.crl.served, self.crl_listen)
+            self.crl_listen = await self._crl_site.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         self._health = health_servicer
@@ -302,6 +316,8 @@ class ZoneServer:
         if self.worker == 0:
             # Reads what every worker queued in zone.db.
             loops.append(("report delivery", self.upstream.report_loop))
+            # Signs the intermediate's CRL; every worker serves it from zone.db.
+            loops.append(("CRL signer", self.crl.loop))
         for name, target in loops:
             thread = threading.Thread(target=target, daemon=True, name=name)
             thread.start()
@@ -355,6 +371,10 @@ class ZoneServer:
         self.stopping.set()
         if self.upstream.watch is not None:
             self.upstream.watch.cancel()
+        self.crl.wake()
+        if self._crl_site is not None:
+            await self._crl_site.stop()
+            self._crl_site = None
         if self._server is not None:
             await self._server.stop(2.0)
         for thread in self._threads:

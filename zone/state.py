@@ -1,13 +1,15 @@
 """The zone server's own small database (`zone.db`): its enrollment, its intermediates,
-the trust-state versions it relays, the certificates it renewed (each renews once), and
-the certificates it issued but has not reported yet."""
+the trust-state versions it relays, the certificates it renewed (each renews once), the
+certificates it issued but has not reported yet, and the newest CRL of its intermediate."""
 
 from __future__ import annotations
 
+import datetime
 import sqlite3
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 from keyplane.server.errors import PermissionDenied
@@ -15,6 +17,21 @@ from keyplane.server.groupcommit import GroupCommitter, Outcome
 
 # A queued report: serial, DER, component, and the serial it renews (if a renewal).
 _Report = tuple[str, bytes, str, str | None]
+
+
+@dataclass(frozen=True)
+class ZoneCrlRecord:
+    """The newest CRL of one of the zone's intermediates."""
+
+    issuer_fingerprint: str
+    crl_number: int
+    content_digest: str
+    this_update: datetime.datetime
+    next_update: datetime.datetime
+    der: bytes
+    entries: str  # JSON: [[serial, revoked at (ISO 8601), reason code], ...]
+    published: bool = False
+
 
 _SCHEMA = """
 BEGIN IMMEDIATE;
@@ -40,6 +57,18 @@ CREATE TABLE IF NOT EXISTS renewals (
     successor TEXT NOT NULL,
     -- The certificate it was renewed to, DER: the answer again, if the first was lost.
     successor_der BLOB
+);
+-- The newest CRL each intermediate signed, the entries it lists (to sign it anew while
+-- the server is out of reach), and whether the server has kept it.
+CREATE TABLE IF NOT EXISTS crls (
+    issuer_fingerprint TEXT PRIMARY KEY,
+    crl_number INTEGER NOT NULL,
+    content_digest TEXT NOT NULL,
+    this_update TEXT NOT NULL,
+    next_update TEXT NOT NULL,
+    der BLOB NOT NULL,
+    entries TEXT NOT NULL,
+    published INTEGER NOT NULL DEFAULT 0
 );
 COMMIT;
 """
@@ -219,6 +248,62 @@ class ZoneStore:
                 "SELECT 1 FROM renewals WHERE serial = ?", (serial,)
             ).fetchone()
         return row is not None
+
+    def crl(self, issuer_fingerprint: str) -> ZoneCrlRecord | None:
+        with self._read_lock:
+            row = self._reader.execute(
+                "SELECT issuer_fingerprint, crl_number, content_digest, this_update, "
+                "next_update, der, entries, published FROM crls WHERE issuer_fingerprint = ?",
+                (issuer_fingerprint,),
+            ).fetchone()
+        if row is None:
+            return None
+        fp, number, digest, this_update, next_update, der, entries, published = row
+        return ZoneCrlRecord(
+            str(fp),
+            int(number),
+            str(digest),
+            datetime.datetime.fromisoformat(str(this_update)),
+            datetime.datetime.fromisoformat(str(next_update)),
+            bytes(der),
+            str(entries),
+            bool(published),
+        )
+
+    def put_crl(self, record: ZoneCrlRecord) -> bool:
+        """Keep a newly signed CRL; False (nothing changed) unless its number is above
+        the one kept: a CRL number is never reused."""
+        with self._lock:
+            return (
+                self._db.execute(
+                    "INSERT INTO crls (issuer_fingerprint, crl_number, content_digest, "
+                    "this_update, next_update, der, entries, published) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT (issuer_fingerprint) DO UPDATE "
+                    "SET crl_number = excluded.crl_number, "
+                    "content_digest = excluded.content_digest, "
+                    "this_update = excluded.this_update, next_update = excluded.next_update, "
+                    "der = excluded.der, entries = excluded.entries, published = 0 "
+                    "WHERE excluded.crl_number > crls.crl_number",
+                    (
+                        record.issuer_fingerprint,
+                        record.crl_number,
+                        record.content_digest,
+                        record.this_update.isoformat(),
+                        record.next_update.isoformat(),
+                        record.der,
+                        record.entries,
+                    ),
+                ).rowcount
+                == 1
+            )
+
+    def crl_published(self, issuer_fingerprint: str, crl_number: int) -> None:
+        """The server has kept this CRL."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE crls SET published = 1 WHERE issuer_fingerprint = ? AND crl_number = ?",
+                (issuer_fingerprint, crl_number),
+            )
 
     def add_intermediate(self, fingerprint: str, certificate_pem: str) -> None:
         with self._lock:

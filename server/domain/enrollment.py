@@ -22,7 +22,7 @@ from cryptography import x509
 
 from keyplane.plugins.errors import BackendError
 from keyplane.plugins.keys import BackendPrivateKey, fingerprint
-from keyplane.server.domain import authority, certs, renewal
+from keyplane.server.domain import authority, certs, crl, renewal
 from keyplane.server.domain.csr_policy import (
     SubjectKey,
     check_csr,
@@ -137,9 +137,10 @@ def revoke_published(
     cannot be signed nothing is revoked (UNAVAILABLE). Call with the hierarchy's lock."""
     try:
         with hierarchy.store.transaction(hierarchy.clock.now()) as tx:
+            code = crl.reason_code_of(reason)
             for serial in serials:
                 record = tx.reads.certificate(serial)
-                tx.revoke_certificate(serial, actor, reason)
+                tx.revoke_certificate(serial, actor, reason, code)
                 tx.audit(
                     actor,
                     action,
@@ -206,6 +207,7 @@ class Enrollment:
             now,
             validity,
             names=[authority.AGENT_DNS_NAME],
+            crl_url=self.hierarchy.crls.url_for(signer.record.fingerprint),
         )
         return Issued(
             chain_pem=record.certificate_pem + (signer.record.certificate_pem or ""),

@@ -20,6 +20,7 @@ from keyplane.server.config import ServerConfig
 from keyplane.server.domain.admission import Admission
 from keyplane.server.domain.clock import Clock
 from keyplane.server.domain.credentials import AdminCredentialDir
+from keyplane.server.domain.crls import CrlPublisher
 from keyplane.server.domain.faults import Faults
 from keyplane.server.domain.inputs import resolve_fingerprint
 from keyplane.server.domain.peers import trusted_views
@@ -72,8 +73,9 @@ class Hierarchy:
         self.clock = clock
         self.faults = faults or Faults(config.kill_at, config.fail_at)
         self.settings = Settings(store, backends.secret_store(), self.faults.checkpoint)
+        self.crls = CrlPublisher(store, backends, self.settings, clock)
         self.trust = TrustStatePublisher(
-            config.fqdn, store, backends, self.settings, clock, self.faults
+            config.fqdn, store, backends, self.settings, clock, self.faults, self.crls
         )
         self.admin_dir = AdminCredentialDir(config.data_dir / "admin")
         self.roots = Roots(self)

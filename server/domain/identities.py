@@ -140,6 +140,7 @@ class Identities:
                 checked_role,
                 now,
                 IDENTITY_VALIDITY,
+                crl_url=h.crls.url_for(issuer.fingerprint),
             )
             with self.store.transaction(now) as tx:
                 # Again in the transaction: another worker process may have just made it.

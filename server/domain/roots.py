@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from keyplane.plugins.errors import BackendError
 from keyplane.plugins.keys import KeyAlgorithm, fingerprint
-from keyplane.server.domain import certs
+from keyplane.server.domain import certs, crl
 from keyplane.server.domain.inputs import parse_reason
 from keyplane.server.errors import (
     AlreadyRevoked,
@@ -187,16 +187,20 @@ class Roots:
                 if k.issuer_fingerprint == fp
             ]
             because = f"issuing root revoked: {reason}"
+            code = crl.reason_code_of(reason)
+            # What goes with a rotated-out root is superseded (re-issued under the new
+            # one); with a compromised one, cACompromise.
+            inherited = crl.inherited_reason(code, crl.SUPERSEDED)
             try:
                 with h.store.transaction(h.clock.now()) as tx:
-                    tx.revoke_key(fp, KeyKind.ROOT, actor, reason)
+                    tx.revoke_key(fp, KeyKind.ROOT, actor, reason, code)
                     for sub in subordinates:
-                        tx.revoke_key(sub.fingerprint, sub.kind, actor, because)
-                    certificates = tx.revoke_certificates_issued_by(fp, actor, because)
+                        tx.revoke_key(sub.fingerprint, sub.kind, actor, because, inherited)
+                    certificates = tx.revoke_certificates_issued_by(fp, actor, because, inherited)
                     for sub in subordinates:
                         # Everything the root's intermediates issued goes with them.
                         certificates += tx.revoke_certificates_issued_by(
-                            sub.fingerprint, actor, because
+                            sub.fingerprint, actor, because, inherited
                         )
                     tx.audit(
                         actor,

@@ -142,6 +142,7 @@ class Rotation:
         validity, _ = h.settings.rotation(SETTINGS_KIND[kind])
         issuer_key = h.backends.private_key(issuer.key_uri)
         issuer_cert = certs.load_pem(issuer.certificate_pem or "")
+        crl_url = h.crls.url_for(issuer.fingerprint)
         if kind == KeyKind.SERVER_TLS:
             return certs.build_server_tls_certificate(
                 issuer_key,
@@ -151,13 +152,14 @@ class Rotation:
                 h.server_names(),
                 now,
                 validity,
+                crl_url=crl_url,
             )
         if kind == KeyKind.INTERMEDIATE_TLS:
             return certs.build_intermediate_certificate(
-                issuer_key, issuer_cert, public_key, name, now, validity
+                issuer_key, issuer_cert, public_key, name, now, validity, crl_url=crl_url
             )
         return certs.build_message_signing_certificate(
-            issuer_key, issuer_cert, public_key, name, now, validity
+            issuer_key, issuer_cert, public_key, name, now, validity, crl_url=crl_url
         )
 
     def _rotate(self, actor: str, kind: KeyKind, issuer: KeyRecord) -> KeyRecord:
@@ -242,6 +244,7 @@ class Rotation:
             Role.ADMIN,
             now,
             ADMIN_CREDENTIAL_VALIDITY,
+            crl_url=h.crls.url_for(issuer.fingerprint),
         )
         record = certs.record_of(cert, Role.ADMIN, issuer.fingerprint, now)
         with h.store.transaction(now) as tx:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from keyplane.plugins.keys import SecretStore
+from keyplane.server.domain import crl
 from keyplane.server.domain.identity import Identity
 from keyplane.server.errors import InvalidArgument, PermissionDenied
 from keyplane.server.kinds import Role
@@ -94,6 +95,23 @@ DEFINITIONS: dict[str, SettingDefinition] = {
             "let anyone with the init bundle enroll without a token",
         ),
         SettingDefinition(
+            crl.CRL_BASE_URL_SETTING,
+            "text",
+            "",
+            "server",
+            "global",
+            "http(s) URL under which CRLs are served (<base>/crl/<issuer>.crl): certificates "
+            "issued from then on name their issuer's CRL there; empty: none do",
+        ),
+        SettingDefinition(
+            crl.CRL_VALIDITY_SETTING,
+            "numeric",
+            str(crl.DEFAULT_VALIDITY_HOURS),
+            "server",
+            "global",
+            "hours from a CRL's thisUpdate to its nextUpdate; it is signed anew at half that",
+        ),
+        SettingDefinition(
             DATABASE_PASSWORD,
             "protected",
             "",
@@ -124,8 +142,11 @@ def _check_value(definition: SettingDefinition, value: str) -> str:
             raise InvalidArgument(
                 f"{definition.name} takes a whole number, not {value[:80]!r}"
             ) from None
-        if number <= 0 or number > MAX_HOURS:
-            raise InvalidArgument(f"{definition.name} must be between 1 and {MAX_HOURS}")
+        highest = (
+            crl.MAX_VALIDITY_HOURS if definition.name == crl.CRL_VALIDITY_SETTING else MAX_HOURS
+        )
+        if number <= 0 or number > highest:
+            raise InvalidArgument(f"{definition.name} must be between 1 and {highest}")
         return str(number)
     if definition.value_type == "boolean":
         lowered = value.strip().lower()
@@ -134,6 +155,11 @@ def _check_value(definition: SettingDefinition, value: str) -> str:
         return lowered
     if len(value) > 4096:
         raise InvalidArgument(f"{definition.name} is longer than 4096 characters")
+    if definition.name == crl.CRL_BASE_URL_SETTING:
+        try:
+            return crl.check_base_url(value)
+        except ValueError as exc:
+            raise InvalidArgument(f"{definition.name} {exc}") from None
     if definition.name == DATABASE_PASSWORD and len(value) < MIN_PASSWORD_LENGTH:
         raise InvalidArgument(
             f"{DATABASE_PASSWORD} must be at least {MIN_PASSWORD_LENGTH} characters"

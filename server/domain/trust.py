@@ -22,8 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from keyplane.plugins.keys import BackendPrivateKey, KeyAlgorithm
 from keyplane.plugins.manager import KeyBackends
-from keyplane.server.domain import certs
+from keyplane.server.domain import certs, crl
 from keyplane.server.domain.clock import Clock
+from keyplane.server.domain.crls import CrlPublisher
 from keyplane.server.domain.faults import Faults
 from keyplane.server.domain.settings import Settings
 from keyplane.server.kinds import KeyKind, KeyState
@@ -68,8 +69,11 @@ class TrustStatePublisher:
         settings: Settings,
         clock: Clock,
         faults: Faults,
+        crls: CrlPublisher | None = None,
     ) -> None:
         self.fqdn = fqdn
+        # CRLs are signed anew with every publication that changes what they list.
+        self.crls = crls
         self.store = store
         self.backends = backends
         self.settings = settings
@@ -127,7 +131,14 @@ class TrustStatePublisher:
         body.zone_settings.update(
             {
                 n: values[n]
-                for n in ("PKIClientTLSKeyValidityHours", "PKIClientTLSKeyRenewalWindowHours")
+                for n in (
+                    "PKIClientTLSKeyValidityHours",
+                    "PKIClientTLSKeyRenewalWindowHours",
+                    # Zones put their CRL's distribution point in what they issue and
+                    # sign it for as long as the server's CRLs are valid.
+                    crl.CRL_BASE_URL_SETTING,
+                    crl.CRL_VALIDITY_SETTING,
+                )
             }
         )
         body.peers.extend(self.peer_sections(reads))
@@ -155,7 +166,11 @@ class TrustStatePublisher:
         """Publish, inside `tx`, a version with what `tx` has written so far, if the
         content changed; return the latest version. If signing fails, this raises and
         `tx` rolls back: a change that must be published (a revocation) is then not made
-        at all. Listeners hear of the version once `tx` has committed."""
+        at all. Listeners hear of the version once `tx` has committed. The CRLs of the
+        CAs that `tx` changed (or that are half way to their nextUpdate) are signed in
+        `tx` too, so the same holds for them."""
+        if self.crls is not None:
+            self.crls.refresh_in(tx, actor)
         body = self._content(tx.reads)
         digest = self._digest(body)
         found = tx.reads.trust_states("ORDER BY version DESC LIMIT 1", ())

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from keyplane.plugins.errors import BackendError
 from keyplane.plugins.keys import algorithm_of, fingerprint
-from keyplane.server.domain import authority, certs
+from keyplane.server.domain import authority, certs, crl
 from keyplane.server.domain.csr_policy import HOSTNAME, check_csr
 from keyplane.server.domain.enrollment import Issued, key_in_use, renew_after
 from keyplane.server.domain.hierarchy import Hierarchy
@@ -163,6 +163,7 @@ class Zones:
             name,
             current,
             validity,
+            crl_url=self.hierarchy.crls.url_for(issuer.fingerprint),
         )
         return KeyRecord(
             fingerprint=fp,
@@ -209,6 +210,7 @@ class Zones:
             validity,
             names=[h.strip("[]") for h in hosts],
             server_auth=True,
+            crl_url=self.hierarchy.crls.url_for(issuer.fingerprint),
         )
         issued = Issued(
             chain_pem=record.certificate_pem,
@@ -441,6 +443,10 @@ class Zones:
             if zone is None:
                 raise NotFound(f"no live zone server is named {name!r}")
             because = f"zone server {name} revoked: {reason}"
+            # The zone's own certificates: the reason given, cessationOfOperation if none;
+            # what its intermediates issued: cACompromise if the zone was compromised.
+            code = crl.reason_code_of(reason) or crl.CESSATION_OF_OPERATION
+            inherited = crl.inherited_reason(code, crl.CESSATION_OF_OPERATION)
             try:
                 with self.store.transaction(self.clock.now()) as tx:
                     tx.revoke_zone(zone.id, actor, reason)
@@ -448,13 +454,13 @@ class Zones:
                     for key in tx.reads.keys(KeyKind.ZONE_INTERMEDIATE, LIVE_STATES):
                         if key.key_uri == zone.key_uri:
                             tx.revoke_key(
-                                key.fingerprint, KeyKind.ZONE_INTERMEDIATE, actor, because
+                                key.fingerprint, KeyKind.ZONE_INTERMEDIATE, actor, because, code
                             )
                             revoked += tx.revoke_certificates_issued_by(
-                                key.fingerprint, actor, because
+                                key.fingerprint, actor, because, inherited
                             )
                     for serial in (zone.tls_serial, zone.previous_tls_serial):
-                        if serial and tx.revoke_certificate(serial, actor, because):
+                        if serial and tx.revoke_certificate(serial, actor, because, code):
                             revoked += 1
                     tx.audit(
                         actor,

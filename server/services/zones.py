@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from keyplane.server.domain.zone_crls import ZoneCrls
 from keyplane.server.domain.zones import Zones, ZoneView
 from keyplane.server.kinds import KeyState
 from keyplane.server.services import convert
@@ -40,6 +41,7 @@ class ZoneServicer(zone_service_pb2_grpc.ZoneServiceServicer):
 
     def __init__(self, zones: Zones) -> None:
         self._zones = zones
+        self._crls = ZoneCrls(zones)
 
     async def EnrollZoneServer(
         self, request: zone_service_pb2.EnrollZoneServerRequest, context: Context
@@ -83,6 +85,30 @@ class ZoneServicer(zone_service_pb2_grpc.ZoneServiceServicer):
         reports = [(c.certificate_der, c.component) for c in request.certificates]
         recorded = await asyncio.to_thread(self._zones.record_reported, caller(), reports)
         return zone_service_pb2.ReportIssuedCertificatesResponse(recorded=recorded)
+
+    async def ListZoneRevocations(
+        self, request: zone_service_pb2.ListZoneRevocationsRequest, context: Context
+    ) -> zone_service_pb2.ListZoneRevocationsResponse:
+        found = await asyncio.to_thread(self._crls.revocations, caller())
+        return zone_service_pb2.ListZoneRevocationsResponse(
+            revocations=[
+                zone_service_pb2.ZoneRevocation(
+                    serial=entry.serial,
+                    revoke_time=convert.timestamp(entry.revoked_at),
+                    reason_code=entry.reason_code,
+                    issuer_fingerprint=issuer,
+                )
+                for issuer, entry in found
+            ]
+        )
+
+    async def PublishZoneCrl(
+        self, request: zone_service_pb2.PublishZoneCrlRequest, context: Context
+    ) -> zone_service_pb2.PublishZoneCrlResponse:
+        record = await asyncio.to_thread(self._crls.publish, caller(), request.crl_der)
+        return zone_service_pb2.PublishZoneCrlResponse(
+            crl_number=record.crl_number, issuer_fingerprint=record.issuer_fingerprint
+        )
 
     async def ListZoneServers(
         self, request: zone_service_pb2.ListZoneServersRequest, context: Context

@@ -19,13 +19,17 @@ from keyplane.server.store.records import (
     ZONE_COLUMNS,
     AuditRecord,
     CertificateRecord,
+    CrlRecord,
     KeyRecord,
+    RevokedEntry,
     TokenRecord,
     TrustStateRecord,
     ZoneRecord,
     certificate_record,
     dt,
     key_record,
+    opt_dt,
+    opt_str,
     token_record,
     ts,
     zone_record,
@@ -196,6 +200,40 @@ class Reads:
                 "WHERE revoked_at IS NOT NULL ORDER BY serial"
             ).fetchall()
         return [(str(s), str(f), dt(na)) for s, f, na in rows]
+
+    def revoked_under(self, issuer_fingerprint: str) -> list[RevokedEntry]:
+        """Every revoked certificate and subordinate key the issuer certified, for its
+        CRL."""
+        with self._connect() as db:
+            certificates = db.execute(
+                "SELECT serial, revoked_at, revoke_reason_code, not_after FROM certificates "
+                "WHERE issuer_fingerprint = ? AND revoked_at IS NOT NULL",
+                (issuer_fingerprint,),
+            ).fetchall()
+            keys = db.execute(
+                "SELECT certificate_pem, revoked_at, revoke_reason_code, not_after FROM keys "
+                "WHERE issuer_fingerprint = ? AND state = 'revoked' AND revoked_at IS NOT NULL",
+                (issuer_fingerprint,),
+            ).fetchall()
+        found = [
+            RevokedEntry(str(s), None, dt(at), None if c is None else int(c), dt(na))
+            for s, at, c, na in certificates
+        ]
+        found.extend(
+            RevokedEntry(None, opt_str(pem), dt(at), None if c is None else int(c), opt_dt(na))
+            for pem, at, c, na in keys
+        )
+        return found
+
+    def crls(self) -> list[CrlRecord]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT issuer_fingerprint, crl_number, content_digest, this_update, "
+                "next_update, der FROM crls"
+            ).fetchall()
+        return [
+            CrlRecord(str(f), int(n), str(d), dt(t), dt(u), bytes(b)) for f, n, d, t, u, b in rows
+        ]
 
     def settings(self) -> dict[str, tuple[str, datetime.datetime, str]]:
         """Stored settings: name -> (value, updated at, updated by)."""

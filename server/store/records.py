@@ -119,6 +119,30 @@ def fingerprint_of(actor: str) -> str:
     return actor.fingerprint if isinstance(actor, Actor) else ""
 
 
+@dataclass(frozen=True)
+class CrlRecord:
+    """The newest CRL of one CA, DER-encoded as served."""
+
+    issuer_fingerprint: str
+    crl_number: int
+    content_digest: str
+    this_update: datetime.datetime
+    next_update: datetime.datetime
+    der: bytes
+
+
+@dataclass(frozen=True)
+class RevokedEntry:
+    """A revoked certificate as a CRL lists it; `serial` is None for a key record
+    (its serial is in `certificate_pem`)."""
+
+    serial: str | None
+    certificate_pem: str | None
+    revoked_at: datetime.datetime
+    reason_code: int | None
+    not_after: datetime.datetime | None
+
+
 class AuditOutcome(enum.StrEnum):
     """How the call an audit event records ended: it changed (or revealed) something, or
     it was refused (and changed nothing)."""

@@ -16,7 +16,7 @@ from keyplane.server.store.audit_chain import (
     format_head,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # The audit log is append-only: no statement may change or remove an event (keyplane's
 # store has no such write either). Someone with the file can drop these; the hash chain
@@ -57,7 +57,9 @@ CREATE TABLE keys (
     revoked_at TEXT,
     revoked_by TEXT,
     revoke_reason TEXT,
-    destroyed_at TEXT
+    destroyed_at TEXT,
+    -- RFC 5280 CRLReason of the revocation (NULL: unspecified).
+    revoke_reason_code INTEGER
 );
 CREATE UNIQUE INDEX keys_root_number ON keys (number) WHERE kind = 'root';
 CREATE INDEX keys_kind_state ON keys (kind, state);
@@ -78,7 +80,9 @@ CREATE TABLE certificates (
     -- The enrollment token a use of which this certificate spent.
     token_hash TEXT,
     -- The certificate this one was renewed to: a certificate renews once.
-    renewed_to TEXT
+    renewed_to TEXT,
+    -- RFC 5280 CRLReason of the revocation (NULL: unspecified).
+    revoke_reason_code INTEGER
 );
 CREATE INDEX certificates_issuer ON certificates (issuer_fingerprint);
 -- Newest first, by role or not, straight from an index: ListCertificates reads a page
@@ -95,6 +99,16 @@ CREATE TABLE revocations (
     revoked_at TEXT NOT NULL,
     revoked_by TEXT NOT NULL,
     reason TEXT NOT NULL
+);
+-- The newest CRL of each CA: those this server signs (its roots and intermediates) and
+-- those its zones sign and send it. A CRL number only grows (see domain/crl.py).
+CREATE TABLE crls (
+    issuer_fingerprint TEXT PRIMARY KEY REFERENCES keys (fingerprint),
+    crl_number INTEGER NOT NULL,
+    content_digest TEXT NOT NULL,
+    this_update TEXT NOT NULL,
+    next_update TEXT NOT NULL,
+    der BLOB NOT NULL
 );
 CREATE TABLE settings (
     name TEXT PRIMARY KEY,
@@ -316,6 +330,21 @@ CREATE TABLE peer_renewals (
     successor TEXT NOT NULL REFERENCES certificates (serial),
     fqdn TEXT NOT NULL,
     renewed_at TEXT NOT NULL
+);
+""",
+    # CRLs: the newest one of each CA, and the reason code of every revocation.
+    6: """
+ALTER TABLE keys ADD COLUMN revoke_reason_code INTEGER;
+ALTER TABLE certificates ADD COLUMN revoke_reason_code INTEGER;
+-- The newest CRL of each CA: those this server signs (its roots and intermediates) and
+-- those its zones sign and send it. A CRL number only grows (see domain/crl.py).
+CREATE TABLE crls (
+    issuer_fingerprint TEXT PRIMARY KEY REFERENCES keys (fingerprint),
+    crl_number INTEGER NOT NULL,
+    content_digest TEXT NOT NULL,
+    this_update TEXT NOT NULL,
+    next_update TEXT NOT NULL,
+    der BLOB NOT NULL
 );
 """,
 }

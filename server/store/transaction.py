@@ -29,6 +29,7 @@ from keyplane.server.store.records import (
     KEY_COLUMNS,
     AuditOutcome,
     CertificateRecord,
+    CrlRecord,
     KeyRecord,
     TrustStateRecord,
     certificate_row,
@@ -191,12 +192,15 @@ class Transaction:
             "UPDATE keys SET destroyed_at = ? WHERE fingerprint = ?", (ts(self.now), fingerprint)
         )
 
-    def revoke_key(self, fingerprint: str, kind: str, by: str, reason: str) -> None:
+    def revoke_key(
+        self, fingerprint: str, kind: str, by: str, reason: str, reason_code: int = 0
+    ) -> None:
+        """Revoke a key; `reason_code` is its RFC 5280 CRLReason (0: unspecified)."""
         self.changes_hierarchy = True
         self._db.execute(
             "UPDATE keys SET state = 'revoked', revoked_at = ?, revoked_by = ?, "
-            "revoke_reason = ? WHERE fingerprint = ?",
-            (ts(self.now), by, reason, fingerprint),
+            "revoke_reason = ?, revoke_reason_code = ? WHERE fingerprint = ?",
+            (ts(self.now), by, reason, reason_code or None, fingerprint),
         )
         self._record_revocation(kind, fingerprint, by, reason)
 
@@ -240,19 +244,22 @@ class Transaction:
             == 1
         )
 
-    def revoke_certificate(self, serial: str, by: str, reason: str) -> bool:
-        """Revoke one certificate; False if it was revoked already."""
+    def revoke_certificate(self, serial: str, by: str, reason: str, reason_code: int = 0) -> bool:
+        """Revoke one certificate; False if it was revoked already. `reason_code` is its
+        RFC 5280 CRLReason (0: unspecified)."""
         self.changes_hierarchy = True
         changed = self._db.execute(
-            "UPDATE certificates SET revoked_at = ?, revoke_reason = ? "
+            "UPDATE certificates SET revoked_at = ?, revoke_reason = ?, revoke_reason_code = ? "
             "WHERE serial = ? AND revoked_at IS NULL",
-            (ts(self.now), reason, serial),
+            (ts(self.now), reason, reason_code or None, serial),
         ).rowcount
         if changed:
             self._record_revocation("certificate", serial, by, reason)
         return changed == 1
 
-    def revoke_certificates_issued_by(self, issuer_fingerprint: str, by: str, reason: str) -> int:
+    def revoke_certificates_issued_by(
+        self, issuer_fingerprint: str, by: str, reason: str, reason_code: int = 0
+    ) -> int:
         serials = [
             r[0]
             for r in self._db.execute(
@@ -262,7 +269,7 @@ class Transaction:
             )
         ]
         for serial in serials:
-            self.revoke_certificate(serial, by, reason)
+            self.revoke_certificate(serial, by, reason, reason_code)
         return len(serials)
 
     # -- tokens --------------------------------------------------------------------------
@@ -341,6 +348,31 @@ class Transaction:
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value, "
             "updated_at = excluded.updated_at, updated_by = excluded.updated_by",
             (name, value, scope, ts(self.now), by),
+        )
+
+    def put_crl(self, record: CrlRecord) -> bool:
+        """Keep `record` as its issuer's newest CRL. Its number must be above the one
+        it replaces (a CRL number is never reused): otherwise nothing changes and this
+        returns False."""
+        self.changes_hierarchy = True
+        return (
+            self._db.execute(
+                "INSERT INTO crls (issuer_fingerprint, crl_number, content_digest, "
+                "this_update, next_update, der) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (issuer_fingerprint) DO UPDATE SET "
+                "crl_number = excluded.crl_number, content_digest = excluded.content_digest, "
+                "this_update = excluded.this_update, next_update = excluded.next_update, "
+                "der = excluded.der WHERE excluded.crl_number > crls.crl_number",
+                (
+                    record.issuer_fingerprint,
+                    record.crl_number,
+                    record.content_digest,
+                    ts(record.this_update),
+                    ts(record.next_update),
+                    record.der,
+                ),
+            ).rowcount
+            == 1
         )
 
     def insert_trust_state(self, record: TrustStateRecord) -> None:
