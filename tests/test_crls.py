@@ -85,7 +85,10 @@ def test_openssl_rejects_a_revoked_agent_by_the_served_crl_and_numbers_only_grow
             ski = intermediate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
             assert aki.key_identifier == ski.value.digest
             assert first.issuer == intermediate.subject and crlkit.serials_of(first) == set()
-            assert first.next_update_utc - first.last_update_utc == datetime.timedelta(hours=24)
+            # thisUpdate is backdated a minute, as certificates are.
+            assert first.next_update_utc - first.last_update_utc == datetime.timedelta(
+                hours=24, minutes=1
+            )
             # -crl_check_all wants the root's CRL too: a root names no distribution
             # point (it is the trust anchor), so it is given as a file.
             root_crl = crlkit.fetch_crl(crl_listen, root_fp)

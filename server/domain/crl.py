@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from keyplane.plugins.keys import BackendPrivateKey, algorithm_of
+from keyplane.server.domain.client_template import BACKDATE
 
 CRL_BASE_URL_SETTING = "PKICRLBaseURL"
 CRL_VALIDITY_SETTING = "PKICRLValidityHours"
@@ -167,9 +168,10 @@ def build(
     this_update: datetime.datetime,
     next_update: datetime.datetime,
 ) -> bytes:
-    """A DER CRL signed by `issuer_key` (the key of `issuer_cert`): its CRL number and
-    the AKI of the issuer's key, each entry with its revocation date and, unless
-    unspecified (RFC 5280 5.3.1: then left out), its reason code."""
+    """A DER CRL signed by `issuer_key` (the key of `issuer_cert`), its thisUpdate a
+    minute before `this_update`: its CRL number and the AKI of the issuer's key, each
+    entry with its revocation date and, unless unspecified (RFC 5280 5.3.1: then left
+    out), its reason code."""
     try:
         key_id = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(key_id)
@@ -178,7 +180,9 @@ def build(
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(issuer_cert.subject)
-        .last_update(this_update.replace(microsecond=0))
+        # Backdated as certificates are, so that a verifier whose clock is a little
+        # behind does not take a new CRL for one not yet valid.
+        .last_update((this_update - BACKDATE).replace(microsecond=0))
         .next_update(next_update.replace(microsecond=0))
         .add_extension(x509.CRLNumber(number), critical=False)
         .add_extension(aki, critical=False)

@@ -92,6 +92,9 @@ CREATE INDEX certificates_role_newest ON certificates (role, issued_at, serial);
 -- The revoked few, without a scan of every certificate.
 CREATE INDEX certificates_revoked ON certificates (serial) WHERE revoked_at IS NOT NULL;
 CREATE INDEX certificates_key ON certificates (fingerprint);
+-- A CA's CRL lists what it issued that was revoked.
+CREATE INDEX certificates_revoked_by_issuer ON certificates (issuer_fingerprint)
+    WHERE revoked_at IS NOT NULL;
 CREATE TABLE revocations (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     target_kind TEXT NOT NULL,
@@ -336,6 +339,8 @@ CREATE TABLE peer_renewals (
     6: """
 ALTER TABLE keys ADD COLUMN revoke_reason_code INTEGER;
 ALTER TABLE certificates ADD COLUMN revoke_reason_code INTEGER;
+CREATE INDEX certificates_revoked_by_issuer ON certificates (issuer_fingerprint)
+    WHERE revoked_at IS NOT NULL;
 -- The newest CRL of each CA: those this server signs (its roots and intermediates) and
 -- those its zones sign and send it. A CRL number only grows (see domain/crl.py).
 CREATE TABLE crls (
