@@ -34,12 +34,16 @@ from keyplane.server.domain.faults import Faults
 from keyplane.server.domain.hierarchy import Hierarchy, StartReport, TlsMaterial
 from keyplane.server.domain.identities import Identities
 from keyplane.server.domain.signing import MessageSigner
+from keyplane.server.domain.status import Status
 from keyplane.server.domain.zones import Zones
 from keyplane.server.grpc_options import server_options
 from keyplane.server.interceptor import CallLimits, KeyplaneInterceptor
+from keyplane.server.kinds import KeyKind, KeyState
 from keyplane.server.logs import quiet_client_cancellations
 from keyplane.server.peer_link import PeerLink
 from keyplane.server.peer_transport import GrpcPeerTransport
+from keyplane.server.metrics import Exposition, KeyExpiry, LiveReading, Metrics
+from keyplane.server.metrics_http import MetricsEndpoint
 from keyplane.server.ports import add_listener
 from keyplane.server.services.audit import AuditServicer
 from keyplane.server.services.backups import BackupServicer
@@ -52,6 +56,7 @@ from keyplane.server.services.message_signing import MessageSigningServicer
 from keyplane.server.services.root_keys import RootKeyServicer
 from keyplane.server.services.settings import SettingsServicer
 from keyplane.server.services.trust import TrustServicer
+from keyplane.server.services.status import StatusServicer
 from keyplane.server.services.trust_state import TrustStateServicer, VersionNotifier
 from keyplane.server.services.zones import ZoneServicer
 from keyplane.server.store import StateStore
@@ -79,6 +84,8 @@ from keyplane.v1 import (
     settings_service_pb2_grpc,
     trust_service_pb2,
     trust_service_pb2_grpc,
+    status_service_pb2,
+    status_service_pb2_grpc,
     trust_state_service_pb2,
     trust_state_service_pb2_grpc,
     zone_service_pb2,
@@ -103,11 +110,14 @@ SERVICE_NAMES = tuple(
         backup_service_pb2,
         audit_service_pb2,
         trust_service_pb2,
+        status_service_pb2,
     )
     for service in module.DESCRIPTOR.services_by_name.values()
 )
 # How often each process looks for trust-state versions that other workers published.
 VERSION_POLL_SECONDS = 0.1
+# How often each process records the signatures its keys made (one write for all).
+USAGE_FLUSH_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,7 @@ class Endpoints:
     bootstrap_listen: str
     connect_listen: str
     connect_bootstrap: str
+    metrics_listen: str = ""
 
 
 class KeyplaneServer:
@@ -140,6 +151,10 @@ class KeyplaneServer:
         self._health: health.aio.HealthServicer | None = None
         self._vital_part_died: asyncio.Event | None = None
         self.peer_link: PeerLink | None = None
+        self.metrics = Metrics()
+        self._metrics_endpoint: MetricsEndpoint | None = None
+        # Each key backend's health at the last check: None, or why it does not answer.
+        self.backend_health: dict[str, str | None] = {}
 
     def open(self, password: Password | None = None) -> StartReport:
         """Open the data dir and its key backends: initialise an empty one, finish an
@@ -156,13 +171,18 @@ class KeyplaneServer:
             log.warning("the first start of %s did not finish; finishing it", data_dir.path)
         data_dir.tighten_modes()
         self._backends = KeyBackends(
-            backends_with_password(self.config.backends, password), self.config.data_dir
+            backends_with_password(self.config.backends, password),
+            self.config.data_dir,
+            observe=self.metrics.key_operation,
         )
         Faults(self.config.kill_at).checkpoint("start.backends_opened")
         self._store = StateStore(self.config.data_dir / "keyplane.db")
         if self.config.commit_thread_dies_after is not None:
             self._store.committer.die_after_batches = self.config.commit_thread_dies_after
-        self.hierarchy = Hierarchy(self.config, self._store, self._backends, self.clock)
+        self.hierarchy = Hierarchy(
+            self.config, self._store, self._backends, self.clock, metrics=self.metrics
+        )
+        self.backend_health = dict.fromkeys(self._backends.names)
         if self.worker == 0:
             self.report = self.hierarchy.start()
             data_dir.first_start_done()
@@ -219,6 +239,7 @@ class KeyplaneServer:
                     hierarchy.admission.admit,
                     CallLimits(self.config.max_calls_per_listener, self.config.max_streams),
                     RefusalRecorder(hierarchy.store, self.clock).refused,
+                    self.metrics,
                 )
             ],
             options=server_options(self.config.min_ping_interval_ms),
@@ -247,7 +268,7 @@ class KeyplaneServer:
             ),
             (
                 trust_state_service_pb2_grpc.add_TrustStateServiceServicer_to_server,
-                TrustStateServicer(hierarchy.trust, notifier),
+                TrustStateServicer(hierarchy.trust, notifier, self.metrics),
             ),
             (
                 message_signing_service_pb2_grpc.add_MessageSigningServiceServicer_to_server,
@@ -278,6 +299,10 @@ class KeyplaneServer:
                 BackupServicer(Backups(hierarchy)),
             ),
             (
+                status_service_pb2_grpc.add_StatusServiceServicer_to_server,
+                StatusServicer(Status(hierarchy, Backups(hierarchy), lambda: self.backend_health)),
+            ),
+            (
                 audit_service_pb2_grpc.add_AuditServiceServicer_to_server,
                 AuditServicer(AuditLog(hierarchy.store)),
             ),
@@ -304,11 +329,17 @@ class KeyplaneServer:
             self._credentials(False),
             "--bootstrap-listen",
         )
+        metrics_listen = ""
+        if self.config.metrics_listen:
+            endpoint = MetricsEndpoint(
+                self.config.metrics_listen, Exposition(self.metrics, self._live_reading).render
+            )
+            metrics_listen = endpoint.start()
+            self._metrics_endpoint = endpoint
         await server.start()
         self._server = server
         self._health = health_servicer
-        for name in (*SERVICE_NAMES, ""):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._check_backends()  # before the first SERVING: an HSM may be gone already
         connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
         connect_boot = "127.0.0.1" if boot_host in ("0.0.0.0", "") else boot_host  # noqa: S104
         self.endpoints = Endpoints(
@@ -316,6 +347,7 @@ class KeyplaneServer:
             format_address(boot_host, boot_bound),
             format_address(connect_host, bound),
             format_address(connect_boot, boot_bound),
+            metrics_listen,
         )
         store = self._store
         assert store is not None  # noqa: S101 - open() ran
@@ -323,6 +355,8 @@ class KeyplaneServer:
         follower = asyncio.create_task(self._follow_versions(notifier))
         self.vitals.watch_task("trust-state version follower", follower)
         self._tasks.append(follower)
+        self._tasks.append(asyncio.create_task(self._backend_check_loop()))
+        self._tasks.append(asyncio.create_task(self._usage_loop()))
         if self.worker == 0:
             self.hierarchy.admin_dir.write_endpoint(
                 self.endpoints.connect_listen, self.endpoints.connect_bootstrap, self.config.fqdn
@@ -340,11 +374,81 @@ class KeyplaneServer:
     async def _on_vital_death(self, name: str) -> None:
         """A part this process needs has stopped: say so to health checks, then let
         wait() return so that the process exits and is started again."""
-        if self._health is not None:
-            for service in (*SERVICE_NAMES, ""):
-                await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(serving=False)
         if self._vital_part_died is not None:
             self._vital_part_died.set()
+
+    async def _set_health(self, serving: bool) -> None:
+        if self._health is None:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving and self.vitals.died is None
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in (*SERVICE_NAMES, ""):
+            await self._health.set(service, status)
+
+    async def _check_backends(self) -> None:
+        """Ask each key backend whether it can serve (an HSM may have gone away): health
+        answers NOT_SERVING while one cannot, and keyplane_backend_up says which."""
+        backends = self._backends
+        if backends is None:
+            return
+        found = await asyncio.to_thread(backends.check)
+        for name, why in found.items():
+            before = self.backend_health.get(name)
+            if why and not before:
+                log.error("key backend %s does not answer: %s; reporting NOT_SERVING", name, why)
+            elif before and not why:
+                log.info("key backend %s answers again; reporting SERVING", name)
+            self.metrics.backend_up.labels(name).set(0 if why else 1)
+        self.backend_health = found
+        await self._set_health(serving=not any(found.values()))
+
+    async def _backend_check_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.backend_check_seconds)
+            try:
+                await self._check_backends()
+            except Exception:
+                log.exception("could not check the key backends")
+
+    def _flush_usage(self) -> None:
+        """Record the signatures each key made since the last flush: one write for all,
+        never one per signature (a failed write gives the counts back for the next)."""
+        backends, store = self._backends, self._store
+        if backends is None or store is None:
+            return
+        usage = backends.take_usage()
+        if not usage:
+            return
+        try:
+            store.group_commit(self.clock.now(), lambda tx: tx.add_key_usage(usage))
+        except Exception:
+            backends.give_back_usage(usage)
+            raise
+
+    async def _usage_loop(self) -> None:
+        while True:
+            await asyncio.sleep(USAGE_FLUSH_SECONDS)
+            try:
+                await asyncio.to_thread(self._flush_usage)
+            except Exception:
+                log.exception("could not record key usage; trying again")
+
+    def _live_reading(self) -> LiveReading:
+        """What a scrape reads from the state DB: the trust-state version and when each
+        active key expires."""
+        hierarchy = self.hierarchy
+        assert hierarchy is not None  # noqa: S101 - serving
+        keys = [
+            KeyExpiry(str(k.kind), k.fingerprint, k.not_after.timestamp())
+            for kind in KeyKind
+            for k in hierarchy.store.keys(kind, (KeyState.ACTIVE,))
+            if k.not_after is not None
+        ]
+        return LiveReading(hierarchy.trust.latest_version(), keys)
 
     @property
     def vital_part_died(self) -> str | None:
@@ -398,6 +502,13 @@ class KeyplaneServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.stop()
+            self._metrics_endpoint = None
+        try:
+            await asyncio.to_thread(self._flush_usage)
+        except Exception:
+            log.exception("could not record the last key usage counts")
         self.close()
 
     def close(self) -> None:
