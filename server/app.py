@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from keyplane.plugins.manager import KeyBackends
 from keyplane.plugins.password import Password, backends_with_password
+from keyplane.server.backend_health import BackendHealth
 from keyplane.server.config import ServerConfig, format_address
 from keyplane.server.datadir import DataDir, DataDirState, private_umask
 from keyplane.server.domain.audit import AuditLog, RefusalRecorder
@@ -153,8 +154,7 @@ class KeyplaneServer:
         self.peer_link: PeerLink | None = None
         self.metrics = Metrics()
         self._metrics_endpoint: MetricsEndpoint | None = None
-        # Each key backend's health at the last check: None, or why it does not answer.
-        self.backend_health: dict[str, str | None] = {}
+        self._backend_health: BackendHealth | None = None
 
     def open(self, password: Password | None = None) -> StartReport:
         """Open the data dir and its key backends: initialise an empty one, finish an
@@ -182,7 +182,9 @@ class KeyplaneServer:
         self.hierarchy = Hierarchy(
             self.config, self._store, self._backends, self.clock, metrics=self.metrics
         )
-        self.backend_health = dict.fromkeys(self._backends.names)
+        self._backend_health = BackendHealth(
+            self._backends, self.metrics, self._set_health, self.config.backend_check_seconds
+        )
         if self.worker == 0:
             self.report = self.hierarchy.start()
             data_dir.first_start_done()
@@ -300,7 +302,7 @@ class KeyplaneServer:
             ),
             (
                 status_service_pb2_grpc.add_StatusServiceServicer_to_server,
-                StatusServicer(Status(hierarchy, Backups(hierarchy), lambda: self.backend_health)),
+                StatusServicer(Status(hierarchy, Backups(hierarchy), self.backend_health)),
             ),
             (
                 audit_service_pb2_grpc.add_AuditServiceServicer_to_server,
@@ -339,7 +341,9 @@ class KeyplaneServer:
         await server.start()
         self._server = server
         self._health = health_servicer
-        await self._check_backends()  # before the first SERVING: an HSM may be gone already
+        checks = self._backend_health
+        assert checks is not None  # noqa: S101 - open() ran
+        await checks.check()  # before the first SERVING: an HSM may be gone already
         connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
         connect_boot = "127.0.0.1" if boot_host in ("0.0.0.0", "") else boot_host  # noqa: S104
         self.endpoints = Endpoints(
@@ -355,7 +359,7 @@ class KeyplaneServer:
         follower = asyncio.create_task(self._follow_versions(notifier))
         self.vitals.watch_task("trust-state version follower", follower)
         self._tasks.append(follower)
-        self._tasks.append(asyncio.create_task(self._backend_check_loop()))
+        self._tasks.append(asyncio.create_task(checks.run()))
         self._tasks.append(asyncio.create_task(self._usage_loop()))
         if self.worker == 0:
             self.hierarchy.admin_dir.write_endpoint(
@@ -378,6 +382,10 @@ class KeyplaneServer:
         if self._vital_part_died is not None:
             self._vital_part_died.set()
 
+    def backend_health(self) -> dict[str, str | None]:
+        """Each key backend's health at the last check: None, or why it does not answer."""
+        return dict(self._backend_health.found) if self._backend_health else {}
+
     async def _set_health(self, serving: bool) -> None:
         if self._health is None:
             return
@@ -388,31 +396,6 @@ class KeyplaneServer:
         )
         for service in (*SERVICE_NAMES, ""):
             await self._health.set(service, status)
-
-    async def _check_backends(self) -> None:
-        """Ask each key backend whether it can serve (an HSM may have gone away): health
-        answers NOT_SERVING while one cannot, and keyplane_backend_up says which."""
-        backends = self._backends
-        if backends is None:
-            return
-        found = await asyncio.to_thread(backends.check)
-        for name, why in found.items():
-            before = self.backend_health.get(name)
-            if why and not before:
-                log.error("key backend %s does not answer: %s; reporting NOT_SERVING", name, why)
-            elif before and not why:
-                log.info("key backend %s answers again; reporting SERVING", name)
-            self.metrics.backend_up.labels(name).set(0 if why else 1)
-        self.backend_health = found
-        await self._set_health(serving=not any(found.values()))
-
-    async def _backend_check_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.backend_check_seconds)
-            try:
-                await self._check_backends()
-            except Exception:
-                log.exception("could not check the key backends")
 
     def _flush_usage(self) -> None:
         """Record the signatures each key made since the last flush: one write for all,
@@ -505,13 +488,14 @@ class KeyplaneServer:
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.stop()
             self._metrics_endpoint = None
-        try:
-            await asyncio.to_thread(self._flush_usage)
-        except Exception:
-            log.exception("could not record the last key usage counts")
-        self.close()
+        await asyncio.to_thread(self.close)
 
     def close(self) -> None:
+        """Record the last key usage counts, then close the state DB and the backends."""
+        try:
+            self._flush_usage()
+        except Exception:
+            log.exception("could not record the last key usage counts")
         if self._store is not None:
             self._store.close()
             self._store = None

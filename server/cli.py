@@ -202,6 +202,8 @@ def _supervise(
         print(f"issuing root: {root.name} sha256:{root.fingerprint}", flush=True)
         print(f"admin credential: {config.data_dir / 'admin'}", flush=True)
         print(next_steps(config.data_dir), flush=True)
+        if config.metrics_listen:
+            print(f"metrics on http://{config.metrics_listen}/metrics", flush=True)
 
     try:
         return supervise(

@@ -77,7 +77,6 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
-    allow_reuse_address = True
 
     def __init__(
         self, address: tuple[str, int], family: socket.AddressFamily, render: Callable[[], bytes]
@@ -90,6 +89,7 @@ class _HttpServer(ThreadingHTTPServer):
     def server_bind(self) -> None:
         # Beside the owning process's claim and the other workers' listeners. (Not
         # HTTPServer.server_bind: it looks the host's name up in DNS.)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self.socket.bind(self.server_address)
         self.server_address = self.socket.getsockname()[:2]

@@ -54,8 +54,11 @@ class SystemdNotifier:
         message = "\n".join(fields).encode()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                # Never wait: a listener that does not read (its queue full) must not
+                # stall the supervisor; that message is dropped.
+                sock.setblocking(False)
                 sock.connect(self._address)
-                sock.sendall(message)
+                sock.send(message)
         except OSError as exc:
             log.debug("could not notify systemd (%s): %s", fields[0] if fields else "", exc)
             return False
