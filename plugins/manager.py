@@ -153,23 +153,41 @@ class KeyBackends:
         return counted
 
     def _signer(self, uri: str, held: BackendPrivateKey) -> DigestSigner:
+        """Signs through `held`, timing each signature and counting it for its key (on
+        every signature's path: kept to a few lookups)."""
         backend = scheme_of(uri)
+        observe = self._observe
+        count = self._count_signature
+        elliptic = isinstance(held, ec.EllipticCurvePrivateKey)
+        algorithms: dict[str, ec.ECDSA] = {}
 
         def sign_digest(
             digest: bytes, hash_algorithm: hashes.HashAlgorithm, pad: AsymmetricPadding | None
         ) -> bytes:
-            prehashed = utils.Prehashed(hash_algorithm)
-            with self._timed(backend, "sign"):
-                if isinstance(held, ec.EllipticCurvePrivateKey):
-                    signature = held.sign(digest, ec.ECDSA(prehashed))
+            started = time.perf_counter()
+            ok = False
+            try:
+                if elliptic:
+                    algorithm = algorithms.get(hash_algorithm.name)
+                    if algorithm is None:
+                        algorithm = ec.ECDSA(utils.Prehashed(hash_algorithm))
+                        algorithms[hash_algorithm.name] = algorithm
+                    signature = held.sign(digest, algorithm)  # type: ignore[call-arg, arg-type]
                 else:
                     assert pad is not None  # noqa: S101 - RSA keys sign with a padding
-                    signature = held.sign(digest, pad, prehashed)
-            with self._usage_lock:
-                self._usage[uri] = self._usage.get(uri, 0) + 1
+                    signature = held.sign(digest, pad, utils.Prehashed(hash_algorithm))  # type: ignore[call-arg, arg-type]
+                ok = True
+            finally:
+                if observe is not None:
+                    observe(backend, "sign", time.perf_counter() - started, ok)
+            count(uri)
             return signature
 
         return sign_digest
+
+    def _count_signature(self, uri: str) -> None:
+        with self._usage_lock:
+            self._usage[uri] = self._usage.get(uri, 0) + 1
 
     def take_usage(self) -> dict[str, int]:
         """Signatures made per key URI since the last call (the caller records them)."""

@@ -9,6 +9,8 @@ Example (all keys optional):
     server_names = ["pki.example.org"]
     root_algorithm = "ec-p256"
     subordinate_algorithm = "ec-p256"
+    metrics_listen = "127.0.0.1:9443"   # GET /metrics; default off
+    log_format = "json"                 # or "text"
 
     [key_backends]           # key kind -> backend name
     root = "pkcs11"
