@@ -39,12 +39,13 @@ from keyplane.server.domain.status import Status
 from keyplane.server.domain.zones import Zones
 from keyplane.server.grpc_options import server_options
 from keyplane.server.interceptor import CallLimits, KeyplaneInterceptor
+from keyplane.server.key_usage import UsageRecorder
 from keyplane.server.kinds import KeyKind, KeyState
 from keyplane.server.logs import quiet_client_cancellations
-from keyplane.server.peer_link import PeerLink
-from keyplane.server.peer_transport import GrpcPeerTransport
 from keyplane.server.metrics import Exposition, KeyExpiry, LiveReading, Metrics
 from keyplane.server.metrics_http import MetricsEndpoint
+from keyplane.server.peer_link import PeerLink
+from keyplane.server.peer_transport import GrpcPeerTransport
 from keyplane.server.ports import add_listener
 from keyplane.server.services.audit import AuditServicer
 from keyplane.server.services.backups import BackupServicer
@@ -56,8 +57,8 @@ from keyplane.server.services.keys import KeyServicer
 from keyplane.server.services.message_signing import MessageSigningServicer
 from keyplane.server.services.root_keys import RootKeyServicer
 from keyplane.server.services.settings import SettingsServicer
-from keyplane.server.services.trust import TrustServicer
 from keyplane.server.services.status import StatusServicer
+from keyplane.server.services.trust import TrustServicer
 from keyplane.server.services.trust_state import TrustStateServicer, VersionNotifier
 from keyplane.server.services.zones import ZoneServicer
 from keyplane.server.store import StateStore
@@ -83,10 +84,10 @@ from keyplane.v1 import (
     root_key_service_pb2_grpc,
     settings_service_pb2,
     settings_service_pb2_grpc,
-    trust_service_pb2,
-    trust_service_pb2_grpc,
     status_service_pb2,
     status_service_pb2_grpc,
+    trust_service_pb2,
+    trust_service_pb2_grpc,
     trust_state_service_pb2,
     trust_state_service_pb2_grpc,
     zone_service_pb2,
@@ -117,8 +118,6 @@ SERVICE_NAMES = tuple(
 )
 # How often each process looks for trust-state versions that other workers published.
 VERSION_POLL_SECONDS = 0.1
-# How often each process records the signatures its keys made (one write for all).
-USAGE_FLUSH_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -155,6 +154,7 @@ class KeyplaneServer:
         self.metrics = Metrics()
         self._metrics_endpoint: MetricsEndpoint | None = None
         self._backend_health: BackendHealth | None = None
+        self._usage: UsageRecorder | None = None
 
     def open(self, password: Password | None = None) -> StartReport:
         """Open the data dir and its key backends: initialise an empty one, finish an
@@ -182,6 +182,7 @@ class KeyplaneServer:
         self.hierarchy = Hierarchy(
             self.config, self._store, self._backends, self.clock, metrics=self.metrics
         )
+        self._usage = UsageRecorder(self._backends, self._store, self.clock)
         self._backend_health = BackendHealth(
             self._backends, self.metrics, self._set_health, self.config.backend_check_seconds
         )
@@ -360,7 +361,8 @@ class KeyplaneServer:
         self.vitals.watch_task("trust-state version follower", follower)
         self._tasks.append(follower)
         self._tasks.append(asyncio.create_task(checks.run()))
-        self._tasks.append(asyncio.create_task(self._usage_loop()))
+        if self._usage is not None:
+            self._tasks.append(asyncio.create_task(self._usage.run()))
         if self.worker == 0:
             self.hierarchy.admin_dir.write_endpoint(
                 self.endpoints.connect_listen, self.endpoints.connect_bootstrap, self.config.fqdn
@@ -396,29 +398,6 @@ class KeyplaneServer:
         )
         for service in (*SERVICE_NAMES, ""):
             await self._health.set(service, status)
-
-    def _flush_usage(self) -> None:
-        """Record the signatures each key made since the last flush: one write for all,
-        never one per signature (a failed write gives the counts back for the next)."""
-        backends, store = self._backends, self._store
-        if backends is None or store is None:
-            return
-        usage = backends.take_usage()
-        if not usage:
-            return
-        try:
-            store.group_commit(self.clock.now(), lambda tx: tx.add_key_usage(usage))
-        except Exception:
-            backends.give_back_usage(usage)
-            raise
-
-    async def _usage_loop(self) -> None:
-        while True:
-            await asyncio.sleep(USAGE_FLUSH_SECONDS)
-            try:
-                await asyncio.to_thread(self._flush_usage)
-            except Exception:
-                log.exception("could not record key usage; trying again")
 
     def _live_reading(self) -> LiveReading:
         """What a scrape reads from the state DB: the trust-state version and when each
@@ -493,7 +472,8 @@ class KeyplaneServer:
     def close(self) -> None:
         """Record the last key usage counts, then close the state DB and the backends."""
         try:
-            self._flush_usage()
+            if self._usage is not None and self._store is not None:
+                self._usage.flush()
         except Exception:
             log.exception("could not record the last key usage counts")
         if self._store is not None:
