@@ -33,6 +33,8 @@ from keyplane.v1 import (
     root_key_service_pb2_grpc,
     settings_service_pb2,
     settings_service_pb2_grpc,
+    status_service_pb2,
+    status_service_pb2_grpc,
     trust_service_pb2,
     trust_service_pb2_grpc,
     trust_state_pb2,
@@ -175,6 +177,7 @@ class KeyplaneClient:
         self._backups = backup_service_pb2_grpc.BackupServiceStub(channel)  # type: ignore[no-untyped-call]
         self._audit = audit_service_pb2_grpc.AuditServiceStub(channel)  # type: ignore[no-untyped-call]
         self._peers = trust_service_pb2_grpc.TrustServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._status = status_service_pb2_grpc.StatusServiceStub(channel)  # type: ignore[no-untyped-call]
 
     @classmethod
     def connect(cls, address: str, credential: Credential) -> KeyplaneClient:
@@ -422,6 +425,14 @@ class KeyplaneClient:
             ),
         )
         return response.certificate
+
+    def get_server_status(self, expiries: int = 0) -> status_service_pb2.GetServerStatusResponse:
+        """Health, roots, the next expiries, zones last seen and the last backup."""
+        response: status_service_pb2.GetServerStatusResponse = self._call(
+            self._status.GetServerStatus,
+            status_service_pb2.GetServerStatusRequest(expiries=expiries),
+        )
+        return response
 
     def list_zone_servers(self, include_revoked: bool = False) -> list[zone_service_pb2.ZoneServer]:
         response: zone_service_pb2.ListZoneServersResponse = self._call(

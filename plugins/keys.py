@@ -332,6 +332,13 @@ class KeyBackend(abc.ABC):
             return False
         return True
 
+    def check(self) -> None:
+        """Whether the backend can serve now: raise BackendUnavailableError (or
+        BackendAuthError) saying why not. A serving process calls it every few seconds
+        to report its health (an HSM unplugged, a network HSM unreachable); it must be
+        cheap and change nothing. The default has nothing to check."""
+        return None
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release sessions and files; the backend is not used afterwards."""

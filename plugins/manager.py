@@ -2,33 +2,46 @@
 
 It registers the built-in backends from one tuple and third-party ones from the
 `keyplane.backends` entry-point group, opens the configured backends and routes every
-key URI to the backend whose name is the URI's scheme.
+key URI to the backend whose name is the URI's scheme. Every private-key operation
+passes here, so here they are timed (an observer is told of each) and each key's
+signatures counted (taken by the server in batches, never written per signature).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
 import pluggy
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+from cryptography.hazmat.primitives.asymmetric.padding import AsymmetricPadding
 
 from keyplane.plugins import hookspecs, pkcs11_backend, software
-from keyplane.plugins.errors import BackendConfigError, UnknownBackendError
+from keyplane.plugins.errors import BackendConfigError, BackendError, UnknownBackendError
 from keyplane.plugins.keys import (
     BackendPrivateKey,
     BackupSource,
+    DigestSigner,
     GeneratedKey,
     KeyAlgorithm,
     KeyBackend,
     PublicKey,
     SecretStore,
     TlsKeySource,
+    backend_private_key,
 )
 from keyplane.plugins.uri import scheme_of
 
 ENTRY_POINT_GROUP = "keyplane.backends"
+
+# Told of each private-key operation: (backend, operation, seconds, succeeded), where
+# operation is "generate", "sign" or "destroy". Called on the thread that did it.
+KeyOperationObserver = Callable[[str, str, float, bool], None]
 
 
 def software_database_path(options: Mapping[str, object], data_dir: Path) -> Path:
@@ -61,10 +74,17 @@ class KeyBackends:
         configured: Mapping[str, Mapping[str, object]],
         data_dir: Path,
         pm: pluggy.PluginManager | None = None,
+        observe: KeyOperationObserver | None = None,
     ) -> None:
         self._pm = pm or plugin_manager()
         self._backends: dict[str, KeyBackend] = {}
         self._lock = threading.Lock()
+        self._observe = observe
+        # Signatures per key URI since the last take_usage().
+        self._usage: dict[str, int] = {}
+        self._usage_lock = threading.Lock()
+        # key URI -> (the backend's key object, the one handed out, which counts).
+        self._signing: dict[str, tuple[BackendPrivateKey, BackendPrivateKey]] = {}
         try:
             for name, options in configured.items():
                 self._backends[name] = self._open(name, options, data_dir)
@@ -103,11 +123,95 @@ class KeyBackends:
     def for_uri(self, uri: str) -> KeyBackend:
         return self.backend(scheme_of(uri))
 
+    @contextmanager
+    def _timed(self, backend: str, operation: str) -> Iterator[None]:
+        observe = self._observe
+        if observe is None:
+            yield
+            return
+        started = time.perf_counter()
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            observe(backend, operation, time.perf_counter() - started, ok)
+
     def generate_key(self, backend: str, label: str, algorithm: KeyAlgorithm | str) -> GeneratedKey:
-        return self.backend(backend).generate_key(label, KeyAlgorithm.parse(str(algorithm)))
+        chosen = self.backend(backend)
+        with self._timed(chosen.name, "generate"):
+            return chosen.generate_key(label, KeyAlgorithm.parse(str(algorithm)))
 
     def private_key(self, uri: str) -> BackendPrivateKey:
-        return self.for_uri(uri).private_key(uri)
+        """A signing handle for the key at `uri` whose signatures are timed and counted."""
+        held = self.for_uri(uri).private_key(uri)
+        cached = self._signing.get(uri)
+        if cached is not None and cached[0] is held:
+            return cached[1]
+        counted = backend_private_key(held.public_key(), self._signer(uri, held), uri)
+        self._signing[uri] = (held, counted)
+        return counted
+
+    def _signer(self, uri: str, held: BackendPrivateKey) -> DigestSigner:
+        """Signs through `held`, timing each signature and counting it for its key (on
+        every signature's path: kept to a few lookups)."""
+        backend = scheme_of(uri)
+        observe = self._observe
+        count = self._count_signature
+        elliptic = isinstance(held, ec.EllipticCurvePrivateKey)
+        algorithms: dict[str, ec.ECDSA] = {}
+
+        def sign_digest(
+            digest: bytes, hash_algorithm: hashes.HashAlgorithm, pad: AsymmetricPadding | None
+        ) -> bytes:
+            started = time.perf_counter()
+            ok = False
+            try:
+                if elliptic:
+                    algorithm = algorithms.get(hash_algorithm.name)
+                    if algorithm is None:
+                        algorithm = ec.ECDSA(utils.Prehashed(hash_algorithm))
+                        algorithms[hash_algorithm.name] = algorithm
+                    signature = held.sign(digest, algorithm)  # type: ignore[call-arg, arg-type]
+                else:
+                    assert pad is not None  # noqa: S101 - RSA keys sign with a padding
+                    signature = held.sign(digest, pad, utils.Prehashed(hash_algorithm))  # type: ignore[call-arg, arg-type]
+                ok = True
+            finally:
+                if observe is not None:
+                    observe(backend, "sign", time.perf_counter() - started, ok)
+            count(uri)
+            return signature
+
+        return sign_digest
+
+    def _count_signature(self, uri: str) -> None:
+        with self._usage_lock:
+            self._usage[uri] = self._usage.get(uri, 0) + 1
+
+    def take_usage(self) -> dict[str, int]:
+        """Signatures made per key URI since the last call (the caller records them)."""
+        with self._usage_lock:
+            taken, self._usage = self._usage, {}
+        return taken
+
+    def give_back_usage(self, usage: Mapping[str, int]) -> None:
+        """Counts taken that could not be recorded, to be taken again."""
+        with self._usage_lock:
+            for uri, count in usage.items():
+                self._usage[uri] = self._usage.get(uri, 0) + count
+
+    def check(self) -> dict[str, str | None]:
+        """Each configured backend's health: None if it can serve, else why not."""
+        found: dict[str, str | None] = {}
+        for name, backend in list(self._backends.items()):
+            try:
+                backend.check()
+            except BackendError as exc:
+                found[name] = str(exc)
+            else:
+                found[name] = None
+        return found
 
     def public_key(self, uri: str) -> PublicKey:
         return self.for_uri(uri).public_key(uri)
@@ -129,7 +233,10 @@ class KeyBackends:
         raise BackendConfigError("no configured key backend can keep secrets (add software)")
 
     def destroy_key(self, uri: str) -> None:
-        self.for_uri(uri).destroy_key(uri)
+        backend = self.for_uri(uri)
+        with self._timed(backend.name, "destroy"):
+            backend.destroy_key(uri)
+        self._signing.pop(uri, None)
 
     def holds_key(self, uri: str) -> bool:
         """Whether the backend the URI names holds its key now (looked up, not cached)."""

@@ -564,6 +564,21 @@ class Pkcs11Backend(KeyBackend):
         self._run("destroying a key", destroy)
         log.info("pkcs11 backend: destroyed key %s", uri)
 
+    def check(self) -> None:
+        """The token answers (C_GetTokenInfo) and a session is open or can be opened."""
+        pkcs11 = _import_pkcs11()
+        with self._lock:
+            if self._closed:
+                raise BackendUnavailableError("pkcs11 backend: the backend is closed")
+            try:
+                self._token.slot.get_token()
+            except pkcs11.PKCS11Error as exc:
+                raise BackendUnavailableError(
+                    f"pkcs11 backend: token {self.token_label!r} does not answer "
+                    f"({type(exc).__name__})"
+                ) from None
+            self._live_session()
+
     def close(self) -> None:
         with self._lock:
             if self._closed:

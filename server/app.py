@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from keyplane.plugins.manager import KeyBackends
 from keyplane.plugins.password import Password, backends_with_password
+from keyplane.server.backend_health import BackendHealth
 from keyplane.server.config import ServerConfig, format_address
 from keyplane.server.crl_http import CrlSite
 from keyplane.server.datadir import DataDir, DataDirState, private_umask
@@ -36,10 +37,15 @@ from keyplane.server.domain.faults import Faults
 from keyplane.server.domain.hierarchy import Hierarchy, StartReport, TlsMaterial
 from keyplane.server.domain.identities import Identities
 from keyplane.server.domain.signing import MessageSigner
+from keyplane.server.domain.status import Status
 from keyplane.server.domain.zones import Zones
 from keyplane.server.grpc_options import server_options
 from keyplane.server.interceptor import CallLimits, KeyplaneInterceptor
+from keyplane.server.key_usage import UsageRecorder
+from keyplane.server.kinds import KeyKind, KeyState
 from keyplane.server.logs import quiet_client_cancellations
+from keyplane.server.metrics import Exposition, KeyExpiry, LiveReading, Metrics
+from keyplane.server.metrics_http import MetricsEndpoint
 from keyplane.server.peer_link import PeerLink
 from keyplane.server.peer_transport import GrpcPeerTransport
 from keyplane.server.ports import add_listener
@@ -53,6 +59,7 @@ from keyplane.server.services.keys import KeyServicer
 from keyplane.server.services.message_signing import MessageSigningServicer
 from keyplane.server.services.root_keys import RootKeyServicer
 from keyplane.server.services.settings import SettingsServicer
+from keyplane.server.services.status import StatusServicer
 from keyplane.server.services.trust import TrustServicer
 from keyplane.server.services.trust_state import TrustStateServicer, VersionNotifier
 from keyplane.server.services.zones import ZoneServicer
@@ -79,6 +86,8 @@ from keyplane.v1 import (
     root_key_service_pb2_grpc,
     settings_service_pb2,
     settings_service_pb2_grpc,
+    status_service_pb2,
+    status_service_pb2_grpc,
     trust_service_pb2,
     trust_service_pb2_grpc,
     trust_state_service_pb2,
@@ -105,6 +114,7 @@ SERVICE_NAMES = tuple(
         backup_service_pb2,
         audit_service_pb2,
         trust_service_pb2,
+        status_service_pb2,
     )
     for service in module.DESCRIPTOR.services_by_name.values()
 )
@@ -121,6 +131,7 @@ class Endpoints:
     connect_listen: str
     connect_bootstrap: str
     crl_listen: str = ""  # the CRL listener (HTTP), when one is configured
+    metrics_listen: str = ""
 
 
 class KeyplaneServer:
@@ -144,6 +155,10 @@ class KeyplaneServer:
         self._vital_part_died: asyncio.Event | None = None
         self.peer_link: PeerLink | None = None
         self._crl_site: CrlSite | None = None
+        self.metrics = Metrics()
+        self._metrics_endpoint: MetricsEndpoint | None = None
+        self._backend_health: BackendHealth | None = None
+        self._usage: UsageRecorder | None = None
 
     def open(self, password: Password | None = None) -> StartReport:
         """Open the data dir and its key backends: initialise an empty one, finish an
@@ -160,13 +175,21 @@ class KeyplaneServer:
             log.warning("the first start of %s did not finish; finishing it", data_dir.path)
         data_dir.tighten_modes()
         self._backends = KeyBackends(
-            backends_with_password(self.config.backends, password), self.config.data_dir
+            backends_with_password(self.config.backends, password),
+            self.config.data_dir,
+            observe=self.metrics.key_operation,
         )
         Faults(self.config.kill_at).checkpoint("start.backends_opened")
         self._store = StateStore(self.config.data_dir / "keyplane.db")
         if self.config.commit_thread_dies_after is not None:
             self._store.committer.die_after_batches = self.config.commit_thread_dies_after
-        self.hierarchy = Hierarchy(self.config, self._store, self._backends, self.clock)
+        self.hierarchy = Hierarchy(
+            self.config, self._store, self._backends, self.clock, metrics=self.metrics
+        )
+        self._usage = UsageRecorder(self._backends, self._store, self.clock)
+        self._backend_health = BackendHealth(
+            self._backends, self.metrics, self._set_health, self.config.backend_check_seconds
+        )
         if self.worker == 0:
             self.report = self.hierarchy.start()
             data_dir.first_start_done()
@@ -223,6 +246,7 @@ class KeyplaneServer:
                     hierarchy.admission.admit,
                     CallLimits(self.config.max_calls_per_listener, self.config.max_streams),
                     RefusalRecorder(hierarchy.store, self.clock).refused,
+                    self.metrics,
                 )
             ],
             options=server_options(self.config.min_ping_interval_ms),
@@ -251,7 +275,7 @@ class KeyplaneServer:
             ),
             (
                 trust_state_service_pb2_grpc.add_TrustStateServiceServicer_to_server,
-                TrustStateServicer(hierarchy.trust, notifier),
+                TrustStateServicer(hierarchy.trust, notifier, self.metrics),
             ),
             (
                 message_signing_service_pb2_grpc.add_MessageSigningServiceServicer_to_server,
@@ -282,6 +306,10 @@ class KeyplaneServer:
                 BackupServicer(Backups(hierarchy)),
             ),
             (
+                status_service_pb2_grpc.add_StatusServiceServicer_to_server,
+                StatusServicer(Status(hierarchy, Backups(hierarchy), self.backend_health)),
+            ),
+            (
                 audit_service_pb2_grpc.add_AuditServiceServicer_to_server,
                 AuditServicer(AuditLog(hierarchy.store)),
             ),
@@ -308,11 +336,19 @@ class KeyplaneServer:
             self._credentials(False),
             "--bootstrap-listen",
         )
+        metrics_listen = ""
+        if self.config.metrics_listen:
+            endpoint = MetricsEndpoint(
+                self.config.metrics_listen, Exposition(self.metrics, self._live_reading).render
+            )
+            metrics_listen = endpoint.start()
+            self._metrics_endpoint = endpoint
         await server.start()
         self._server = server
         self._health = health_servicer
-        for name in (*SERVICE_NAMES, ""):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        checks = self._backend_health
+        assert checks is not None  # noqa: S101 - open() ran
+        await checks.check()  # before the first SERVING: an HSM may be gone already
         connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
         connect_boot = "127.0.0.1" if boot_host in ("0.0.0.0", "") else boot_host  # noqa: S104
         crl_listen = ""
@@ -331,6 +367,7 @@ class KeyplaneServer:
             format_address(connect_host, bound),
             format_address(connect_boot, boot_bound),
             crl_listen,
+            metrics_listen,
         )
         store = self._store
         assert store is not None  # noqa: S101 - open() ran
@@ -338,6 +375,9 @@ class KeyplaneServer:
         follower = asyncio.create_task(self._follow_versions(notifier))
         self.vitals.watch_task("trust-state version follower", follower)
         self._tasks.append(follower)
+        self._tasks.append(asyncio.create_task(checks.run()))
+        if self._usage is not None:
+            self._tasks.append(asyncio.create_task(self._usage.run()))
         if self.worker == 0:
             self.hierarchy.admin_dir.write_endpoint(
                 self.endpoints.connect_listen,
@@ -358,11 +398,37 @@ class KeyplaneServer:
     async def _on_vital_death(self, name: str) -> None:
         """A part this process needs has stopped: say so to health checks, then let
         wait() return so that the process exits and is started again."""
-        if self._health is not None:
-            for service in (*SERVICE_NAMES, ""):
-                await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(serving=False)
         if self._vital_part_died is not None:
             self._vital_part_died.set()
+
+    def backend_health(self) -> dict[str, str | None]:
+        """Each key backend's health at the last check: None, or why it does not answer."""
+        return dict(self._backend_health.found) if self._backend_health else {}
+
+    async def _set_health(self, serving: bool) -> None:
+        if self._health is None:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving and self.vitals.died is None
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in (*SERVICE_NAMES, ""):
+            await self._health.set(service, status)
+
+    def _live_reading(self) -> LiveReading:
+        """What a scrape reads from the state DB: the trust-state version and when each
+        active key expires."""
+        hierarchy = self.hierarchy
+        assert hierarchy is not None  # noqa: S101 - serving
+        keys = [
+            KeyExpiry(str(k.kind), k.fingerprint, k.not_after.timestamp())
+            for kind in KeyKind
+            for k in hierarchy.store.keys(kind, (KeyState.ACTIVE,))
+            if k.not_after is not None
+        ]
+        return LiveReading(hierarchy.trust.latest_version(), keys)
 
     @property
     def vital_part_died(self) -> str | None:
@@ -419,9 +485,18 @@ class KeyplaneServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
-        self.close()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.stop()
+            self._metrics_endpoint = None
+        await asyncio.to_thread(self.close)
 
     def close(self) -> None:
+        """Record the last key usage counts, then close the state DB and the backends."""
+        try:
+            if self._usage is not None and self._store is not None:
+                self._usage.flush()
+        except Exception:
+            log.exception("could not record the last key usage counts")
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -95,6 +95,8 @@ ACCESS: dict[str, Access] = {
     "/keyplane.v1.IdentityService/CreateIdentity": ADMIN,
     "/keyplane.v1.IdentityService/ListIdentities": READ,
     "/keyplane.v1.IdentityService/RevokeIdentity": ADMIN,
+    # Health, roots, expiries, zones and the last backup: a read.
+    "/keyplane.v1.StatusService/GetServerStatus": READ,
     # Served only by a locked server, on its 0600 Unix socket (server/locked.py): who can
     # reach that socket is the server's own user.
     "/keyplane.v1.UnlockService/Unlock": PUBLIC,

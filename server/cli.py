@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import shutil
 import signal
 import sys
 from dataclasses import replace
@@ -23,7 +24,10 @@ from keyplane.server.locked import (
     password_for_workers,
     with_password_source,
 )
+from keyplane.server.logs import LOG_FORMATS, configure_logging
+from keyplane.server.metrics import prepare_worker_metrics, worker_exited
 from keyplane.server.ports import Listener, claim_ports
+from keyplane.server.sdnotify import SystemdNotifier
 from keyplane.server.supervisor import serve_as_worker, supervise
 from keyplane.server.vitals import EXIT_VITAL_PART_DIED
 
@@ -48,9 +52,15 @@ PKICRLBaseURL to where that is reachable and every certificate issued from then 
 its issuer's CRL there (a CRL distribution point). keyplane's own components never need
 it: the trust state tells them of a revocation first.
 
+--metrics-listen adds Prometheus text on plain HTTP (GET /metrics; off by default).
+
+Under systemd (Type=notify; packaging/systemd/) it says READY=1 once it serves,
+WATCHDOG=1 while it is healthy and STOPPING=1 as it stops. Exit status 2: refused to
+start (a bad option or data dir, a port taken), not worth restarting.
+
 example:
   keyplane serve --data-dir /var/lib/keyplane --listen 0.0.0.0:7443 \\
-      --crl-listen 0.0.0.0:8080
+      --crl-listen 0.0.0.0:8080 --metrics-listen 127.0.0.1:9443 --log-format json
   keyplane settings set PKICRLBaseURL http://pki.example.org:8080
 """
 
@@ -96,16 +106,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "the password cannot be changed while it comes from there. With neither (here or "
         "in the config), a password-protected server starts locked: run 'keyplane unlock'",
     )
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on plain HTTP here, GET /metrics (config: "
+        "metrics_listen; default off). Listen on loopback or a management network",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="text (default) or json: one JSON object per line (config: log_format). "
+        "gRPC's own C-core lines stay out unless GRPC_VERBOSITY is set",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     private_umask()  # before any file is created: files 0600, directories 0700
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    notifier = SystemdNotifier()  # read once, here: the workers do not notify
+    configure_logging(args.log_level, args.log_format or "text")
     try:
         config = load_config(
             args.config,
@@ -114,11 +134,14 @@ def run_serve(args: argparse.Namespace) -> int:
             bootstrap_listen=args.bootstrap_listen,
             crl_listen=args.crl_listen,
             fqdn=args.fqdn,
+            metrics_listen=args.metrics_listen,
+            log_format=args.log_format,
         )
         config = with_password_source(config, args.password_file, args.password_env)
     except ConfigError as exc:
         print(f"keyplane serve: configuration error: {exc}", file=sys.stderr)
         return 2
+    configure_logging(args.log_level, config.log_format)
     # --workers N (or `workers` in the config), 1 included: N processes under a
     # supervisor that restarts any that dies. Neither: this process serves alone.
     workers = args.workers if args.workers is not None else config.workers
@@ -134,17 +157,22 @@ def run_serve(args: argparse.Namespace) -> int:
         ]
         if config.crl_address is not None:
             listeners.append(Listener("--crl-listen", *config.crl_address))
+        if config.metrics_address is not None:
+            listeners.append(Listener("--metrics-listen", *config.metrics_address))
         with claim_ports(listeners) as claims:
-            listen, bootstrap, *crl_listen = claims.addresses
+            listen, bootstrap, *extra = claims.addresses
+            crl_listen = extra[0] if config.crl_address is not None else ""
+            metrics_listen = extra[-1] if config.metrics_address is not None else ""
             config = replace(
                 config,
                 listen=listen,
                 bootstrap_listen=bootstrap,
-                crl_listen=crl_listen[0] if crl_listen else "",
+                crl_listen=crl_listen,
+                metrics_listen=metrics_listen,
             )
             if workers is None:
-                return asyncio.run(_serve(KeyplaneServer(config)))
-            return _supervise(config, args, workers)
+                return asyncio.run(_serve(KeyplaneServer(config), notifier))
+            return _supervise(config, args, workers, notifier)
     except StartRefused as exc:
         print(f"keyplane serve: refused to start: {exc}", file=sys.stderr)
         return 2
@@ -153,14 +181,17 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
 
 
-def _supervise(config: ServerConfig, args: argparse.Namespace, workers: int) -> int:
+def _supervise(
+    config: ServerConfig, args: argparse.Namespace, workers: int, notifier: SystemdNotifier
+) -> int:
     """Initialise once here, then run `workers` serving processes on the same ports and
     restart any that dies; SIGTERM or SIGINT stops them all."""
     listen, bootstrap = config.listen, config.bootstrap_listen
     first = KeyplaneServer(config)
     try:
         # Locked (a password pki.db, no password given): no worker starts until unlocked.
-        password = open_before_workers(first, (listen, bootstrap)) or password_for_workers(config)
+        password = open_before_workers(first, (listen, bootstrap), notifier)
+        password = password or password_for_workers(config)
     except StoppedWhileLocked:
         return 0
     assert first.report is not None  # noqa: S101 - opened
@@ -179,7 +210,10 @@ def _supervise(config: ServerConfig, args: argparse.Namespace, workers: int) -> 
         args.password_file,
         args.password_env,
         password,  # through multiprocessing's pipe: never in a worker's argv or environment
+        config.metrics_listen,
+        config.log_format,
     )
+    metrics_dir = prepare_worker_metrics(config.data_dir) if config.metrics_listen else None
     endpoint = config.data_dir / "admin" / "endpoint.json"
     endpoint.unlink(missing_ok=True)  # worker 0 writes it once it serves
 
@@ -192,10 +226,23 @@ def _supervise(config: ServerConfig, args: argparse.Namespace, workers: int) -> 
         print(f"issuing root: {root.name} sha256:{root.fingerprint}", flush=True)
         print(f"admin credential: {config.data_dir / 'admin'}", flush=True)
         print(next_steps(config.data_dir), flush=True)
+        if config.metrics_listen:
+            print(f"metrics on http://{config.metrics_listen}/metrics", flush=True)
 
-    return supervise(
-        _worker_main, worker_args, workers, endpoint.exists, announce, "keyplane serve"
-    )
+    try:
+        return supervise(
+            _worker_main,
+            worker_args,
+            workers,
+            endpoint.exists,
+            announce,
+            "keyplane serve",
+            notifier=notifier,
+            on_exit=(lambda pid: worker_exited(metrics_dir, pid)) if metrics_dir else None,
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def next_steps(data_dir: Path) -> str:
@@ -219,13 +266,12 @@ def _worker_main(
     password_file: Path | None,
     password_env: str | None,
     password: Password | None,
+    metrics_listen: str,
+    log_format: str,
     index: int,
 ) -> None:
     private_umask()
-    logging.basicConfig(
-        level=getattr(logging, str(log_level).upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s",
-    )
+    configure_logging(log_level, log_format, worker=index)
     config = load_config(
         config_path,
         data_dir=Path(data_dir),
@@ -233,9 +279,22 @@ def _worker_main(
         bootstrap_listen=bootstrap,
         crl_listen=crl_listen,
         fqdn=fqdn,
+        metrics_listen=metrics_listen,
+        log_format=log_format,
     )
     config = with_password_source(config, password_file, password_env)
     asyncio.run(_serve_worker(KeyplaneServer(config, worker=index), password))
+
+
+async def _watchdog(server: KeyplaneServer, notifier: SystemdNotifier) -> None:
+    """WATCHDOG=1 from the serving loop while no part the server needs has stopped:
+    a hung loop, or a dead part, stops the pings and systemd restarts the server."""
+    interval = notifier.ping_interval
+    if interval is None:
+        return
+    while server.vital_part_died is None:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
 
 
 async def _serve_worker(server: KeyplaneServer, password: Password | None) -> None:
@@ -246,15 +305,16 @@ async def _serve_worker(server: KeyplaneServer, password: Password | None) -> No
         sys.exit(EXIT_VITAL_PART_DIED)  # the supervisor starts a fresh worker
 
 
-async def _serve(server: KeyplaneServer) -> int:
+async def _serve(server: KeyplaneServer, notifier: SystemdNotifier) -> int:
     # Before anything starts: a SIGTERM that comes as soon as the endpoint note exists
     # stops the server cleanly instead of killing it.
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
-    started = await open_and_start(server, stopping)
+    started = await open_and_start(server, stopping, notifier)
     if started is None:  # stopped while locked
+        notifier.stopping()
         return 0
     endpoints = started
     assert server.report is not None  # noqa: S101 - opened
@@ -269,11 +329,17 @@ async def _serve(server: KeyplaneServer) -> int:
     print(f"issuing root: {root.name} sha256:{root.fingerprint}", flush=True)
     print(f"admin credential: {server.config.data_dir / 'admin'}", flush=True)
     print(next_steps(server.config.data_dir), flush=True)
+    if endpoints.metrics_listen:
+        print(f"metrics on http://{endpoints.metrics_listen}/metrics", flush=True)
+    notifier.ready(f"serving on {endpoints.listen}")
     waiter = asyncio.create_task(server.wait())
+    watchdog = asyncio.create_task(_watchdog(server, notifier))
     await asyncio.wait(
         [waiter, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED
     )
     log.info("stopping")
+    notifier.stopping()
+    watchdog.cancel()
     await server.stop(grace=5.0)
     waiter.cancel()
     # A part the server needs died: exit non-zero so that systemd (or --workers' own

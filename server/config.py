@@ -10,6 +10,8 @@ Example (all keys optional):
     server_names = ["pki.example.org"]
     root_algorithm = "ec-p256"
     subordinate_algorithm = "ec-p256"
+    metrics_listen = "127.0.0.1:9443"   # GET /metrics; default off
+    log_format = "json"                 # or "text"
 
     [key_backends]           # key kind -> backend name
     root = "pkcs11"
@@ -37,6 +39,7 @@ from keyplane.plugins.errors import UnsupportedAlgorithmError
 from keyplane.plugins.keys import KeyAlgorithm
 from keyplane.server.errors import ConfigError
 from keyplane.server.grpc_options import MIN_PING_INTERVAL_MS
+from keyplane.server.logs import LOG_FORMATS
 
 DEFAULT_LISTEN = "127.0.0.1:7443"
 # Steps of root and subordinate rotation at which a test may have the server SIGKILL
@@ -105,6 +108,13 @@ class ServerConfig:
     max_streams: int = 50_000
     # Serving processes under a supervisor (--workers); None: one process, unsupervised.
     workers: int | None = None
+    # Prometheus text on GET /metrics at this HOST:PORT (--metrics-listen); "": off.
+    metrics_listen: str = ""
+    # How the log reads: "text" (a line per record) or "json" (an object per line).
+    log_format: str = "text"
+    # How often each serving process checks its key backends (an HSM may go away):
+    # health answers NOT_SERVING while one does not answer.
+    backend_check_seconds: float = 10.0
     # Testing only: the crash point (server/domain/faults.py) at which to SIGKILL itself.
     kill_at: str = ""
     # Testing only: the failure point (server/domain/faults.py) at which the backend fails.
@@ -129,6 +139,11 @@ class ServerConfig:
     @property
     def crl_address(self) -> tuple[str, int] | None:
         return parse_address(self.crl_listen, "crl_listen") if self.crl_listen else None
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """The metrics endpoint's address, or None when metrics are off."""
+        return parse_address(self.metrics_listen, "metrics_listen") if self.metrics_listen else None
 
     def backend_for(self, kind: str) -> str:
         return self.key_backends[kind]
@@ -174,12 +189,15 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         "max_calls_per_listener",
         "max_streams",
         "workers",
+        "metrics_listen",
+        "log_format",
+        "backend_check_seconds",
         "testing",
     }
     _known(raw, top, "the config file")
     config = ServerConfig()
     values: dict[str, Any] = {}
-    for name in ("fqdn", "listen", "bootstrap_listen", "crl_listen"):
+    for name in ("fqdn", "listen", "bootstrap_listen", "crl_listen", "metrics_listen"):
         if name in raw:
             values[name] = str(raw[name])
     if "data_dir" in raw:
@@ -189,11 +207,14 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
     for name in ("root_algorithm", "subordinate_algorithm"):
         if name in raw:
             values[name] = _algorithm(raw[name], name)
-    if "rotation_check_seconds" in raw:
-        seconds = raw["rotation_check_seconds"]
-        if not isinstance(seconds, int | float) or seconds <= 0:
-            raise ConfigError("rotation_check_seconds must be a positive number")
-        values["rotation_check_seconds"] = float(seconds)
+    for name in ("rotation_check_seconds", "backend_check_seconds"):
+        if name in raw:
+            seconds = raw[name]
+            if not isinstance(seconds, int | float) or seconds <= 0:
+                raise ConfigError(f"{name} must be a positive number")
+            values[name] = float(seconds)
+    if "log_format" in raw:
+        values["log_format"] = str(raw["log_format"])
     for name in ("max_calls_per_listener", "max_streams"):
         if name in raw:
             limit = raw[name]
@@ -251,7 +272,10 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         if value is not None:
             values[name] = Path(value) if name == "data_dir" else value
     config = replace(config, **values)
-    config.listen_address  # noqa: B018 - validate both addresses now, not at bind time
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log_format must be one of: {', '.join(LOG_FORMATS)}")
+    config.listen_address  # noqa: B018 - validate the addresses now, not at bind time
     config.bootstrap_address  # noqa: B018
     config.crl_address  # noqa: B018
+    config.metrics_address  # noqa: B018
     return config

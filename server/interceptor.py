@@ -8,11 +8,13 @@ with a generic message and an id to find the traceback in the server log.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import inspect
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +34,8 @@ from keyplane.server.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
+from keyplane.server.logs import current_caller, current_rpc
+from keyplane.server.metrics import Metrics, RpcMetrics, status_code_name
 
 log = logging.getLogger(__name__)
 DOMAIN = "keyplane.dev"
@@ -139,16 +143,42 @@ def _check_decoded(request: Any) -> None:
         )
 
 
+class _Unmeasured:
+    """What a call is counted by when the process keeps no metrics."""
+
+    def started(self) -> None:
+        pass
+
+    def handled(self, code: str, seconds: float) -> None:
+        pass
+
+
+_UNMEASURED = _Unmeasured()
+
+
+def _aborted_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The status a handler aborted its call with."""
+    try:
+        return status_code_name(context.code())
+    except Exception:
+        return "UNKNOWN"
+
+
 class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
-    """Authorises every call from one table, bounds how many run at once, and maps
-    errors to statuses."""
+    """Authorises every call from one table, bounds how many run at once, maps errors to
+    statuses, and counts every call (started, handled by status, how long it took)."""
 
     def __init__(
-        self, admit: Admit, limits: CallLimits | None = None, on_refused: OnRefused | None = None
+        self,
+        admit: Admit,
+        limits: CallLimits | None = None,
+        on_refused: OnRefused | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._admit_certificate = admit
         self._limits = limits or CallLimits()
         self._on_refused = on_refused
+        self._metrics = metrics
         # Calls running now: unary calls per listener (mutual TLS or bootstrap), streams.
         self._running = {"mutual-TLS": 0, "bootstrap": 0, "streams": 0}
         # Parsing the peer's PEM certificate on every call is the costliest part of
@@ -167,27 +197,34 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
         deserializer = _safe(handler.request_deserializer, method)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary),
+                self._wrap_unary(method, handler.unary_unary, self._measured(method, "unary")),
                 deserializer,
                 handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream),
+                self._wrap_stream(
+                    method, handler.unary_stream, self._measured(method, "server_stream")
+                ),
                 deserializer,
                 handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.stream_unary),
+                self._wrap_unary(
+                    method, handler.stream_unary, self._measured(method, "client_stream")
+                ),
                 deserializer,
                 handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(method, handler.stream_stream),
+            self._wrap_stream(method, handler.stream_stream, self._measured(method, "bidi_stream")),
             deserializer,
             handler.response_serializer,
         )
+
+    def _measured(self, method: str, grpc_type: str) -> RpcMetrics | _Unmeasured:
+        return self._metrics.rpc(method, grpc_type) if self._metrics is not None else _UNMEASURED
 
     def _peer(self, context: grpc.aio.ServicerContext[Any, Any]) -> x509.Certificate | None:
         pem = _peer_certificate(context)
@@ -223,8 +260,12 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
 
     async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         peer = self._peer(context)
+        current_rpc.set(method)
         try:
-            current_identity.set(authorize(method, peer, self._admit_certificate))
+            identity = authorize(method, peer, self._admit_certificate)
+            current_identity.set(identity)
+            if identity is not None:
+                current_caller.set(identity.actor)
         except PermissionDenied as exc:
             if self._on_refused is not None and peer is not None:
                 try:
@@ -233,53 +274,105 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
                     log.exception("could not note a refused call of %s", method)
             raise
 
-    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
-        code, message, reason = status_for(exc)
-        status = rich_status(code, message, reason)
-        await context.abort(status.code, status.details, status.trailing_metadata)
+    # Each wrapper counts its call as handled (in `finally`) before its status goes out,
+    # so a client that has its answer finds it counted.
 
-    def _wrap_unary(self, method: str, behavior: Any) -> Any:
+    def _wrap_unary(self, method: str, behavior: Any, measured: RpcMetrics | _Unmeasured) -> Any:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            measured.started()
+            code = "OK"
             try:
                 with self._slot(self._listener(context), self._limits.unary_per_listener):
                     await self._admit(method, context)
                     _check_decoded(request)
                     return await behavior(request, context)
             except grpc.aio.AbortError:
+                code = _aborted_code(context)
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
                 raise
             except Exception as exc:  # every other error becomes a status
-                await self._abort(context, exc)
+                status = _Status.of(exc)
+                code = status.code.name
+                await status.abort(context)
+            finally:
+                measured.handled(code, time.perf_counter() - started)
 
         return wrapped
 
-    def _wrap_stream(self, method: str, behavior: Any) -> Any:
-        if inspect.isasyncgenfunction(behavior):
+    def _wrap_stream(self, method: str, behavior: Any, measured: RpcMetrics | _Unmeasured) -> Any:
+        if not inspect.isasyncgenfunction(behavior):
+            return self._wrap_coroutine_stream(method, behavior, measured)
 
-            async def wrapped_gen(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                try:
-                    with self._slot("streams", self._limits.streams):
-                        await self._admit(method, context)
-                        _check_decoded(request)
-                        async for response in behavior(request, context):
-                            yield response
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await self._abort(context, exc)
+        async def wrapped_gen(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            measured.started()
+            code = "CANCELLED"  # unless it ends otherwise: its client went away
+            try:
+                with self._slot("streams", self._limits.streams):
+                    await self._admit(method, context)
+                    _check_decoded(request)
+                    async for response in behavior(request, context):
+                        yield response
+                code = "OK"
+            except grpc.aio.AbortError:
+                code = _aborted_code(context)
+                raise
+            except Exception as exc:
+                status = _Status.of(exc)
+                code = status.code.name
+                await status.abort(context)
+            finally:
+                measured.handled(code, time.perf_counter() - started)
 
-            return wrapped_gen
+        return wrapped_gen
+
+    def _wrap_coroutine_stream(
+        self, method: str, behavior: Any, measured: RpcMetrics | _Unmeasured
+    ) -> Any:
+        """A streaming handler that is a coroutine (it writes with context.write)."""
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            measured.started()
+            code = "OK"
             try:
                 with self._slot("streams", self._limits.streams):
                     await self._admit(method, context)
                     _check_decoded(request)
                     return await behavior(request, context)
             except grpc.aio.AbortError:
+                code = _aborted_code(context)
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
                 raise
             except Exception as exc:
-                await self._abort(context, exc)
+                status = _Status.of(exc)
+                code = status.code.name
+                await status.abort(context)
+            finally:
+                measured.handled(code, time.perf_counter() - started)
 
         return wrapped
+
+
+@dataclass(frozen=True)
+class _Status:
+    """The status an exception ends its call with."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> _Status:
+        return cls(*status_for(exc))
+
+    async def abort(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        status = rich_status(self.code, self.message, self.reason)
+        await context.abort(status.code, status.details, status.trailing_metadata)

@@ -38,6 +38,7 @@ from keyplane.server.errors import (
     Unauthenticated,
 )
 from keyplane.server.interceptor import KeyplaneInterceptor
+from keyplane.server.sdnotify import SystemdNotifier
 from keyplane.v1 import unlock_service_pb2, unlock_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -150,9 +151,16 @@ def _claim_socket(path: Path) -> None:
                 raise ConfigError("another keyplane server is waiting to be unlocked here")
 
 
-async def wait_for_unlock(data_dir: Path, unlock: Unlocker, stopping: asyncio.Event) -> bool:
+async def wait_for_unlock(
+    data_dir: Path,
+    unlock: Unlocker,
+    stopping: asyncio.Event,
+    notifier: SystemdNotifier | None = None,
+) -> bool:
     """Serve the unlock socket until `unlock` succeeds (True) or `stopping` is set
-    (False); re-raises what made an unlock fatal. The socket is gone afterwards."""
+    (False); re-raises what made an unlock fatal. The socket is gone afterwards. Under
+    systemd, a locked server is started (READY=1) and says it is locked in its STATUS,
+    so that `systemctl start` returns instead of waiting for someone to unlock it."""
     path = unlock_socket(data_dir)
     _claim_socket(path)
     server = grpc.aio.server(interceptors=[KeyplaneInterceptor(_no_certificates)])
@@ -180,6 +188,8 @@ async def wait_for_unlock(data_dir: Path, unlock: Unlocker, stopping: asyncio.Ev
         "the database password",
         flush=True,
     )
+    if notifier is not None:
+        notifier.ready(f"locked: run 'keyplane unlock --data-dir {data_dir}'")
     done = asyncio.create_task(servicer.done.wait())
     stopped = asyncio.create_task(stopping.wait())
     try:
@@ -195,7 +205,9 @@ async def wait_for_unlock(data_dir: Path, unlock: Unlocker, stopping: asyncio.Ev
     return servicer.unlocked
 
 
-async def open_and_start(server: KeyplaneServer, stopping: asyncio.Event) -> Endpoints | None:
+async def open_and_start(
+    server: KeyplaneServer, stopping: asyncio.Event, notifier: SystemdNotifier | None = None
+) -> Endpoints | None:
     """Open and start one serving process, waiting to be unlocked first if pki.db needs
     a password it was not given; None if stopped while locked."""
     try:
@@ -209,7 +221,7 @@ async def open_and_start(server: KeyplaneServer, stopping: asyncio.Event) -> End
 
         stale_endpoint = server.config.data_dir / "admin" / "endpoint.json"
         stale_endpoint.unlink(missing_ok=True)  # no CLI is sent to a listener that is not up
-        if not await wait_for_unlock(server.config.data_dir, unlock, stopping):
+        if not await wait_for_unlock(server.config.data_dir, unlock, stopping, notifier):
             return None
         assert server.endpoints is not None  # noqa: S101 - unlock started it
         return server.endpoints
@@ -220,7 +232,11 @@ class StoppedWhileLocked(Exception):
     """SIGTERM or SIGINT came before the server was unlocked."""
 
 
-def open_before_workers(server: KeyplaneServer, addresses: tuple[str, str]) -> Password | None:
+def open_before_workers(
+    server: KeyplaneServer,
+    addresses: tuple[str, str],
+    notifier: SystemdNotifier | None = None,
+) -> Password | None:
     """For --workers: open (initialise) the data dir here; if pki.db needs a password it
     was not given, wait to be unlocked first, and return the password for the workers.
     StoppedWhileLocked if a signal comes first."""
@@ -241,7 +257,7 @@ def open_before_workers(server: KeyplaneServer, addresses: tuple[str, str]) -> P
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopping.set)
-        return await wait_for_unlock(server.config.data_dir, unlock, stopping)
+        return await wait_for_unlock(server.config.data_dir, unlock, stopping, notifier)
 
     if not asyncio.run(locked()):
         raise StoppedWhileLocked

@@ -1,6 +1,7 @@
 """Worker processes on shared ports (`--workers`), for `keyplane serve` and
 `keyplane zone serve`: start them, wait for the first to be ready, restart any that
-dies, and stop them all on SIGTERM or SIGINT."""
+dies, and stop them all on SIGTERM or SIGINT. The supervisor is the process systemd
+started: it says READY=1, WATCHDOG=1 and STOPPING=1 (server/sdnotify.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from keyplane.server.sdnotify import SystemdNotifier
 from keyplane.server.vitals import EXIT_REVOKED, EXIT_VITAL_PART_DIED
 
 log = logging.getLogger(__name__)
@@ -30,11 +32,15 @@ def supervise(
     announce: Callable[[], None],
     what: str,
     startup_seconds: float = 60.0,
+    notifier: SystemdNotifier | None = None,
+    on_exit: Callable[[int], None] | None = None,
 ) -> int:
     """Run `target(*args, index)` in `workers` spawned processes. `ready()` says when
-    worker 0 serves; then `announce()` prints what a user needs. Returns 1 if worker 0
-    never became ready, EXIT_REVOKED once a worker said it was revoked, else 0 once
-    stopped by a signal."""
+    worker 0 serves; then `announce()` prints what a user needs and systemd hears
+    READY=1. `on_exit(pid)` is told of each worker process that ended. Returns 1 if
+    worker 0 never became ready, EXIT_REVOKED once a worker said it was revoked, else 0
+    once stopped by a signal."""
+    notifier = notifier or SystemdNotifier({})
     context = multiprocessing.get_context("spawn")
     processes: dict[int, BaseProcess] = {}
     started: dict[int, float] = {}
@@ -66,12 +72,23 @@ def supervise(
         time.sleep(0.05)
     if not failed:
         announce()
+        notifier.ready(f"serving with {workers} workers")
+    ping = notifier.ping_interval
+    pinged = time.monotonic()
+    exits_told: set[int] = set()
     while not stopping:
         time.sleep(0.2)
         now = time.monotonic()
+        # Alive and looking after its workers: that is what the watchdog asks.
+        if ping is not None and now - pinged >= ping:
+            notifier.watchdog()
+            pinged = now
         for index, process in list(processes.items()):
             if process.is_alive() or stopping:
                 continue
+            if on_exit is not None and process.pid is not None and process.pid not in exits_told:
+                exits_told.add(process.pid)
+                on_exit(process.pid)
             if process.exitcode == EXIT_REVOKED:
                 log.error("%s worker %d says it was revoked: stopping every worker", what, index)
                 stopping = revoked = True
@@ -92,11 +109,14 @@ def supervise(
             if now >= restart_at[index]:
                 del restart_at[index]
                 start(index)
+    notifier.stopping()
     for process in processes.values():
         if process.is_alive() and process.pid is not None:
             os.kill(process.pid, signal.SIGTERM)
     for process in processes.values():
         process.join(timeout=30)
+        if on_exit is not None and process.pid is not None and process.pid not in exits_told:
+            on_exit(process.pid)
     if revoked:
         return EXIT_REVOKED
     return 1 if failed else 0

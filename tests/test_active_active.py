@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 
 from keyplane.clients.bundle import load_bundle
 from keyplane.clients.client import KeyplaneClient, KeyplaneClientError, bootstrap_channel_for
@@ -216,7 +217,10 @@ def test_two_servers_in_active_active(tmp_path: Path) -> None:
         a_roots = (a_dir / "admin" / "ca.pem").read_bytes()
 
         # -- an agent revoked on B is refused by A -----------------------------------------
-        victim = str(status(dirs["b1"])["serial"])
+        # The credential first, then its serial: the agent may renew between two reads of
+        # its files, and the certificate revoked must be the one presented below.
+        chain, victim_key = credential(dirs["b1"])
+        victim = f"{x509.load_pem_x509_certificate(chain).serial_number:032x}"
         run_cli("certs", "revoke", victim, "--reason", "stolen", data_dir=b_dir).check_returncode()
         a_listen = f"127.0.0.1:{ports_a[0]}"
         wait_until(
@@ -224,12 +228,19 @@ def test_two_servers_in_active_active(tmp_path: Path) -> None:
             lambda: any(victim in p.revoked_serials for p in server_peers(a_boot, a_roots)),
             60,
         )
-        chain, victim_key = credential(dirs["b1"])
         with KeyplaneClient(mtls_channel(a_listen, chain, victim_key, a_roots + b_roots)) as stolen:
             with pytest.raises(KeyplaneClientError) as caught:
                 stolen.renew(make_csr(p256(), cn="b1"))
         assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
         assert "revoked by its server" in caught.value.message
+        # Had it renewed just before the revocation, its new certificate goes too.
+        for _ in range(3):
+            current = str(status(dirs["b1"])["serial"])
+            if current == victim or agents["b1"].proc.poll() is not None:
+                break
+            revoked = run_cli("certs", "revoke", current, "--reason", "stolen", data_dir=b_dir)
+            revoked.check_returncode()
+            victim = current
         wait_until("the revoked agent to stop", lambda: agents["b1"].proc.poll() is not None, 60)
         assert agents["b1"].proc.returncode == 3
 

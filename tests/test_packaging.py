@@ -44,7 +44,7 @@ def test_the_wheel_has_the_generated_api_and_every_package(tmp_path: Path) -> No
         assert f"keyplane/{package}/__init__.py" in names, package
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "keyplane = keyplane.clients.cli:main" in text
+    assert "keyplane = keyplane.clients.entry:main" in text
     assert "serve = keyplane.server.cli:register" in text
     assert "unlock = keyplane.server.unlock_command:register" in text
     assert "zone = keyplane.zone.cli:register" in text

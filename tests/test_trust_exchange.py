@@ -723,8 +723,11 @@ def test_a_version_4_state_db_gains_the_trust_tables(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     for table in ("trust_peers", "trust_history", "peer_renewals", "crls"):
         db.execute(f"DROP TABLE {table}")
+    db.execute("DROP INDEX certificates_revoked_by_issuer")
     for table in ("keys", "certificates"):  # and what later versions added
         db.execute(f"ALTER TABLE {table} DROP COLUMN revoke_reason_code")
+    for column in ("signatures", "last_used_at"):
+        db.execute(f"ALTER TABLE keys DROP COLUMN {column}")
     db.execute("UPDATE meta SET value = '4' WHERE name = 'schema_version'")
     db.commit()
     db.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import shutil
 import signal
 import socket
 import sys
@@ -18,6 +18,9 @@ from keyplane.plugins.errors import BackendError
 from keyplane.server.config import parse_address
 from keyplane.server.datadir import private_umask
 from keyplane.server.errors import ConfigError, StartRefused
+from keyplane.server.logs import LOG_FORMATS, configure_logging
+from keyplane.server.metrics import prepare_worker_metrics, worker_exited
+from keyplane.server.sdnotify import SystemdNotifier
 from keyplane.server.supervisor import serve_as_worker, supervise
 from keyplane.server.vitals import EXIT_REVOKED, EXIT_VITAL_PART_DIED
 from keyplane.zone.runtime import ZoneError, ZoneOptions, ZoneRevoked, ZoneServer
@@ -29,6 +32,13 @@ here (the private key never leaves it) and the server's root certifies it. Then 
 enrolls and renews its own clients locally, relays the trust state to them, reports
 the certificates it issues, and renews its intermediate when the server's newest root
 changes. Later starts reuse the data dir and need neither --bundle nor --token.
+--metrics-listen adds Prometheus text on plain HTTP (GET /metrics; off by default).
+Under systemd (Type=notify) it says READY=1, WATCHDOG=1 and STOPPING=1; exit status 2
+means it refused to start, 3 that its server revoked it (neither is worth a restart).
+
+example:
+  keyplane zone serve --data-dir /var/lib/keyplane-zone --name zone1 \\
+      --bundle keyplane-init.dat --token "$(keyplane tokens create --role zone-server)"
 """
 
 
@@ -71,19 +81,29 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         "reports, all issue. Without it, one process serves and exits with status 70 if "
         "a part it needs stops (for systemd to restart it)",
     )
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on plain HTTP here, GET /metrics (default off)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text (default) or json: one JSON object per line",
+    )
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.set_defaults(func=run_zone)
 
 
 def run_zone(args: argparse.Namespace) -> int:
     private_umask()  # before any file is created: files 0600, directories 0700
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    notifier = SystemdNotifier()  # read once, here: the workers do not notify
+    configure_logging(args.log_level, args.log_format)
     backends: dict[str, dict[str, object]] = {"software": {}}
     backend = "software"
     dies_after = None
+    check_seconds = 10.0
     if args.config:
         try:
             raw = tomllib.loads(args.config.read_text())
@@ -92,6 +112,13 @@ def run_zone(args: argparse.Namespace) -> int:
             return 2
         backends.update({k: dict(v) for k, v in raw.get("backends", {}).items()})
         backend = str(raw.get("intermediate_backend", "software"))
+        check_seconds = raw.get("backend_check_seconds", check_seconds)
+        if not isinstance(check_seconds, int | float) or check_seconds <= 0:
+            print(
+                "keyplane zone serve: backend_check_seconds must be a positive number",
+                file=sys.stderr,
+            )
+            return 2
         dies_after = raw.get("testing", {}).get("report_writer_dies_after")
         if dies_after is not None and (not isinstance(dies_after, int) or dies_after < 0):
             print(
@@ -111,6 +138,8 @@ def run_zone(args: argparse.Namespace) -> int:
         backends,
         crl_listen=args.crl_listen or "",
         report_writer_dies_after=dies_after,
+        metrics_listen=args.metrics_listen or "",
+        backend_check_seconds=float(check_seconds),
     )
     try:
         # This process owns the ports, claimed before the data dir is opened (its
@@ -123,20 +152,22 @@ def run_zone(args: argparse.Namespace) -> int:
         print(f"keyplane zone serve: cannot start: {exc}", file=sys.stderr)
         return 2
     try:
-        return _run_prepared(zone, options, args)
+        return _run_prepared(zone, options, args, notifier)
     finally:
         if zone.ports is not None:
             zone.ports.close()
 
 
-def _run_prepared(zone: ZoneServer, options: ZoneOptions, args: argparse.Namespace) -> int:
+def _run_prepared(
+    zone: ZoneServer, options: ZoneOptions, args: argparse.Namespace, notifier: SystemdNotifier
+) -> int:
     """Enroll (first start) and serve, alone or with --workers."""
     try:
         bundle = args.bundle.read_bytes() if args.bundle else None
         zone.prepare(bundle, args.fingerprint, args.token)
         if args.workers is not None:
             zone.close()  # enrolled and up to date: the workers take it from here
-            return _supervise(zone, options, args)
+            return _supervise(zone, options, args, notifier)
     except ZoneRevoked as exc:
         print(f"keyplane zone serve: {exc}", file=sys.stderr)
         return EXIT_REVOKED
@@ -149,13 +180,13 @@ def _run_prepared(zone: ZoneServer, options: ZoneOptions, args: argparse.Namespa
         )
         return 1
     try:
-        return asyncio.run(_serve(zone))
+        return asyncio.run(_serve(zone, notifier))
     except StartRefused as exc:
         print(f"keyplane zone serve: refused to start: {exc}", file=sys.stderr)
         return 2
 
 
-async def _serve(zone: ZoneServer) -> int:
+async def _serve(zone: ZoneServer, notifier: SystemdNotifier) -> int:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -165,11 +196,17 @@ async def _serve(zone: ZoneServer) -> int:
     print(f"bootstrap listener on {zone.bootstrap} (server TLS)", flush=True)
     if zone.crl_listen:
         print(f"CRLs on http://{zone.crl_listen}/crl/", flush=True)
+    if zone.metrics_listen:
+        print(f"metrics on http://{zone.metrics_listen}/metrics", flush=True)
+    notifier.ready(f"zone server {zone.options.name} serving on {zone.listen}")
     signalled = asyncio.create_task(stopping.wait())
     served = asyncio.create_task(zone.wait())
+    watchdog = asyncio.create_task(_watchdog(zone, notifier))
     await asyncio.wait([signalled, served], return_when=asyncio.FIRST_COMPLETED)
+    notifier.stopping()
     signalled.cancel()
     served.cancel()
+    watchdog.cancel()
     await zone.stop()
     if zone.revoked_because is not None:
         return EXIT_REVOKED  # starting it again is no use: it must enroll again
@@ -177,7 +214,19 @@ async def _serve(zone: ZoneServer) -> int:
     return EXIT_VITAL_PART_DIED if zone.vital_part_died is not None else 0
 
 
-def _supervise(prepared: ZoneServer, options: ZoneOptions, args: argparse.Namespace) -> int:
+async def _watchdog(zone: ZoneServer, notifier: SystemdNotifier) -> None:
+    """WATCHDOG=1 from the serving loop while no part the zone needs has stopped."""
+    interval = notifier.ping_interval
+    if interval is None:
+        return
+    while zone.vital_part_died is None:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
+
+
+def _supervise(
+    prepared: ZoneServer, options: ZoneOptions, args: argparse.Namespace, notifier: SystemdNotifier
+) -> int:
     """Run `args.workers` serving processes on the ports `prepared` chose and restart any
     that dies; SIGTERM or SIGINT stops them all."""
     options = replace(
@@ -185,7 +234,9 @@ def _supervise(prepared: ZoneServer, options: ZoneOptions, args: argparse.Namesp
         listen=prepared.listen,
         bootstrap_listen=prepared.bootstrap,
         crl_listen=prepared.crl_listen,
+        metrics_listen=prepared.metrics_listen,
     )
+    metrics_dir = prepare_worker_metrics(options.data_dir) if options.metrics_listen else None
 
     def announce() -> None:
         print(
@@ -194,15 +245,23 @@ def _supervise(prepared: ZoneServer, options: ZoneOptions, args: argparse.Namesp
             flush=True,
         )
         print(f"bootstrap listener on {prepared.bootstrap} (server TLS)", flush=True)
+        if options.metrics_listen:
+            print(f"metrics on http://{options.metrics_listen}/metrics", flush=True)
 
-    return supervise(
-        _worker_main,
-        (options, args.fingerprint, args.log_level),
-        args.workers,
-        lambda: _accepts(prepared.bootstrap),
-        announce,
-        "keyplane zone serve",
-    )
+    try:
+        return supervise(
+            _worker_main,
+            (options, args.fingerprint, args.log_level, args.log_format),
+            args.workers,
+            lambda: _accepts(prepared.bootstrap),
+            announce,
+            "keyplane zone serve",
+            notifier=notifier,
+            on_exit=(lambda pid: worker_exited(metrics_dir, pid)) if metrics_dir else None,
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _accepts(address: str) -> bool:
@@ -214,12 +273,11 @@ def _accepts(address: str) -> bool:
         return False
 
 
-def _worker_main(options: ZoneOptions, fingerprint: str | None, log_level: str, index: int) -> None:
+def _worker_main(
+    options: ZoneOptions, fingerprint: str | None, log_level: str, log_format: str, index: int
+) -> None:
     private_umask()
-    logging.basicConfig(
-        level=getattr(logging, str(log_level).upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s zone-worker{index} %(name)s: %(message)s",
-    )
+    configure_logging(log_level, log_format, worker=index)
     zone = ZoneServer(options, worker=index)
     try:
         zone.prepare(None, fingerprint, None)

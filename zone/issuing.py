@@ -32,6 +32,7 @@ from keyplane.server.errors import (
     Unavailable,
 )
 from keyplane.server.kinds import KeyKind, Role
+from keyplane.server.logs import log_event
 
 if TYPE_CHECKING:
     from keyplane.zone.runtime import ZoneServer
@@ -160,7 +161,28 @@ class ZoneIssuer:
             raise Unavailable(
                 f"the zone server cannot reach its server to check the token ({exc.code.name})"
             ) from None
+        self._issued(issued, cert, common_name)
         return issued
+
+    def _issued(
+        self, issued: Issued, cert: x509.Certificate, subject: str, renews: str = ""
+    ) -> None:
+        """Count and log a certificate this zone issued (the server audits it as well,
+        once the zone reports it)."""
+        self.zone.metrics.issued(KeyKind.ZONE_INTERMEDIATE)
+        log_event(
+            "certificate.issue",
+            "certificate.issue %s for %s",
+            issued.serial,
+            subject,
+            target=issued.serial,
+            fingerprint=certs.key_fingerprint(cert),
+            details={
+                "subject": subject,
+                "role": Role.AGENT.value,
+                **({"renews": renews} if renews else {}),
+            },
+        )
 
     def renew_pending(
         self, identity: Identity, csr_data: bytes, repeat: bool = False
@@ -199,6 +221,12 @@ class ZoneIssuer:
         durable = self.zone.store.queue_report_pending(
             issued.serial, certs.to_der(cert), Role.AGENT, renews=identity.serial
         )
+
+        def recorded(done: Future[object]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self._issued(issued, cert, common_name, renews=identity.serial)
+
+        durable.add_done_callback(recorded)
         return issued, durable
 
     def _issued_again(self, cert: x509.Certificate) -> Issued:

@@ -25,6 +25,7 @@ from keyplane.clients.bundle import Bundle, load_bundle
 from keyplane.clients.client import KeyplaneClientError
 from keyplane.clients.trust import TrustState
 from keyplane.plugins.manager import KeyBackends
+from keyplane.server.backend_health import BackendHealth
 from keyplane.server.config import format_address, parse_address
 from keyplane.server.crl_http import CrlSite
 from keyplane.server.datadir import DataDir, DataDirState, private_umask
@@ -33,6 +34,8 @@ from keyplane.server.domain.clock import Clock, SystemClock
 from keyplane.server.grpc_options import server_options
 from keyplane.server.interceptor import KeyplaneInterceptor
 from keyplane.server.logs import quiet_client_cancellations
+from keyplane.server.metrics import Exposition, KeyExpiry, LiveReading, Metrics
+from keyplane.server.metrics_http import MetricsEndpoint
 from keyplane.server.ports import Listener, PortClaims, add_listener, claim_ports
 from keyplane.server.services.enrollment import EnrollmentServicer
 from keyplane.server.services.trust_state import TrustStateServicer, VersionNotifier
@@ -81,6 +84,10 @@ class ZoneOptions:
     crl_listen: str = ""
     # Testing only: the report writer thread dies after this many batches (a fault hook).
     report_writer_dies_after: int | None = None
+    # Prometheus text on GET /metrics at this HOST:PORT (--metrics-listen); "": off.
+    metrics_listen: str = ""
+    # How often the key backends are checked (health is NOT_SERVING while one is down).
+    backend_check_seconds: float = 10.0
 
 
 class ZoneServer:
@@ -122,9 +129,21 @@ class ZoneServer:
             listeners.append(
                 Listener("--crl-listen", *parse_address(options.crl_listen, "--crl-listen"))
             )
+        self.metrics_listen = options.metrics_listen
+        crl_listen: list[str]
         if own_ports:
+            if options.metrics_listen:
+                listeners.append(
+                    Listener(
+                        "--metrics-listen",
+                        *parse_address(options.metrics_listen, "--metrics-listen"),
+                    )
+                )
             self.ports = claim_ports(listeners)
-            self.listen, self.bootstrap, *crl_listen = self.ports.addresses
+            self.listen, self.bootstrap, *extra = self.ports.addresses
+            crl_listen = extra[:1] if options.crl_listen else []
+            if options.metrics_listen:
+                self.metrics_listen = extra[-1]
         else:
             self.listen, self.bootstrap, *crl_listen = (
                 format_address(x.host, x.port or free_port(x.host)) for x in listeners
@@ -135,7 +154,13 @@ class ZoneServer:
         elif found is DataDirState.UNFINISHED:
             log.warning("the first start of %s did not finish; finishing it", options.data_dir)
         self.data_dir.tighten_modes()
-        self.backends = KeyBackends(configured, options.data_dir)
+        self.metrics = Metrics()
+        self.backends = KeyBackends(
+            configured, options.data_dir, observe=self.metrics.key_operation
+        )
+        self.backend_health = BackendHealth(
+            self.backends, self.metrics, self._set_health, options.backend_check_seconds
+        )
         self.store = ZoneStore(options.data_dir / "zone.db")
         self.store.report_writer.die_after_batches = options.report_writer_dies_after
         self.stopping = threading.Event()
@@ -153,6 +178,8 @@ class ZoneServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.revoked_because: str | None = None
         self._revoked: asyncio.Event | None = None
+        self._metrics_endpoint: MetricsEndpoint | None = None
+        self._checks: asyncio.Task[None] | None = None
 
     @property
     def enrolled(self) -> bool:
@@ -277,7 +304,7 @@ class ZoneServer:
     async def start(self) -> None:
         quiet_client_cancellations()
         server = grpc.aio.server(
-            interceptors=[KeyplaneInterceptor(self.issuing.admit)],
+            interceptors=[KeyplaneInterceptor(self.issuing.admit, metrics=self.metrics)],
             options=server_options(),
         )
         notifier = VersionNotifier()
@@ -296,19 +323,25 @@ class ZoneServer:
             EnrollmentServicer(self.issuing), server
         )
         trust_state_service_pb2_grpc.add_TrustStateServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            TrustStateServicer(self.relay, notifier), server
+            TrustStateServicer(self.relay, notifier, self.metrics), server
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         add_listener(server, self.listen, self._credentials(True), "--listen")
         add_listener(server, self.bootstrap, self._credentials(False), "--bootstrap-listen")
+        if self.metrics_listen:
+            endpoint = MetricsEndpoint(
+                self.metrics_listen, Exposition(self.metrics, self._live_reading).render
+            )
+            self.metrics_listen = endpoint.start()
+            self._metrics_endpoint = endpoint
         await server.start()
         if self.crl_listen:
             self._crl_site = CrlSite(self.crl.served, self.crl_listen)
             self.crl_listen = await self._crl_site.start()
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         self._health = health_servicer
+        await self.backend_health.check()
         loops = [
             ("trust-state follower", self.relay.follow_loop),
             ("intermediate renewal", self.upstream.renew_loop),
@@ -330,12 +363,45 @@ class ZoneServer:
         self._loop = loop
         what = f"zone server {self.options.name} (worker {self.worker})"
         self._monitor = asyncio.create_task(self.vitals.monitor(self._on_vital_death, what))
+        self._checks = asyncio.create_task(self.backend_health.run())
 
     async def _on_vital_death(self, name: str) -> None:
-        if self._health is not None:
-            await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(serving=False)
         if self._vital_part_died is not None:
             self._vital_part_died.set()
+
+    async def _set_health(self, serving: bool) -> None:
+        if self._health is not None:
+            ok = serving and self.vitals.died is None
+            await self._health.set(
+                "",
+                health_pb2.HealthCheckResponse.SERVING
+                if ok
+                else health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
+
+    def _live_reading(self) -> LiveReading:
+        """What a scrape reads: the trust-state version relayed, and when the zone's
+        intermediate and its TLS certificate expire."""
+        state = self.relay.state
+        keys = []
+        intermediate = self.issuing.intermediate()
+        keys.append(
+            KeyExpiry(
+                "zone_intermediate",
+                certs.key_fingerprint(intermediate),
+                intermediate.not_valid_after_utc.timestamp(),
+            )
+        )
+        tls = self.store.get("tls_chain_pem") or ""
+        if tls:
+            cert = x509.load_pem_x509_certificates(tls.encode())[0]
+            keys.append(
+                KeyExpiry(
+                    "zone_tls", certs.key_fingerprint(cert), cert.not_valid_after_utc.timestamp()
+                )
+            )
+        return LiveReading(state.version if state else 0, keys)
 
     @property
     def vital_part_died(self) -> str | None:
@@ -368,6 +434,11 @@ class ZoneServer:
         self.vitals.stopping()
         if self._monitor is not None:
             self._monitor.cancel()
+        if self._checks is not None:
+            self._checks.cancel()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.stop()
+            self._metrics_endpoint = None
         self.stopping.set()
         if self.upstream.watch is not None:
             self.upstream.watch.cancel()

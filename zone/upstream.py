@@ -22,6 +22,7 @@ from keyplane.clients.client import (
 from keyplane.clients.credentials import Credential
 from keyplane.plugins.keys import BackendPrivateKey, KeyAlgorithm
 from keyplane.server.domain import certs
+from keyplane.server.logs import log_event
 from keyplane.v1 import zone_service_pb2
 
 if TYPE_CHECKING:
@@ -180,22 +181,40 @@ class Upstream:
             if reason is None:
                 return
             log.info("renewing the zone intermediate: %s", reason)
-            intermediate_uri, tls_uri, intermediate_csr, tls_csr = self._new_keys()
-            request = zone_service_pb2.RenewZoneServerRequest(
-                intermediate_csr=intermediate_csr, tls_csr=tls_csr
-            )
-            with self.server_client() as client:
-                response = client.renew_zone_server(request)
-            self._keep_intermediate(response.intermediate_chain_pem)
-            zone.store.put(
-                {
-                    "intermediate_uri": intermediate_uri,
-                    "intermediate_chain_pem": response.intermediate_chain_pem,
-                    "tls_uri": tls_uri,
-                    "tls_chain_pem": response.tls_certificate.certificate_chain_pem,
-                    "roots_pem": response.tls_certificate.roots_pem,
-                }
-            )
+            try:
+                self._renew(reason)
+            except Exception:
+                zone.metrics.rotation("zone_intermediate", ok=False)
+                raise
+            zone.metrics.rotation("zone_intermediate", ok=True)
+
+    def _renew(self, reason: str) -> None:
+        """New keys here, certified by the server's newest root; kept in zone.db."""
+        zone = self.zone
+        intermediate_uri, tls_uri, intermediate_csr, tls_csr = self._new_keys()
+        request = zone_service_pb2.RenewZoneServerRequest(
+            intermediate_csr=intermediate_csr, tls_csr=tls_csr
+        )
+        with self.server_client() as client:
+            response = client.renew_zone_server(request)
+        self._keep_intermediate(response.intermediate_chain_pem)
+        zone.store.put(
+            {
+                "intermediate_uri": intermediate_uri,
+                "intermediate_chain_pem": response.intermediate_chain_pem,
+                "tls_uri": tls_uri,
+                "tls_chain_pem": response.tls_certificate.certificate_chain_pem,
+                "roots_pem": response.tls_certificate.roots_pem,
+            }
+        )
+        renewed = x509.load_pem_x509_certificates(response.intermediate_chain_pem.encode())[0]
+        log_event(
+            "zone_intermediate.renew",
+            "renewed the zone intermediate: %s",
+            reason,
+            fingerprint=certs.key_fingerprint(renewed),
+            details={"reason": reason, "tls_serial": response.tls_certificate.serial},
+        )
 
     def maybe_renew_quietly(self) -> None:
         if self.zone.worker != 0:

@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         roots,
         settings,
         signing,
+        status,
         tokens,
         trust,
         trust_state,
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = connection_options()
     nouns = (
         roots, keys, settings, trust_state, signing, bundle, tokens, certs, zones,
-        identities, backup, audit, trust,
+        identities, backup, audit, trust, status,
     )  # fmt: skip
     for noun in nouns:
         noun.register(commands, common)

@@ -175,6 +175,10 @@ EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("keyplane serve --data-dir var", "start, initialising var on the first start"),
         ("keyplane serve --config /etc/keyplane/server.toml --workers 2", "two serving processes"),
     ),
+    "status": (
+        ("keyplane status", "whether it serves, its backends, roots, expiries, zones, backup"),
+        ("keyplane status --json --expiries 10", "for a script or a monitor"),
+    ),
     "unlock": (("keyplane unlock --data-dir var", "asks for the password and unlocks"),),
     "zone": (
         (

@@ -16,6 +16,8 @@ certificates) and the message-signing key. Each rotates by itself when it enters
 renewal window (settings PKI<Kind>KeyValidityHours / PKI<Kind>KeyRenewalWindowHours):
 the new key is published in the trust state before it is used, and the old one stays
 trusted until it expires. Kinds: server-tls, intermediate-tls, message-signing.
+'keys list' also shows how many signatures each key has made and when it last signed
+(counted by every server process and recorded every few seconds).
 """
 
 
@@ -32,6 +34,8 @@ def key_json(key: key_service_pb2.Key) -> dict[str, Any]:
         "backend": key.backend,
         "algorithm": ALGORITHM_NAMES.get(key.algorithm, "unspecified"),
         "certificate_pem": key.certificate_pem,
+        "signatures": key.signatures,
+        "last_used": timestamp(key.last_used, key.HasField("last_used")),
     }
 
 
@@ -40,7 +44,8 @@ def cmd_keys_list(client: KeyplaneClient, args: argparse.Namespace) -> int:
     if args.json:
         print_json(keys)
         return 0
-    header = ["KIND", "STATE", "FINGERPRINT", "NOT AFTER", "ISSUER", "BACKEND"]
+    header = ["KIND", "STATE", "FINGERPRINT", "NOT AFTER", "ISSUER", "BACKEND", "SIGNATURES"]
+    header.append("LAST USED")
     rows = [
         [
             k["kind"],
@@ -49,6 +54,8 @@ def cmd_keys_list(client: KeyplaneClient, args: argparse.Namespace) -> int:
             (k["not_after"] or "")[:19],
             k["issuer_fingerprint"][:16],
             k["backend"],
+            str(k["signatures"]),
+            (k["last_used"] or "never")[:19],
         ]
         for k in keys
     ]

@@ -10,6 +10,8 @@ that key is left out of the copy, so each key is in both copies or in neither.
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import shutil
 import sqlite3
@@ -41,7 +43,48 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ARCHIVE_NAME = "keyplane-backup.tar"
+# The meta entry that says what the last backup was.
+LAST_BACKUP = "last_backup"
 WORKDIR_PREFIX = ".backup-"
+
+
+@dataclass(frozen=True)
+class LastBackup:
+    """When the last backup archive was made, by whom, and what it held."""
+
+    at: datetime.datetime
+    actor: str
+    size: int
+    keys: int
+    trust_state_version: int
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "at": self.at.isoformat(),
+                "actor": self.actor,
+                "size": self.size,
+                "keys": self.keys,
+                "trust_state_version": self.trust_state_version,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str | None) -> LastBackup | None:
+        if not text:
+            return None
+        try:
+            raw = json.loads(text)
+            return cls(
+                datetime.datetime.fromisoformat(raw["at"]),
+                str(raw["actor"]),
+                int(raw["size"]),
+                int(raw["keys"]),
+                int(raw["trust_state_version"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            log.warning("the record of the last backup does not parse; ignoring it")
+            return None
 
 
 @dataclass(frozen=True)
@@ -83,7 +126,7 @@ class Verification:
     tables: dict[str, tuple[int, int]]  # table -> (backup rows, live rows)
 
 
-def _keyplane_version() -> str:
+def keyplane_version() -> str:
     try:
         return metadata.version("keyplane")
     except metadata.PackageNotFoundError:
@@ -150,7 +193,7 @@ class Backups:
             manifest = Manifest(
                 created=now,
                 server=h.config.fqdn,
-                keyplane_version=_keyplane_version(),
+                keyplane_version=keyplane_version(),
                 schema_version=copy.schema_version(),
                 trust_state_version=copy.trust_state_version(),
                 revocation_sequence=copy.revocation_sequence(),
@@ -177,6 +220,7 @@ class Backups:
         write_archive(archive, manifest, files)
         for copied in files.values():
             copied.unlink()
+        self._record_last(actor, manifest, archive.stat().st_size)
         log.info(
             "backup by %s: %d keys, %d certificates, trust-state version %d, revocation "
             "sequence %d",
@@ -187,6 +231,19 @@ class Backups:
             manifest.revocation_sequence,
         )
         return Archive(archive, manifest)
+
+    def _record_last(self, actor: str, manifest: Manifest, size: int) -> None:
+        """What `keyplane status` shows as the last backup (kept in the state DB's meta,
+        so every worker, and a restart, knows it)."""
+        last = LastBackup(
+            manifest.created, actor, size, len(manifest.keys), manifest.trust_state_version
+        )
+        with self.h.store.transaction(self.h.clock.now()) as tx:
+            tx.set_meta(LAST_BACKUP, last.to_json())
+
+    def last(self) -> LastBackup | None:
+        """The last backup this server made, if any."""
+        return LastBackup.from_json(self.h.store.meta_value(LAST_BACKUP))
 
     def verify(self, manifest_json: bytes) -> Verification:
         """The differences between the backup a manifest describes and what is live."""

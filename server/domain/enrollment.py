@@ -251,6 +251,11 @@ class Enrollment:
             for record in records
         ]
 
+        metrics = self.hierarchy.metrics
+
+        def issued() -> None:
+            metrics.issued(KeyKind.INTERMEDIATE_TLS, len(rows))
+
         def record_issue(tx: Transaction) -> None:
             if token_digest and not tx.consume_token(token_digest, Role.AGENT, uses=len(records)):
                 raise Unauthenticated(
@@ -282,6 +287,7 @@ class Enrollment:
                     f"certificate {renews} (issued by the trusted peer {renews_peer}) was "
                     "renewed here already; a certificate renews once per server"
                 )
+            tx.on_commit(issued)
             tx.audit_many(audit)
 
         return self.store.group_commit_pending(records[0].issued_at, record_issue)

@@ -30,6 +30,7 @@ from keyplane.server.domain.settings import Setting, Settings
 from keyplane.server.domain.trust import TrustStatePublisher
 from keyplane.server.errors import FailedPrecondition, NotFound
 from keyplane.server.kinds import SUBORDINATE_KINDS, KeyKind, KeyState
+from keyplane.server.metrics import Metrics
 from keyplane.server.store import KeyRecord, StateStore
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,11 @@ class Hierarchy:
         backends: KeyBackends,
         clock: Clock,
         faults: Faults | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        # What this process counts (certificates issued, rotations): see server/metrics.py.
+        self.metrics = metrics or Metrics()
         self.store = store
         self.backends = backends
         self.clock = clock

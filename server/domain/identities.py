@@ -22,7 +22,7 @@ from keyplane.server.domain.hierarchy import Hierarchy
 from keyplane.server.domain.identity import Identity
 from keyplane.server.domain.inputs import parse_reason
 from keyplane.server.errors import AlreadyExists, InvalidArgument, NotFound
-from keyplane.server.kinds import HUMAN_ROLES, Role
+from keyplane.server.kinds import HUMAN_ROLES, KeyKind, Role
 from keyplane.server.store import CertificateRecord
 from keyplane.server.store.reads import Reads
 
@@ -149,6 +149,7 @@ class Identities:
                 if known:
                     raise AlreadyExists(key_in_use(known))
                 tx.insert_certificate(record)
+                tx.on_commit(lambda: h.metrics.issued(KeyKind.ROOT))
                 tx.audit(
                     actor,
                     "identity.create",

@@ -52,7 +52,14 @@ class Roots:
     def create(self, actor: str, algorithm: KeyAlgorithm | None = None) -> KeyRecord:
         """Create `<fqdn> Root <n>` and re-issue the server's subordinates under it."""
         with self.h.lock:
-            record = self.create_unlocked(actor, algorithm or self.h.config.root_algorithm)
+            try:
+                record = self.create_unlocked(actor, algorithm or self.h.config.root_algorithm)
+            except RootLimitReached:
+                raise  # refused: no rotation was tried
+            except Exception:
+                self.h.metrics.rotation(KeyKind.ROOT, ok=False)
+                raise
+            self.h.metrics.rotation(KeyKind.ROOT, ok=True)
             self.h.rotation.reconcile_unlocked(actor)
             return record
 
@@ -96,6 +103,7 @@ class Roots:
                 # Checked again inside the write lock: another worker may have won.
                 self._check_limit(tx.reads.keys(KeyKind.ROOT, (KeyState.ACTIVE,)))
                 tx.insert_key(record)
+                tx.on_commit(lambda: h.metrics.issued(KeyKind.ROOT))
                 tx.audit(
                     actor,
                     "root.create",

@@ -163,7 +163,17 @@ class Rotation:
         )
 
     def _rotate(self, actor: str, kind: KeyKind, issuer: KeyRecord) -> KeyRecord:
-        """New key, certificate from `issuer`; recorded as prepared, published, activated."""
+        """New key, certificate from `issuer`; recorded as prepared, published, activated
+        (counted as a rotation done, or failed if it stops on an error)."""
+        try:
+            record = self._rotate_counted(actor, kind, issuer)
+        except Exception:
+            self.h.metrics.rotation(kind, ok=False)
+            raise
+        self.h.metrics.rotation(kind, ok=True)
+        return record
+
+    def _rotate_counted(self, actor: str, kind: KeyKind, issuer: KeyRecord) -> KeyRecord:
         h = self.h
         backend = h.config.backend_for(kind)
         algorithm = h.config.subordinate_algorithm
@@ -190,6 +200,7 @@ class Rotation:
             )
             with h.store.transaction(now) as tx:
                 tx.insert_key(record)
+                tx.on_commit(lambda: h.metrics.issued(KeyKind.ROOT))
                 tx.audit(
                     actor,
                     "key.prepare",
@@ -249,6 +260,7 @@ class Rotation:
         record = certs.record_of(cert, Role.ADMIN, issuer.fingerprint, now)
         with h.store.transaction(now) as tx:
             tx.insert_certificate(record)
+            tx.on_commit(lambda: h.metrics.issued(KeyKind.ROOT))
             tx.audit(
                 actor,
                 "admin_credential.issue",

@@ -260,6 +260,7 @@ class Zones:
                 intermediate = self._intermediate(zone, intermediate_csr)
                 tx.insert_key(intermediate)
                 tx.insert_certificates([certificate_row(tls_record, digest)])
+                tx.on_commit(lambda: self.hierarchy.metrics.issued(KeyKind.ROOT, 2))
                 tx.set_zone_certificate(zone_id, tls_record.serial)
                 tx.audit(
                     actor,
@@ -310,6 +311,7 @@ class Zones:
                         tx.set_key_state(old.fingerprint, KeyState.RETIRED)
                 tx.insert_key(intermediate)
                 tx.insert_certificate(tls_record)
+                tx.on_commit(lambda: self.hierarchy.metrics.issued(KeyKind.ROOT, 2))
                 tx.set_zone_certificate(zone.id, tls_record.serial)
                 tx.zone_seen(zone.id)
                 tx.audit(

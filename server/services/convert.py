@@ -10,7 +10,7 @@ from google.protobuf import timestamp_pb2
 from keyplane.plugins.keys import KeyAlgorithm, PublicKey
 from keyplane.server.domain.settings import Setting
 from keyplane.server.errors import InvalidArgument
-from keyplane.server.store import CertificateRecord, KeyRecord
+from keyplane.server.store import CertificateRecord, KeyRecord, KeyUsage
 from keyplane.v1 import (
     certificate_service_pb2,
     common_pb2,
@@ -127,8 +127,10 @@ def kind_from_proto(value: key_service_pb2.KeyKind, required: bool) -> str | Non
     return _KIND_FROM_PROTO[value]
 
 
-def key(record: KeyRecord) -> key_service_pb2.Key:
+def key(record: KeyRecord, usage: KeyUsage | None = None) -> key_service_pb2.Key:
     return key_service_pb2.Key(
+        signatures=usage.signatures if usage else 0,
+        last_used=timestamp(usage.last_used_at) if usage else None,
         kind=_KIND_TO_PROTO[record.kind],
         fingerprint=record.fingerprint,
         name=record.name,

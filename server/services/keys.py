@@ -20,7 +20,8 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
     async def ListKeys(self, request: pb.ListKeysRequest, context: Context) -> pb.ListKeysResponse:
         kind = convert.kind_from_proto(request.kind, required=False)
         records = await asyncio.to_thread(self._hierarchy.subordinate_keys, kind)
-        return pb.ListKeysResponse(keys=[convert.key(r) for r in records])
+        usage = await asyncio.to_thread(self._hierarchy.store.key_usage)
+        return pb.ListKeysResponse(keys=[convert.key(r, usage.get(r.fingerprint)) for r in records])
 
     async def RotateKey(
         self, request: pb.RotateKeyRequest, context: Context

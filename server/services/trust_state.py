@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from keyplane.server.metrics import Metrics
 from keyplane.server.services.context import Context
 from keyplane.v1 import trust_state_pb2, trust_state_service_pb2_grpc
 from keyplane.v1 import trust_state_service_pb2 as pb
@@ -67,9 +68,12 @@ class TrustStateSource(Protocol):
 class TrustStateServicer(trust_state_service_pb2_grpc.TrustStateServiceServicer):
     """Serves versions from the publisher; watchers are woken by the notifier."""
 
-    def __init__(self, publisher: TrustStateSource, notifier: VersionNotifier) -> None:
+    def __init__(
+        self, publisher: TrustStateSource, notifier: VersionNotifier, metrics: Metrics | None = None
+    ) -> None:
         self._publisher = publisher
         self._notifier = notifier
+        self._watchers = metrics.watchers if metrics is not None else None
         # When a version commits, every watcher asks for the same answer at once: compute
         # it once per (held version, latest known version) and share it, message and all.
         self._answers: dict[tuple[int, int], asyncio.Task[_Answer]] = {}
@@ -106,9 +110,15 @@ class TrustStateServicer(trust_state_service_pb2_grpc.TrustStateServiceServicer)
         self, request: pb.WatchTrustStateRequest, context: Context
     ) -> AsyncIterator[pb.WatchTrustStateResponse]:
         since = request.since_version
-        while True:
-            answer = await self._answer(since)
-            if answer.versions:
-                yield answer.response
-                since = answer.latest
-            await self._notifier.wait_newer(since, POLL_SECONDS)
+        if self._watchers is not None:
+            self._watchers.inc()
+        try:
+            while True:
+                answer = await self._answer(since)
+                if answer.versions:
+                    yield answer.response
+                    since = answer.latest
+                await self._notifier.wait_newer(since, POLL_SECONDS)
+        finally:
+            if self._watchers is not None:
+                self._watchers.dec()

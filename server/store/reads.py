@@ -21,6 +21,7 @@ from keyplane.server.store.records import (
     CertificateRecord,
     CrlRecord,
     KeyRecord,
+    KeyUsage,
     RevokedEntry,
     TokenRecord,
     TrustStateRecord,
@@ -316,6 +317,20 @@ class Reads:
         with self._connect() as db:
             row = db.execute("SELECT value FROM meta WHERE name = 'generation'").fetchone()
         return int(row[0]) if row else 0
+
+    def key_usage(self) -> dict[str, KeyUsage]:
+        """Signatures made and when last used, by key fingerprint (keys used at least once)."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT fingerprint, signatures, last_used_at FROM keys WHERE signatures > 0"
+            ).fetchall()
+        return {str(r[0]): KeyUsage(int(r[1]), opt_dt(r[2])) for r in rows}
+
+    def meta_value(self, name: str) -> str | None:
+        """A value the server keeps in meta (e.g. 'last_backup'), or None."""
+        with self._connect() as db:
+            row = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return str(row[0]) if row else None
 
 
 def _audit_record(event: ChainedEvent) -> AuditRecord:

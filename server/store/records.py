@@ -49,6 +49,14 @@ class KeyRecord:
 
 
 @dataclass(frozen=True)
+class KeyUsage:
+    """How much a key has signed, and when it last did (to within a flush interval)."""
+
+    signatures: int
+    last_used_at: datetime.datetime | None
+
+
+@dataclass(frozen=True)
 class CertificateRecord:
     """A leaf certificate keyplane (or one of its zone servers) issued."""
 

@@ -16,7 +16,7 @@ from keyplane.server.store.audit_chain import (
     format_head,
 )
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # The audit log is append-only: no statement may change or remove an event (keyplane's
 # store has no such write either). Someone with the file can drop these; the hash chain
@@ -59,7 +59,10 @@ CREATE TABLE keys (
     revoke_reason TEXT,
     destroyed_at TEXT,
     -- RFC 5280 CRLReason of the revocation (NULL: unspecified).
-    revoke_reason_code INTEGER
+    revoke_reason_code INTEGER,
+    -- Signatures the key has made, and when it was last used, added up in batches.
+    signatures INTEGER NOT NULL DEFAULT 0,
+    last_used_at TEXT
 );
 CREATE UNIQUE INDEX keys_root_number ON keys (number) WHERE kind = 'root';
 CREATE INDEX keys_kind_state ON keys (kind, state);
@@ -352,6 +355,11 @@ CREATE TABLE crls (
     der BLOB NOT NULL
 );
 """,
+    # Per-key usage counters.
+    7: """
+ALTER TABLE keys ADD COLUMN signatures INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE keys ADD COLUMN last_used_at TEXT;
+""",
 }
 
 
@@ -412,7 +420,7 @@ def initialise(db: sqlite3.Connection, name: str) -> None:
             f"{name} has schema version {version}, newer than this keyplane knows "
             f"({SCHEMA_VERSION}); run the keyplane version that wrote it"
         )
-    for step in range(version + 1, SCHEMA_VERSION + 1):
+    for step in sorted(s for s in MIGRATIONS if version < s <= SCHEMA_VERSION):
         db.execute("BEGIN IMMEDIATE")
         try:
             for statement in _statements(MIGRATIONS[step]):

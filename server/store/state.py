@@ -6,6 +6,7 @@ its audit record commit in one transaction."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import fcntl
 import os
@@ -24,6 +25,7 @@ from keyplane.server.store.records import (
     AuditRecord,
     CertificateRecord,
     KeyRecord,
+    KeyUsage,
     TokenRecord,
     TrustStateRecord,
     ZoneRecord,
@@ -104,14 +106,22 @@ class StateStore:
         Each caller's work runs inside its own savepoint: if it raises, only its writes
         are rolled back and the exception is raised to that caller alone.
         """
-        return self._committer.submit((now, work)).result()  # type: ignore[return-value]
+        return self._submit(now, work).result()  # type: ignore[return-value]
 
     def group_commit_pending(
         self, now: datetime.datetime, work: Callable[[Transaction], object]
     ) -> Future[object]:
         """Like group_commit, without waiting: the future completes after the fsync. If
         the future is cancelled before its batch begins, the work never runs."""
-        return self._committer.submit((now, work))
+        return self._submit(now, work)
+
+    def _submit(
+        self, now: datetime.datetime, work: Callable[[Transaction], object]
+    ) -> Future[object]:
+        # The work runs on the committer thread in its caller's context, so that what it
+        # logs names the caller's RPC.
+        context = contextvars.copy_context()
+        return self._committer.submit((now, lambda tx: context.run(work, tx)))
 
     @contextlib.contextmanager
     def transaction(self, now: datetime.datetime) -> Iterator[Transaction]:
@@ -297,3 +307,10 @@ class StateStore:
 
     def revocation_sequence(self) -> int:
         return self.reads.revocation_sequence()
+
+    def key_usage(self) -> dict[str, KeyUsage]:
+        """Signatures and last use by key fingerprint (uncached: counts change often)."""
+        return self.reads.key_usage()
+
+    def meta_value(self, name: str) -> str | None:
+        return self.reads.meta_value(name)

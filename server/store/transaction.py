@@ -11,10 +11,11 @@ from __future__ import annotations
 import datetime
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from keyplane.server.kinds import KeyKind, KeyState
+from keyplane.server.logs import current_rpc, log_changes
 from keyplane.server.store.audit_chain import (
     AUDIT_COLUMNS,
     HEAD,
@@ -133,6 +134,12 @@ class Transaction:
             rows,
         )
         self.audit_head = (head_id, head)
+        # Logged once committed, with the RPC it came from (the committer thread runs in
+        # the submitting call's context: see StateStore.group_commit_pending).
+        # (actor, action, target, details, actor's fingerprint, before, after, outcome)
+        logged = [(r[2], r[4], r[5], r[6], r[3], r[7], r[8], r[9]) for r in rows]
+        rpc = current_rpc.get()
+        self.after_commit.append(lambda: log_changes(logged, rpc))
 
     def write_audit_head(self) -> None:
         """Record the chain's new head in meta (once, at commit) if events were added."""
@@ -181,6 +188,22 @@ class Transaction:
                 "excluded.value)",
                 (str(record.number),),
             )
+
+    def add_key_usage(self, signatures: Mapping[str, int]) -> None:
+        """Add signatures made (by key URI) to each key's count, used at this transaction's
+        time. Not a change of the hierarchy: cached reads stay valid."""
+        self._db.executemany(
+            "UPDATE keys SET signatures = signatures + ?, last_used_at = ? WHERE key_uri = ?",
+            [(count, ts(self.now), uri) for uri, count in signatures.items()],
+        )
+
+    def set_meta(self, name: str, value: str) -> None:
+        """Keep a value the server needs later (e.g. what the last backup was)."""
+        self._db.execute(
+            "INSERT INTO meta (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (name, value),
+        )
 
     def set_key_state(self, fingerprint: str, state: KeyState) -> None:
         self.changes_hierarchy = True
