@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,11 +24,16 @@ from grpc_reflection.v1alpha import reflection
 from keyplane.plugins.manager import KeyBackends
 from keyplane.plugins.password import Password, backends_with_password
 from keyplane.server.config import ServerConfig, format_address
+from keyplane.server.console.app import Console, Status
+from keyplane.server.console.calls import ConsoleCalls, handlers_of
+from keyplane.server.console.site import ConsoleSite, console_url
+from keyplane.server.console.tls import ConsoleTls
 from keyplane.server.datadir import DataDir, DataDirState, private_umask
 from keyplane.server.domain.audit import AuditLog, RefusalRecorder
 from keyplane.server.domain.backups import Backups
 from keyplane.server.domain.bundles import Bundles
 from keyplane.server.domain.clock import Clock, SystemClock
+from keyplane.server.domain.console_sessions import ConsoleSignIn
 from keyplane.server.domain.enrollment import Enrollment
 from keyplane.server.domain.exchange import TrustExchange
 from keyplane.server.domain.faults import Faults
@@ -45,6 +51,7 @@ from keyplane.server.services.audit import AuditServicer
 from keyplane.server.services.backups import BackupServicer
 from keyplane.server.services.bundles import BundleServicer
 from keyplane.server.services.certificates import CertificateServicer
+from keyplane.server.services.console import ConsoleServicer
 from keyplane.server.services.enrollment import EnrollmentServicer
 from keyplane.server.services.identities import IdentityServicer
 from keyplane.server.services.keys import KeyServicer
@@ -65,6 +72,8 @@ from keyplane.v1 import (
     bundle_service_pb2_grpc,
     certificate_service_pb2,
     certificate_service_pb2_grpc,
+    console_service_pb2,
+    console_service_pb2_grpc,
     enrollment_service_pb2,
     enrollment_service_pb2_grpc,
     identity_service_pb2,
@@ -87,27 +96,46 @@ from keyplane.v1 import (
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = tuple(
-    service.full_name
-    for module in (
-        root_key_service_pb2,
-        key_service_pb2,
-        settings_service_pb2,
-        trust_state_service_pb2,
-        message_signing_service_pb2,
-        enrollment_service_pb2,
-        zone_service_pb2,
-        certificate_service_pb2,
-        bundle_service_pb2,
-        identity_service_pb2,
-        backup_service_pb2,
-        audit_service_pb2,
-        trust_service_pb2,
-    )
-    for service in module.DESCRIPTOR.services_by_name.values()
+_SERVICE_MODULES = (
+    root_key_service_pb2,
+    key_service_pb2,
+    settings_service_pb2,
+    trust_state_service_pb2,
+    message_signing_service_pb2,
+    enrollment_service_pb2,
+    zone_service_pb2,
+    certificate_service_pb2,
+    bundle_service_pb2,
+    identity_service_pb2,
+    backup_service_pb2,
+    audit_service_pb2,
+    trust_service_pb2,
+    console_service_pb2,
 )
+# Every keyplane service, by full name.
+SERVICES = {
+    service.full_name: service
+    for module in _SERVICE_MODULES
+    for service in module.DESCRIPTOR.services_by_name.values()
+}
+SERVICE_NAMES = tuple(SERVICES)
+# How long the console's status strip trusts an HSM look-up (each one is a round trip).
+HSM_CHECK_SECONDS = 10.0
 # How often each process looks for trust-state versions that other workers published.
 VERSION_POLL_SECONDS = 0.1
+
+
+def _service_of(servicer: object) -> str:
+    """The full name of the service a servicer implements (by its generated base)."""
+    for base in type(servicer).__mro__:
+        name = f"keyplane.v1.{base.__name__.removesuffix('Servicer')}"
+        if base.__name__.endswith("Servicer") and name in SERVICES:
+            return name
+    raise TypeError(f"{type(servicer).__name__} implements no keyplane service")
+
+
+def loop_time() -> float:
+    return time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -140,6 +168,8 @@ class KeyplaneServer:
         self._health: health.aio.HealthServicer | None = None
         self._vital_part_died: asyncio.Event | None = None
         self.peer_link: PeerLink | None = None
+        self._console: ConsoleSite | None = None
+        self._hsm_seen: tuple[float, str] | None = None
 
     def open(self, password: Password | None = None) -> StartReport:
         """Open the data dir and its key backends: initialise an empty one, finish an
@@ -204,6 +234,67 @@ class KeyplaneServer:
         assert self.endpoints is not None  # noqa: S101 - start() ran
         return self.endpoints.connect_listen, self.endpoints.connect_bootstrap
 
+    def console_url(self) -> str | None:
+        """Where a browser opens the console (None when it is off, or not bound yet)."""
+        address = self.config.console_address
+        if address is None:
+            return None
+        host, port = address
+        if port == 0:  # resolved when bound (a lone process's console, in tests)
+            if self._console is None:
+                return None
+            port = self._console.port
+        return console_url(host, port, self.config.fqdn)
+
+    def _hsm_state(self) -> str:
+        hierarchy = self.hierarchy
+        assert hierarchy is not None  # noqa: S101
+        uris = [r.key_uri for r in hierarchy.active_roots() if r.key_uri.startswith("pkcs11:")]
+        if not uris:
+            return "not used"
+        now = loop_time()
+        if self._hsm_seen is not None and now - self._hsm_seen[0] < HSM_CHECK_SECONDS:
+            return self._hsm_seen[1]
+        try:
+            state = "reachable" if all(map(hierarchy.backends.holds_key, uris)) else "unreachable"
+        except Exception:
+            state = "unreachable"
+        self._hsm_seen = (now, state)
+        return state
+
+    def console_status(self) -> Status:
+        """The console's status strip (called off the event loop)."""
+        hierarchy = self.hierarchy
+        assert hierarchy is not None  # noqa: S101
+        stopped = self.vitals.died or self.vitals.first_dead()
+        data_dir = DataDir.of_server(self.config.data_dir, self.config.backends["software"])
+        return Status(
+            serving=stopped is None,
+            stopped_part=stopped,
+            hsm=self._hsm_state(),
+            sealing="a key file (no password)" if data_dir.key_file.exists() else "a password",
+            trust_version=hierarchy.trust.latest_version(),
+        )
+
+    async def _start_console(
+        self, hierarchy: Hierarchy, services: dict[str, object], refused: RefusalRecorder
+    ) -> None:
+        address = self.config.console_address
+        if address is None or self.worker != 0:  # one worker serves it: worker 0
+            return
+        calls = ConsoleCalls(handlers_of(services, SERVICES), refused.refused)
+        console = Console(
+            calls,
+            ConsoleSignIn(hierarchy.store, hierarchy.admission, self.clock),
+            self.console_status,
+            self.config.fqdn,
+            self.config.data_dir,
+        )
+        tls = ConsoleTls(hierarchy.tls_material, hierarchy.tls_version)
+        site = ConsoleSite(console, tls, *address)
+        await site.start()
+        self._console = site
+
     async def start(self) -> Endpoints:
         if self.hierarchy is None:
             await asyncio.to_thread(self.open)
@@ -213,12 +304,13 @@ class KeyplaneServer:
         loop = asyncio.get_running_loop()
         # Enough threads that concurrent requests share a group commit.
         loop.set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="keyplane"))
+        refusals = RefusalRecorder(hierarchy.store, self.clock)
         server = grpc.aio.server(
             interceptors=[
                 KeyplaneInterceptor(
                     hierarchy.admission.admit,
                     CallLimits(self.config.max_calls_per_listener, self.config.max_streams),
-                    RefusalRecorder(hierarchy.store, self.clock).refused,
+                    refusals.refused,
                 )
             ],
             options=server_options(self.config.min_ping_interval_ms),
@@ -285,9 +377,18 @@ class KeyplaneServer:
                 trust_service_pb2_grpc.add_TrustServiceServicer_to_server,
                 TrustServicer(exchange, link.wake if link else lambda: None),
             ),
+            (
+                console_service_pb2_grpc.add_ConsoleServiceServicer_to_server,
+                ConsoleServicer(
+                    ConsoleSignIn(hierarchy.store, hierarchy.admission, self.clock),
+                    self.console_url,
+                ),
+            ),
         ]
         for add, servicer in servicers:
             add(servicer, server)
+        # The console calls these very servicers, by RPC path.
+        services = {_service_of(servicer): servicer for _, servicer in servicers}
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -307,6 +408,7 @@ class KeyplaneServer:
         await server.start()
         self._server = server
         self._health = health_servicer
+        await self._start_console(hierarchy, services, refusals)
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
@@ -325,7 +427,10 @@ class KeyplaneServer:
         self._tasks.append(follower)
         if self.worker == 0:
             self.hierarchy.admin_dir.write_endpoint(
-                self.endpoints.connect_listen, self.endpoints.connect_bootstrap, self.config.fqdn
+                self.endpoints.connect_listen,
+                self.endpoints.connect_bootstrap,
+                self.config.fqdn,
+                self.console_url(),
             )
             scheduler = asyncio.create_task(self._rotation_loop())
             self.vitals.watch_task("rotation scheduler", scheduler)
@@ -395,6 +500,9 @@ class KeyplaneServer:
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
+        if self._console is not None:
+            await self._console.stop()
+            self._console = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

@@ -14,6 +14,7 @@ from keyplane.plugins.errors import BackendError
 from keyplane.plugins.password import Password
 from keyplane.server.app import KeyplaneServer
 from keyplane.server.config import ServerConfig, load_config
+from keyplane.server.console.site import console_url
 from keyplane.server.datadir import private_umask
 from keyplane.server.errors import ConfigError, StartRefused
 from keyplane.server.locked import (
@@ -40,6 +41,12 @@ keyplane.db, say) is refused, and a port another process holds is refused too.
 Two listeners serve the same API: --listen requires a client certificate from this
 hierarchy (mutual TLS); --bootstrap-listen (default: the next port) is server-TLS only,
 for health checks, reflection and what components need before they have a certificate.
+--console-listen adds the admin console (HTTPS with the server's certificate, off by
+default): sign in with a one-time link from 'keyplane console login'.
+
+example:
+  keyplane serve --data-dir /var/lib/keyplane --listen 0.0.0.0:7443 \
+      --console-listen 127.0.0.1:7445
 """
 
 
@@ -55,6 +62,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--listen", help="mutual-TLS listener HOST:PORT (default 127.0.0.1:7443)")
     parser.add_argument(
         "--bootstrap-listen", help="server-TLS bootstrap listener HOST:PORT (default: next port)"
+    )
+    parser.add_argument(
+        "--console-listen",
+        metavar="HOST:PORT",
+        help="serve the admin console (HTTPS) here, e.g. 127.0.0.1:7445 (config: "
+        "console_listen; default: no console). With --workers, worker 0 serves it",
     )
     parser.add_argument("--fqdn", help="the server's name, used in root names (default: host's)")
     parser.add_argument(
@@ -94,6 +107,7 @@ def run_serve(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             listen=args.listen,
             bootstrap_listen=args.bootstrap_listen,
+            console_listen=args.console_listen,
             fqdn=args.fqdn,
         )
         config = with_password_source(config, args.password_file, args.password_env)
@@ -109,14 +123,20 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         # This process owns the ports (its workers bind beside its claim) for its life,
         # claimed before the data dir is opened: see server/ports.py.
-        with claim_ports(
-            [
-                Listener("--listen", *config.listen_address),
-                Listener("--bootstrap-listen", *config.bootstrap_address),
-            ]
-        ) as claims:
-            listen, bootstrap = claims.addresses
-            config = replace(config, listen=listen, bootstrap_listen=bootstrap)
+        listeners = [
+            Listener("--listen", *config.listen_address),
+            Listener("--bootstrap-listen", *config.bootstrap_address),
+        ]
+        if config.console_address is not None:
+            listeners.append(Listener("--console-listen", *config.console_address))
+        with claim_ports(listeners) as claims:
+            listen, bootstrap, *console = claims.addresses
+            config = replace(
+                config,
+                listen=listen,
+                bootstrap_listen=bootstrap,
+                console_listen=console[0] if console else "",
+            )
             if workers is None:
                 return asyncio.run(_serve(KeyplaneServer(config)))
             return _supervise(config, args, workers)
@@ -148,6 +168,7 @@ def _supervise(config: ServerConfig, args: argparse.Namespace, workers: int) -> 
         str(config.data_dir),
         listen,
         bootstrap,
+        config.console_listen,
         config.fqdn,
         args.log_level,
         args.password_file,
@@ -163,6 +184,9 @@ def _supervise(config: ServerConfig, args: argparse.Namespace, workers: int) -> 
         print(f"bootstrap listener on {bootstrap} (server TLS)", flush=True)
         print(f"issuing root: {root.name} sha256:{root.fingerprint}", flush=True)
         print(f"admin credential: {config.data_dir / 'admin'}", flush=True)
+        if config.console_address is not None:
+            host, port = config.console_address
+            print(f"admin console: {console_url(host, port, config.fqdn)}/ (worker 0)", flush=True)
         print(next_steps(config.data_dir), flush=True)
 
     return supervise(
@@ -185,6 +209,7 @@ def _worker_main(
     data_dir: str,
     listen: str,
     bootstrap: str,
+    console_listen: str,
     fqdn: str,
     log_level: str,
     password_file: Path | None,
@@ -198,7 +223,12 @@ def _worker_main(
         format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s",
     )
     config = load_config(
-        config_path, data_dir=Path(data_dir), listen=listen, bootstrap_listen=bootstrap, fqdn=fqdn
+        config_path,
+        data_dir=Path(data_dir),
+        listen=listen,
+        bootstrap_listen=bootstrap,
+        console_listen=console_listen,
+        fqdn=fqdn,
     )
     config = with_password_source(config, password_file, password_env)
     asyncio.run(_serve_worker(KeyplaneServer(config, worker=index), password))
@@ -232,6 +262,10 @@ async def _serve(server: KeyplaneServer) -> int:
     print(f"bootstrap listener on {endpoints.bootstrap_listen} (server TLS)", flush=True)
     print(f"issuing root: {root.name} sha256:{root.fingerprint}", flush=True)
     print(f"admin credential: {server.config.data_dir / 'admin'}", flush=True)
+    if server.console_url() is not None:
+        print(
+            f"admin console: {server.console_url()}/ (sign in: keyplane console login)", flush=True
+        )
     print(next_steps(server.config.data_dir), flush=True)
     waiter = asyncio.create_task(server.wait())
     await asyncio.wait(

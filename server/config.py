@@ -6,6 +6,7 @@ Example (all keys optional):
     data_dir = "/var/lib/keyplane"
     listen = "0.0.0.0:7443"
     bootstrap_listen = "0.0.0.0:7444"
+    console_listen = "127.0.0.1:7445"   # the admin console (HTTPS); off when unset
     server_names = ["pki.example.org"]
     root_algorithm = "ec-p256"
     subordinate_algorithm = "ec-p256"
@@ -86,6 +87,8 @@ class ServerConfig:
     fqdn: str = field(default_factory=socket.getfqdn)
     listen: str = DEFAULT_LISTEN
     bootstrap_listen: str = ""
+    # The admin console's HTTPS listener (server/console/); "" serves none.
+    console_listen: str = ""
     server_names: tuple[str, ...] = ()
     root_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
     subordinate_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
@@ -123,6 +126,13 @@ class ServerConfig:
         host, port = self.listen_address
         return host, (port + 1 if port else 0)
 
+    @property
+    def console_address(self) -> tuple[str, int] | None:
+        """The console's listener, or None when the console is off."""
+        if not self.console_listen:
+            return None
+        return parse_address(self.console_listen, "console_listen")
+
     def backend_for(self, kind: str) -> str:
         return self.key_backends[kind]
 
@@ -157,6 +167,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         "data_dir",
         "listen",
         "bootstrap_listen",
+        "console_listen",
         "server_names",
         "root_algorithm",
         "subordinate_algorithm",
@@ -171,7 +182,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
     _known(raw, top, "the config file")
     config = ServerConfig()
     values: dict[str, Any] = {}
-    for name in ("fqdn", "listen", "bootstrap_listen"):
+    for name in ("fqdn", "listen", "bootstrap_listen", "console_listen"):
         if name in raw:
             values[name] = str(raw[name])
     if "data_dir" in raw:
@@ -245,4 +256,5 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
     config = replace(config, **values)
     config.listen_address  # noqa: B018 - validate both addresses now, not at bind time
     config.bootstrap_address  # noqa: B018
+    config.console_address  # noqa: B018
     return config
