@@ -81,12 +81,11 @@ class CallFailed(Exception):
 
 
 CONSOLE: web.AppKey[Console] = web.AppKey("console")
-SESSION_KEY = "keyplane.session"
+SESSION_KEY: web.RequestKey[Session] = web.RequestKey("keyplane.session", Session)
 
 
 def session_of(request: web.Request) -> Session:
-    found: Session = request[SESSION_KEY]
-    return found
+    return request[SESSION_KEY]
 
 
 def who(request: web.Request) -> Identity:
@@ -122,6 +121,15 @@ class Console:
         """The RPC `method` as the signed-in identity; CallFailed with the API's message."""
         try:
             return await self.calls.call(method, message, who(request))
+        except Exception as exc:
+            code, text, reason = status_for(exc)
+            raise CallFailed(code, text, reason) from None
+
+    def require(self, request: web.Request, method: str) -> None:
+        """CallFailed (the refusal audited) unless the signed-in identity may call
+        `method`: asked before a page checks a form of its own."""
+        try:
+            self.calls.check(method, who(request))
         except Exception as exc:
             code, text, reason = status_for(exc)
             raise CallFailed(code, text, reason) from None

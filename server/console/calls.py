@@ -62,6 +62,11 @@ class ConsoleCalls:
         """Whether `who` may call `method`: a page shows its control enabled or not."""
         return method in self._handlers and allowed(method, who)
 
+    def check(self, method: str, who: Identity) -> None:
+        """PermissionDenied (audited) unless `who` may call `method`: for a page that
+        checks a form of its own before it makes the call."""
+        self._admit(method, who)
+
     def _admit(self, method: str, who: Identity) -> Handler:
         handler = self._handlers.get(method)
         if handler is None:

@@ -93,5 +93,10 @@ async def same_origin_writes(request: web.Request, handler: Handler) -> web.Stre
     if length is None and request.body_exists:
         raise refusal(web.HTTPLengthRequired, "say the body's length (Content-Length)")
     if length is not None and length > limit:
-        raise refusal(web.HTTPRequestEntityTooLarge, f"the body is over {limit} bytes")
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=limit,
+            actual_size=length,
+            text=f"refused: the body is over {limit} bytes\n",
+            content_type="text/plain",
+        )
     return await handler(request)

@@ -94,11 +94,10 @@ async def _receive(request: web.Request, target: Path) -> str | None:
 
 async def verify(request: web.Request) -> web.StreamResponse:
     console = request.app[CONSOLE]
-    if not console.may(request, VERIFY):  # refused before a byte is read or stored
-        try:
-            await console.call(request, VERIFY, pb.VerifyBackupRequest())
-        except CallFailed as exc:
-            return await backups_page(request, exc.http_status, exc.message)
+    try:  # refused before a byte is read or stored
+        console.require(request, VERIFY)
+    except CallFailed as exc:
+        return await backups_page(request, exc.http_status, exc.message)
     workdir = await asyncio.to_thread(console.new_workdir)
     try:
         archive = workdir / "upload.tar"

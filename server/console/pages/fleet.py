@@ -83,6 +83,10 @@ async def revoke_zone(request: web.Request) -> web.StreamResponse:
     console = request.app[CONSOLE]
     form = await request.post()
     name = str(form.get("name", "")).strip()
+    try:
+        console.require(request, REVOKE_ZONE)
+    except CallFailed as exc:
+        return await fleet_page(request, exc.http_status, exc.message)
     if str(form.get("confirm", "")).strip() != name:
         return await fleet_page(
             request, 400, "to revoke a zone server, type its name exactly; nothing was revoked"

@@ -91,6 +91,10 @@ async def revoke(request: web.Request) -> web.StreamResponse:
     reason = str(form.get("reason", "")).strip()
     typed = str(form.get("confirm", "")).strip().lower()
     kept = {"fingerprint": fingerprint, "reason": reason}
+    try:
+        console.require(request, REVOKE)
+    except CallFailed as exc:
+        return await roots_page(request, exc.http_status, exc.message)
     if len(typed) < CONFIRM_CHARS or not fingerprint.startswith(typed):
         return await roots_page(
             request,
