@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 # `__Host-`: the browser keeps it only if Secure, for this host alone, for every path.
 COOKIE = "__Host-keyplane-session"
-PUBLIC_PATHS = frozenset({"/signin"})
+PUBLIC_PATHS = frozenset({"/signin", "/favicon.ico"})
 MAX_NOTICES = 10
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from keyplane.server.console.app import CONSOLE, CallFailed
+from keyplane.server.console.app import CONSOLE, CallFailed, who
 from keyplane.server.domain.roots import MAX_ACTIVE_ROOTS
 from keyplane.v1 import common_pb2
 from keyplane.v1 import root_key_service_pb2 as pb
@@ -55,6 +55,7 @@ async def roots_page(
         revoked=sorted(listed.revoked, key=lambda r: r.revoke_time.seconds, reverse=True),
         legacy=listed.legacy if listed.HasField("legacy") else None,
         blocked=create_blocked(active),
+        signed_in_by=who(request).issuer_fingerprint,
         algorithm=algorithm_name,
         confirm_chars=CONFIRM_CHARS,
         typed=typed or {},
