@@ -43,10 +43,6 @@ hierarchy (mutual TLS); --bootstrap-listen (default: the next port) is server-TL
 for health checks, reflection and what components need before they have a certificate.
 --console-listen adds the admin console (HTTPS with the server's certificate, off by
 default): sign in with a one-time link from 'keyplane console login'.
-
-example:
-  keyplane serve --data-dir /var/lib/keyplane --listen 0.0.0.0:7443 \
-      --console-listen 127.0.0.1:7445
 """
 
 

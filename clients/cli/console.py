@@ -19,10 +19,6 @@ operator or auditor) in to the admin console: open it in a browser within five m
 it works once. The console then shows and allows what that identity's role may do. The
 session ends when you sign out, after 8 hours, after 30 minutes unused, or as soon as
 the identity is revoked. The link is a secret until used: do not paste it anywhere else.
-
-example:
-  keyplane console login
-  keyplane console login --credentials ./alice
 """
 
 
