@@ -41,7 +41,12 @@ ADMIN_ACTIONS = {
     "/roots/revoke": {"fingerprint": "", "reason": "x", "confirm": ""},
     "/keys/rotate": {"kind": "message-signing"},
     "/settings/update": {"name": "OpenEnrollment", "value": "true"},
+    "/trust/request": {"peer": "127.0.0.1:1", "fingerprint": "0" * 64},
+    "/trust/approve": {"id": "0" * 32},
+    "/trust/reject": {"id": "0" * 32, "reason": "x"},
+    "/trust/revoke": {"peer": "pki-b.test", "reason": "x", "confirm": "pki-b.test"},
 }
+PAGES = ("/roots", "/keys", "/files", "/trust", "/settings", "/fleet", "/audit", "/backups")
 OPERATOR_ACTIONS = {
     "/fleet/tokens/create": {"role": "agent", "uses": "1", "ttl_hours": "1"},
     "/fleet/certificates/revoke": {"serial": "00", "reason": "x"},
@@ -147,7 +152,7 @@ def test_without_a_session_every_page_is_401_and_nothing_changes(
 ) -> None:
     before = snapshot_state(server)
     nobody = console_http(server)
-    for path in ("/roots", "/keys", "/files", "/settings", "/fleet", "/audit", "/backups"):
+    for path in PAGES:
         reply = nobody.get(path)
         assert reply.status == 401 and "keyplane console login" in reply.body, path
     for path, fields in {**ADMIN_ACTIONS, **OPERATOR_ACTIONS}.items():
@@ -179,6 +184,8 @@ def test_an_operator_session_posting_admin_actions_is_refused_and_audited(
         "/keyplane.v1.RootKeyService/RevokeRootKey",
         "/keyplane.v1.KeyService/RotateKey",
         "/keyplane.v1.SettingsService/UpdateSetting",
+        "/keyplane.v1.TrustService/ApproveTrust",
+        "/keyplane.v1.TrustService/RevokeTrust",
     }
     deadline = time.monotonic() + 10  # refusals are recorded without making them wait
     refused = audit(admin, "access.refused")
@@ -209,7 +216,7 @@ def test_an_auditor_session_can_change_nothing(
     assert browser.post("/backups/create", {"csrf": token}).status == 403
     assert snapshot_state(server) == before
     # It reads every page.
-    for path in ("/roots", "/keys", "/files", "/settings", "/fleet", "/audit", "/backups"):
+    for path in PAGES:
         assert browser.get(path).status == 200, path
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,8 @@ class Console:
         self.fqdn = fqdn
         self.sections = sections
         self.env = render.environment()
+        # What every page says at its top when there is something to say ("" if not).
+        self.banners: list[Callable[[web.Request], Awaitable[str]]] = []
         # Notices for the page after a redirect, per session; this process serves the
         # console alone (worker 0), and a notice lost to a restart costs nothing.
         self._notices: dict[str, list[tuple[str, str]]] = {}
@@ -174,6 +176,7 @@ class Console:
         notices = self._notices.pop(session.id, [])
         if error:
             notices.append(("error", error))
+        banners = [text for banner in self.banners if (text := await banner(request))]
 
         def may(method: str) -> bool:
             return self.calls.may(method, identity)
@@ -192,6 +195,7 @@ class Console:
             "current": "/" + request.path.strip("/").split("/", 1)[0],
             "status": strip,
             "notices": notices,
+            "banners": banners,
             "fqdn": self.fqdn,
             "may": may,
             "needs": needs,
@@ -252,7 +256,7 @@ def forget_session_cookie(response: web.StreamResponse) -> None:
 
 def make_app(console: Console) -> web.Application:
     # Imported here: each page module imports this one for CONSOLE and its helpers.
-    from keyplane.server.console.pages import register
+    from keyplane.server.console.pages import register, trust
 
     app = web.Application(
         middlewares=[security_headers, same_origin_writes, signed_in],
@@ -260,5 +264,6 @@ def make_app(console: Console) -> web.Application:
         client_max_fields=100,
     )
     app[CONSOLE] = console
+    console.banners.append(trust.pending_banner)
     register(app)
     return app

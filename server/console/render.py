@@ -26,12 +26,12 @@ class Section:
     title: str
 
 
-# The pages, in the order the navigation shows them. Trust between servers
-# (active/active) slots in after the configuration files once the server has it.
+# The pages, in the order the navigation shows them.
 SECTIONS = (
     Section("/roots", "Root keys"),
     Section("/keys", "Subordinate keys"),
     Section("/files", "Configuration files"),
+    Section("/trust", "Trust"),
     Section("/settings", "Settings"),
     Section("/fleet", "Fleet"),
     Section("/audit", "Audit log"),

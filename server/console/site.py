@@ -38,7 +38,9 @@ class ConsoleSite:
     async def start(self) -> int:
         """Listen; the bound port (the kernel's choice when 0 was asked for)."""
         # handle_signals=False: the runner leaves SIGINT and SIGTERM to keyplane.
-        runner = web.AppRunner(self._app, handle_signals=False, access_log=None)
+        runner = web.AppRunner(
+            self._app, handle_signals=False, access_log=None, shutdown_timeout=2.0
+        )
         await runner.setup()
         site = web.TCPSite(
             runner,
@@ -65,6 +67,13 @@ class ConsoleSite:
         return self.port
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        # Browsers hold keep-alive connections; a TLS close waits for the peer's
+        # close_notify, which may outlive the event loop: drop them outright.
+        server = runner.server
+        for handler in list(server.connections if server is not None else ()):
+            if handler.transport is not None:
+                handler.transport.abort()
+        await runner.cleanup()

@@ -15,6 +15,7 @@ from keyplane.server.console.pages import (
     roots,
     settings,
     signin,
+    trust,
 )
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -32,6 +33,6 @@ async def favicon(request: web.Request) -> web.StreamResponse:
 def register(app: web.Application) -> None:
     app.router.add_get("/", home)
     app.router.add_get("/favicon.ico", favicon)
-    for area in (signin, roots, keys, files, settings, fleet, audit, backups):
+    for area in (signin, roots, keys, files, trust, settings, fleet, audit, backups):
         area.register(app.router)
     app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)

@@ -54,6 +54,7 @@ async def roots_page(
         active=active,
         revoked=sorted(listed.revoked, key=lambda r: r.revoke_time.seconds, reverse=True),
         legacy=listed.legacy if listed.HasField("legacy") else None,
+        peers=list(listed.peers),
         blocked=create_blocked(active),
         signed_in_by=who(request).issuer_fingerprint,
         algorithm=algorithm_name,
