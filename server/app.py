@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,10 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from keyplane.plugins.manager import KeyBackends
 from keyplane.plugins.password import Password, backends_with_password
 from keyplane.server.config import ServerConfig, format_address
-from keyplane.server.console.app import Console, Status
-from keyplane.server.console.calls import ConsoleCalls, handlers_of
-from keyplane.server.console.site import ConsoleSite, console_url
-from keyplane.server.console.tls import ConsoleTls
+from keyplane.server.console.host import ConsoleHost
 from keyplane.server.datadir import DataDir, DataDirState, private_umask
 from keyplane.server.domain.audit import AuditLog, RefusalRecorder
 from keyplane.server.domain.backups import Backups
@@ -119,8 +115,6 @@ SERVICES = {
     for service in module.DESCRIPTOR.services_by_name.values()
 }
 SERVICE_NAMES = tuple(SERVICES)
-# How long the console's status strip trusts an HSM look-up (each one is a round trip).
-HSM_CHECK_SECONDS = 10.0
 # How often each process looks for trust-state versions that other workers published.
 VERSION_POLL_SECONDS = 0.1
 
@@ -132,10 +126,6 @@ def _service_of(servicer: object) -> str:
         if base.__name__.endswith("Servicer") and name in SERVICES:
             return name
     raise TypeError(f"{type(servicer).__name__} implements no keyplane service")
-
-
-def loop_time() -> float:
-    return time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -168,8 +158,7 @@ class KeyplaneServer:
         self._health: health.aio.HealthServicer | None = None
         self._vital_part_died: asyncio.Event | None = None
         self.peer_link: PeerLink | None = None
-        self._console: ConsoleSite | None = None
-        self._hsm_seen: tuple[float, str] | None = None
+        self.console = ConsoleHost(config, self.clock, self.vitals)
 
     def open(self, password: Password | None = None) -> StartReport:
         """Open the data dir and its key backends: initialise an empty one, finish an
@@ -236,64 +225,7 @@ class KeyplaneServer:
 
     def console_url(self) -> str | None:
         """Where a browser opens the console (None when it is off, or not bound yet)."""
-        address = self.config.console_address
-        if address is None:
-            return None
-        host, port = address
-        if port == 0:  # resolved when bound (a lone process's console, in tests)
-            if self._console is None:
-                return None
-            port = self._console.port
-        return console_url(host, port, self.config.fqdn)
-
-    def _hsm_state(self) -> str:
-        hierarchy = self.hierarchy
-        assert hierarchy is not None  # noqa: S101
-        uris = [r.key_uri for r in hierarchy.active_roots() if r.key_uri.startswith("pkcs11:")]
-        if not uris:
-            return "not used"
-        now = loop_time()
-        if self._hsm_seen is not None and now - self._hsm_seen[0] < HSM_CHECK_SECONDS:
-            return self._hsm_seen[1]
-        try:
-            state = "reachable" if all(map(hierarchy.backends.holds_key, uris)) else "unreachable"
-        except Exception:
-            state = "unreachable"
-        self._hsm_seen = (now, state)
-        return state
-
-    def console_status(self) -> Status:
-        """The console's status strip (called off the event loop)."""
-        hierarchy = self.hierarchy
-        assert hierarchy is not None  # noqa: S101
-        stopped = self.vitals.died or self.vitals.first_dead()
-        data_dir = DataDir.of_server(self.config.data_dir, self.config.backends["software"])
-        return Status(
-            serving=stopped is None,
-            stopped_part=stopped,
-            hsm=self._hsm_state(),
-            sealing="a key file (no password)" if data_dir.key_file.exists() else "a password",
-            trust_version=hierarchy.trust.latest_version(),
-        )
-
-    async def _start_console(
-        self, hierarchy: Hierarchy, services: dict[str, object], refused: RefusalRecorder
-    ) -> None:
-        address = self.config.console_address
-        if address is None or self.worker != 0:  # one worker serves it: worker 0
-            return
-        calls = ConsoleCalls(handlers_of(services, SERVICES), refused.refused)
-        console = Console(
-            calls,
-            ConsoleSignIn(hierarchy.store, hierarchy.admission, self.clock),
-            self.console_status,
-            self.config.fqdn,
-            self.config.data_dir,
-        )
-        tls = ConsoleTls(hierarchy.tls_material, hierarchy.tls_version)
-        site = ConsoleSite(console, tls, *address)
-        await site.start()
-        self._console = site
+        return self.console.url()
 
     async def start(self) -> Endpoints:
         if self.hierarchy is None:
@@ -408,7 +340,7 @@ class KeyplaneServer:
         await server.start()
         self._server = server
         self._health = health_servicer
-        await self._start_console(hierarchy, services, refusals)
+        await self.console.start(self.worker, hierarchy, services, SERVICES, refusals)
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
@@ -500,9 +432,7 @@ class KeyplaneServer:
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
-        if self._console is not None:
-            await self._console.stop()
-            self._console = None
+        await self.console.stop()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

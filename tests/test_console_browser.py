@@ -1,48 +1,29 @@
-"""The admin console in a real browser: Debian's Chromium, headless, driven by
-Playwright (launched from /usr/bin/chromium; nothing is downloaded). One server and one
-browser for the module; each test has its own browser context (its own cookies), saves
-a screenshot of the page it ends on under build/screenshots/, and fails on any
-JavaScript error or console error the test did not provoke."""
+"""The admin console in a real browser (tests/browserkit.py: Debian's Chromium, headless,
+one browser for the module, a screenshot of each test's last page): signing in, roots,
+settings, reveals, the fleet, backups, who may press what, forged requests, revoked
+identities and the keyboard, against one server shared by the module."""
 
 from __future__ import annotations
 
 import http.server
-import os
 import re
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from keyplane.clients.client import KeyplaneClient, bootstrap_channel_for
-from keyplane.server.config import load_config
-from tests.consolekit import console_overrides, console_url
+from tests.browserkit import Tab, browser, tab
+from tests.consolekit import console_overrides
 from tests.serverkit import RunningServer, running_server
 from tests.test_enrollment import make_csr, p256
 from tests.test_roles import Person, new_identity, snapshot_state
 
-playwright_api = pytest.importorskip("playwright.sync_api")
+__all__ = ["browser", "tab"]  # fixtures, used by name
 
-CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
 PASSWORD = "console test password 1"
-# What Chromium logs for a page answered with a refusal the test asked for.
-REFUSED_LOAD = re.compile(r"Failed to load resource: the server responded with a status of 4\d\d")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail("/usr/bin/chromium is missing: make system-test-deps installs it")
-        pytest.skip("no /usr/bin/chromium (make system-test-deps installs it)")
-    with playwright_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM))
-        yield launched
-        launched.close()
 
 
 @pytest.fixture(scope="module")
@@ -62,54 +43,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 def admin(server: RunningServer) -> Iterator[KeyplaneClient]:
     with server.admin_client() as client:
         yield client
-
-
-@dataclass
-class Tab:
-    """A browser context and its page, with what went wrong in it."""
-
-    page: Any
-    base: str
-    errors: list[str] = field(default_factory=list)
-    refusals_expected: bool = False
-
-    def go(self, path: str) -> Any:
-        return self.page.goto(self.base + path)
-
-    def sign_in(self, client: KeyplaneClient) -> None:
-        self.page.goto(client.create_sign_in_link().url)
-        assert self.page.url == self.base + "/roots", self.page.url
-
-
-@pytest.fixture
-def tab(browser: Any, server: RunningServer, request: pytest.FixtureRequest) -> Iterator[Tab]:
-    context = browser.new_context(
-        # The console's certificate chains to this server's own roots, which Chromium does
-        # not hold; tests/test_console_security.py verifies it against them.
-        ignore_https_errors=True,
-        viewport={"width": 1280, "height": 900},
-        accept_downloads=True,
-    )
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    opened = Tab(page, console_url(server))
-
-    def on_console(message: Any) -> None:
-        if message.type != "error":
-            return
-        if opened.refusals_expected and REFUSED_LOAD.search(message.text):
-            return
-        opened.errors.append(f"console error: {message.text}")
-
-    page.on("pageerror", lambda error: opened.errors.append(f"JavaScript error: {error}"))
-    page.on("console", on_console)
-    try:
-        yield opened
-    finally:
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SHOTS / f"{request.node.name}.png"), full_page=True)
-        context.close()
-    assert not opened.errors, opened.errors
 
 
 def person(admin: KeyplaneClient, name: str, role: str) -> Person:
@@ -421,94 +354,3 @@ def test_the_pages_work_with_the_keyboard(tab: Tab, admin: KeyplaneClient) -> No
     page.keyboard.press("Enter")
     page.wait_for_url(tab.base + "/settings")
     assert page.locator("h1").inner_text() == "Settings"
-
-
-# -- trust between two servers (active/active) -----------------------------------------------
-
-
-def peer_server(data_dir: Path, fqdn: str) -> RunningServer:
-    return RunningServer(
-        load_config(
-            None, data_dir=data_dir, listen="127.0.0.1:0", fqdn=fqdn, console_listen="127.0.0.1:0"
-        )
-    )
-
-
-def test_approve_a_trust_request_between_two_servers(
-    browser: Any, tab: Tab, tmp_path: Path
-) -> None:
-    a = peer_server(tmp_path / "a", "pki-a.test")
-    try:
-        b = peer_server(tmp_path / "b", "pki-b.test")
-        try:
-            _trust_between(browser, tab, a, b)
-        finally:
-            b.stop()
-    finally:
-        a.stop()
-
-
-def _trust_between(browser: Any, tab: Tab, a: RunningServer, b: RunningServer) -> None:
-    b_root = b.hierarchy.active_roots()[0].fingerprint
-    a_root = a.hierarchy.active_roots()[0].fingerprint
-    # A's admin asks B, in A's console (the tab's page, pointed at A).
-    page = tab.page
-    tab.base = console_url(a)
-    with a.admin_client() as admin_a:
-        tab.sign_in(admin_a)
-    tab.go("/trust")
-    page.get_by_label("Its bootstrap listener").fill(b.bootstrap)
-    page.get_by_label("The fingerprint of one of its roots").fill(b_root)
-    page.get_by_role("button", name="Request trust").click()
-    assert "Asked pki-b.test for trust" in page.locator(".notice").inner_text()
-    outgoing = page.locator("article.request")
-    assert outgoing.count() == 1 and "outgoing, pending" in outgoing.inner_text().lower()
-    code_on_a = outgoing.locator(".comparison-code").inner_text()
-    assert re.fullmatch(r"\d{3} \d{3}", code_on_a)
-    # B's admin, in B's console: a banner on every page, then the request with both
-    # servers' fingerprints and the same code side by side.
-    other = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 900})
-    try:
-        on_b = other.new_page()
-        errors: list[str] = []
-        on_b.on("pageerror", lambda error: errors.append(str(error)))
-        with b.admin_client() as admin_b:
-            on_b.goto(admin_b.create_sign_in_link().url)
-        banner = on_b.locator(".banner")
-        assert "A trust request from pki-a.test is waiting" in banner.inner_text()
-        banner.get_by_role("link").click()
-        incoming = on_b.locator("article.request.decidable")
-        assert incoming.count() == 1
-        assert incoming.locator(".comparison-code").inner_text() == code_on_a
-        sides = incoming.locator(".side-by-side").inner_text()
-        assert a_root in sides and b_root in sides
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        on_b.screenshot(path=str(SHOTS / "test_approve_a_trust_request_pending_on_b.png"))
-        incoming.get_by_role("button", name="Approve pki-a.test").click()
-        assert "pki-a.test is trusted" in on_b.locator(".notice").inner_text()
-        assert on_b.locator(".banner").count() == 0
-        assert on_b.locator("#peer-pki-a\\.test").count() == 1
-        events = on_b.locator("#trust-history").inner_text()
-        assert "received" in events and "approved" in events
-        on_b.goto(console_url(b) + "/roots")
-        assert a_root in on_b.locator("#peer-roots").inner_text()
-        on_b.screenshot(path=str(SHOTS / "test_approve_a_trust_request_b_side.png"), full_page=True)
-        assert not errors, errors
-    finally:
-        other.close()
-    # A trusts B too (A started first, before B's approval returned).
-    tab.go("/trust")
-    assert page.locator("#peer-pki-b\\.test").count() == 1
-    assert page.locator("article.request").count() == 0
-    tab.go("/roots")
-    assert b_root in page.locator("#peer-roots").inner_text()
-    # And A's admin ends it, typing B's name.
-    tab.go("/trust")
-    row = page.locator("#peer-pki-b\\.test")
-    row.locator("summary").click()
-    row.get_by_label("Reason").fill("decommissioning B")
-    row.get_by_label("Type its name").fill("pki-b.test")
-    row.get_by_role("button", name="End the trust with pki-b.test").click()
-    assert "Ended the trust with pki-b.test" in page.locator(".notice").inner_text()
-    assert page.locator("#trusted-peers").count() == 0
-    assert "revoked" in page.locator("#trust-history").inner_text()
