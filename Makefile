@@ -1,6 +1,7 @@
 # keyplane — the targets a newcomer can guess.
 #   make run    set up .venv, install, generate the API, start a server on 127.0.0.1:7443
-#   make test   the same set-up plus SoftHSM, then the whole suite
+#               (admin console: https://127.0.0.1:7445/, sign in with 'keyplane console login')
+#   make test   the same set-up plus SoftHSM and Chromium, then the whole suite
 #   make lint   ruff, mypy and the import layers
 #   make proto  regenerate keyplane.v1 from proto/
 #   make bench  benchmarks against cfssl and the crypto ceiling (bench/README.md)
@@ -12,6 +13,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.keyplane-installed
 DATA_DIR ?= var
 LISTEN ?= 127.0.0.1:7443
+CONSOLE_LISTEN ?= 127.0.0.1:7445
 PYTEST_ARGS ?=
 
 .PHONY: install run test lint proto system-test-deps bench bench-deps clean
@@ -34,12 +36,12 @@ install: $(STAMP)
 
 run: install
 	@echo "==> starting keyplane serve --data-dir $(DATA_DIR) --listen $(LISTEN)" \
-	    "(the first start makes the roots and keys: a few seconds)"
-	@$(BIN)/keyplane serve --data-dir $(DATA_DIR) --listen $(LISTEN)
+	    "--console-listen $(CONSOLE_LISTEN) (the first start makes the roots and keys: a few seconds)"
+	@$(BIN)/keyplane serve --data-dir $(DATA_DIR) --listen $(LISTEN) --console-listen $(CONSOLE_LISTEN)
 
 system-test-deps:
 	@scripts/system-packages.sh softhsm2-util=softhsm2 pkcs11-tool=opensc openssl=openssl \
-	    go=golang-go certutil=libnss3-tools cfssl=golang-cfssl systemd-analyze=systemd
+	    go=golang-go certutil=libnss3-tools cfssl=golang-cfssl systemd-analyze=systemd chromium=chromium
 
 test: install system-test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

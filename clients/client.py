@@ -21,6 +21,8 @@ from keyplane.v1 import (
     certificate_service_pb2,
     certificate_service_pb2_grpc,
     common_pb2,
+    console_service_pb2,
+    console_service_pb2_grpc,
     enrollment_service_pb2,
     enrollment_service_pb2_grpc,
     identity_service_pb2,
@@ -178,6 +180,7 @@ class KeyplaneClient:
         self._audit = audit_service_pb2_grpc.AuditServiceStub(channel)  # type: ignore[no-untyped-call]
         self._peers = trust_service_pb2_grpc.TrustServiceStub(channel)  # type: ignore[no-untyped-call]
         self._status = status_service_pb2_grpc.StatusServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._console = console_service_pb2_grpc.ConsoleServiceStub(channel)  # type: ignore[no-untyped-call]
 
     @classmethod
     def connect(cls, address: str, credential: Credential) -> KeyplaneClient:
@@ -403,12 +406,12 @@ class KeyplaneClient:
         return response
 
     def list_certificates(
-        self, component: str = "", page_size: int = 0
+        self, component: str = "", page_size: int = 0, search: str = ""
     ) -> list[certificate_service_pb2.CertificateRecord]:
         response: certificate_service_pb2.ListCertificatesResponse = self._call(
             self._certs.ListCertificates,
             certificate_service_pb2.ListCertificatesRequest(
-                component=component, page_size=page_size
+                component=component, page_size=page_size, search=search
             ),
         )
         return list(response.certificates)
@@ -613,5 +616,12 @@ class KeyplaneClient:
     def revoke_trust(self, peer: str, reason: str = "") -> trust_service_pb2.RevokeTrustResponse:
         response: trust_service_pb2.RevokeTrustResponse = self._call(
             self._peers.RevokeTrust, trust_service_pb2.RevokeTrustRequest(peer=peer, reason=reason)
+        )
+        return response
+
+    def create_sign_in_link(self) -> console_service_pb2.CreateSignInLinkResponse:
+        """A one-time link that signs this credential's identity in to the console."""
+        response: console_service_pb2.CreateSignInLinkResponse = self._call(
+            self._console.CreateSignInLink, console_service_pb2.CreateSignInLinkRequest()
         )
         return response

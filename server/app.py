@@ -25,12 +25,14 @@ from keyplane.plugins.manager import KeyBackends
 from keyplane.plugins.password import Password, backends_with_password
 from keyplane.server.backend_health import BackendHealth
 from keyplane.server.config import ServerConfig, format_address
+from keyplane.server.console.host import ConsoleHost
 from keyplane.server.crl_http import CrlSite
 from keyplane.server.datadir import DataDir, DataDirState, private_umask
 from keyplane.server.domain.audit import AuditLog, RefusalRecorder
 from keyplane.server.domain.backups import Backups
 from keyplane.server.domain.bundles import Bundles
 from keyplane.server.domain.clock import Clock, SystemClock
+from keyplane.server.domain.console_sessions import ConsoleSignIn
 from keyplane.server.domain.enrollment import Enrollment
 from keyplane.server.domain.exchange import TrustExchange
 from keyplane.server.domain.faults import Faults
@@ -53,6 +55,7 @@ from keyplane.server.services.audit import AuditServicer
 from keyplane.server.services.backups import BackupServicer
 from keyplane.server.services.bundles import BundleServicer
 from keyplane.server.services.certificates import CertificateServicer
+from keyplane.server.services.console import ConsoleServicer
 from keyplane.server.services.enrollment import EnrollmentServicer
 from keyplane.server.services.identities import IdentityServicer
 from keyplane.server.services.keys import KeyServicer
@@ -74,6 +77,8 @@ from keyplane.v1 import (
     bundle_service_pb2_grpc,
     certificate_service_pb2,
     certificate_service_pb2_grpc,
+    console_service_pb2,
+    console_service_pb2_grpc,
     enrollment_service_pb2,
     enrollment_service_pb2_grpc,
     identity_service_pb2,
@@ -98,28 +103,41 @@ from keyplane.v1 import (
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = tuple(
-    service.full_name
-    for module in (
-        root_key_service_pb2,
-        key_service_pb2,
-        settings_service_pb2,
-        trust_state_service_pb2,
-        message_signing_service_pb2,
-        enrollment_service_pb2,
-        zone_service_pb2,
-        certificate_service_pb2,
-        bundle_service_pb2,
-        identity_service_pb2,
-        backup_service_pb2,
-        audit_service_pb2,
-        trust_service_pb2,
-        status_service_pb2,
-    )
-    for service in module.DESCRIPTOR.services_by_name.values()
+_SERVICE_MODULES = (
+    root_key_service_pb2,
+    key_service_pb2,
+    settings_service_pb2,
+    trust_state_service_pb2,
+    message_signing_service_pb2,
+    enrollment_service_pb2,
+    zone_service_pb2,
+    certificate_service_pb2,
+    bundle_service_pb2,
+    identity_service_pb2,
+    backup_service_pb2,
+    audit_service_pb2,
+    trust_service_pb2,
+    status_service_pb2,
+    console_service_pb2,
 )
+# Every keyplane service, by full name.
+SERVICES = {
+    service.full_name: service
+    for module in _SERVICE_MODULES
+    for service in module.DESCRIPTOR.services_by_name.values()
+}
+SERVICE_NAMES = tuple(SERVICES)
 # How often each process looks for trust-state versions that other workers published.
 VERSION_POLL_SECONDS = 0.1
+
+
+def _service_of(servicer: object) -> str:
+    """The full name of the service a servicer implements (by its generated base)."""
+    for base in type(servicer).__mro__:
+        name = f"keyplane.v1.{base.__name__.removesuffix('Servicer')}"
+        if base.__name__.endswith("Servicer") and name in SERVICES:
+            return name
+    raise TypeError(f"{type(servicer).__name__} implements no keyplane service")
 
 
 @dataclass(frozen=True)
@@ -159,6 +177,7 @@ class KeyplaneServer:
         self._metrics_endpoint: MetricsEndpoint | None = None
         self._backend_health: BackendHealth | None = None
         self._usage: UsageRecorder | None = None
+        self.console = ConsoleHost(config, self.clock, self.vitals)
 
     def open(self, password: Password | None = None) -> StartReport:
         """Open the data dir and its key backends: initialise an empty one, finish an
@@ -231,6 +250,10 @@ class KeyplaneServer:
         assert self.endpoints is not None  # noqa: S101 - start() ran
         return self.endpoints.connect_listen, self.endpoints.connect_bootstrap
 
+    def console_url(self) -> str | None:
+        """Where a browser opens the console (None when it is off, or not bound yet)."""
+        return self.console.url()
+
     async def start(self) -> Endpoints:
         if self.hierarchy is None:
             await asyncio.to_thread(self.open)
@@ -240,12 +263,13 @@ class KeyplaneServer:
         loop = asyncio.get_running_loop()
         # Enough threads that concurrent requests share a group commit.
         loop.set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="keyplane"))
+        refusals = RefusalRecorder(hierarchy.store, self.clock)
         server = grpc.aio.server(
             interceptors=[
                 KeyplaneInterceptor(
                     hierarchy.admission.admit,
                     CallLimits(self.config.max_calls_per_listener, self.config.max_streams),
-                    RefusalRecorder(hierarchy.store, self.clock).refused,
+                    refusals.refused,
                     self.metrics,
                 )
             ],
@@ -317,9 +341,18 @@ class KeyplaneServer:
                 trust_service_pb2_grpc.add_TrustServiceServicer_to_server,
                 TrustServicer(exchange, link.wake if link else lambda: None),
             ),
+            (
+                console_service_pb2_grpc.add_ConsoleServiceServicer_to_server,
+                ConsoleServicer(
+                    ConsoleSignIn(hierarchy.store, hierarchy.admission, self.clock),
+                    self.console_url,
+                ),
+            ),
         ]
         for add, servicer in servicers:
             add(servicer, server)
+        # The console calls these very servicers, by RPC path.
+        services = {_service_of(servicer): servicer for _, servicer in servicers}
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -346,6 +379,7 @@ class KeyplaneServer:
         await server.start()
         self._server = server
         self._health = health_servicer
+        await self.console.start(self.worker, hierarchy, services, SERVICES, refusals)
         checks = self._backend_health
         assert checks is not None  # noqa: S101 - open() ran
         await checks.check()  # before the first SERVING: an HSM may be gone already
@@ -384,6 +418,7 @@ class KeyplaneServer:
                 self.endpoints.connect_bootstrap,
                 self.config.fqdn,
                 self.endpoints.crl_listen,
+                self.console_url(),
             )
             scheduler = asyncio.create_task(self._rotation_loop())
             self.vitals.watch_task("rotation scheduler", scheduler)
@@ -482,6 +517,7 @@ class KeyplaneServer:
         if self._crl_site is not None:
             await self._crl_site.stop()
             self._crl_site = None
+        await self.console.stop()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

@@ -97,6 +97,9 @@ ACCESS: dict[str, Access] = {
     "/keyplane.v1.IdentityService/RevokeIdentity": ADMIN,
     # Health, roots, expiries, zones and the last backup: a read.
     "/keyplane.v1.StatusService/GetServerStatus": READ,
+    # A person signs itself in to the console (any person's role); the console then
+    # asks this same table for every page and action (server/console/calls.py).
+    "/keyplane.v1.ConsoleService/CreateSignInLink": READ,
     # Served only by a locked server, on its 0600 Unix socket (server/locked.py): who can
     # reach that socket is the server's own user.
     "/keyplane.v1.UnlockService/Unlock": PUBLIC,
@@ -140,10 +143,29 @@ def authorize(method: str, peer: x509.Certificate | None, admit: Admit) -> Ident
     if access is None:
         raise PermissionDenied(f"method {method} is not open to any caller")
     identity = admit(peer)
+    check_roles(method, identity)
+    return identity
+
+
+def allowed(method: str, identity: Identity) -> bool:
+    """Whether an admitted identity may call `method` (what the console asks to show a
+    control enabled or disabled)."""
+    access = ACCESS.get(method)
+    if access is PUBLIC:
+        return True
+    return access is not None and bool(access & identity.roles)
+
+
+def check_roles(method: str, identity: Identity) -> None:
+    """PermissionDenied unless an admitted identity's roles may call `method`."""
+    access = ACCESS.get(method)
+    if access is PUBLIC:
+        return
+    if access is None:
+        raise PermissionDenied(f"method {method} is not open to any caller")
     if not access & identity.roles:
         needed = " or ".join(sorted(access))
         raise PermissionDenied(
             f"this call needs the {needed} role; the client certificate "
             f"{identity.common_name!r} has {', '.join(sorted(identity.roles)) or 'no role'}"
         )
-    return identity

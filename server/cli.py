@@ -15,6 +15,7 @@ from keyplane.plugins.errors import BackendError
 from keyplane.plugins.password import Password
 from keyplane.server.app import KeyplaneServer
 from keyplane.server.config import ServerConfig, load_config
+from keyplane.server.console.site import console_url
 from keyplane.server.datadir import private_umask
 from keyplane.server.errors import ConfigError, StartRefused
 from keyplane.server.locked import (
@@ -58,9 +59,13 @@ Under systemd (Type=notify; packaging/systemd/) it says READY=1 once it serves,
 WATCHDOG=1 while it is healthy and STOPPING=1 as it stops. Exit status 2: refused to
 start (a bad option or data dir, a port taken), not worth restarting.
 
+--console-listen adds the admin console (HTTPS with the server's certificate, off by
+default): sign in with a one-time link from 'keyplane console login'.
+
 example:
   keyplane serve --data-dir /var/lib/keyplane --listen 0.0.0.0:7443 \\
-      --crl-listen 0.0.0.0:8080 --metrics-listen 127.0.0.1:9443 --log-format json
+      --crl-listen 0.0.0.0:8080 --metrics-listen 127.0.0.1:9443 --log-format json \\
+      --console-listen 127.0.0.1:7445
   keyplane settings set PKICRLBaseURL http://pki.example.org:8080
 """
 
@@ -77,6 +82,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--listen", help="mutual-TLS listener HOST:PORT (default 127.0.0.1:7443)")
     parser.add_argument(
         "--bootstrap-listen", help="server-TLS bootstrap listener HOST:PORT (default: next port)"
+    )
+    parser.add_argument(
+        "--console-listen",
+        metavar="HOST:PORT",
+        help="serve the admin console (HTTPS) here, e.g. 127.0.0.1:7445 (config: "
+        "console_listen; default: no console). With --workers, worker 0 serves it",
     )
     parser.add_argument("--fqdn", help="the server's name, used in root names (default: host's)")
     parser.add_argument(
@@ -133,6 +144,7 @@ def run_serve(args: argparse.Namespace) -> int:
             listen=args.listen,
             bootstrap_listen=args.bootstrap_listen,
             crl_listen=args.crl_listen,
+            console_listen=args.console_listen,
             fqdn=args.fqdn,
             metrics_listen=args.metrics_listen,
             log_format=args.log_format,
@@ -159,16 +171,21 @@ def run_serve(args: argparse.Namespace) -> int:
             listeners.append(Listener("--crl-listen", *config.crl_address))
         if config.metrics_address is not None:
             listeners.append(Listener("--metrics-listen", *config.metrics_address))
+        if config.console_address is not None:
+            listeners.append(Listener("--console-listen", *config.console_address))
         with claim_ports(listeners) as claims:
             listen, bootstrap, *extra = claims.addresses
-            crl_listen = extra[0] if config.crl_address is not None else ""
-            metrics_listen = extra[-1] if config.metrics_address is not None else ""
+            claimed = iter(extra)
+            crl_listen = next(claimed) if config.crl_address is not None else ""
+            metrics_listen = next(claimed) if config.metrics_address is not None else ""
+            console_listen = next(claimed) if config.console_address is not None else ""
             config = replace(
                 config,
                 listen=listen,
                 bootstrap_listen=bootstrap,
                 crl_listen=crl_listen,
                 metrics_listen=metrics_listen,
+                console_listen=console_listen,
             )
             if workers is None:
                 return asyncio.run(_serve(KeyplaneServer(config), notifier))
@@ -205,6 +222,7 @@ def _supervise(
         listen,
         bootstrap,
         config.crl_listen,
+        config.console_listen,
         config.fqdn,
         args.log_level,
         args.password_file,
@@ -225,6 +243,9 @@ def _supervise(
             print(f"CRLs on http://{config.crl_listen}/crl/ (every worker)", flush=True)
         print(f"issuing root: {root.name} sha256:{root.fingerprint}", flush=True)
         print(f"admin credential: {config.data_dir / 'admin'}", flush=True)
+        if config.console_address is not None:
+            host, port = config.console_address
+            print(f"admin console: {console_url(host, port, config.fqdn)}/ (worker 0)", flush=True)
         print(next_steps(config.data_dir), flush=True)
         if config.metrics_listen:
             print(f"metrics on http://{config.metrics_listen}/metrics", flush=True)
@@ -261,6 +282,7 @@ def _worker_main(
     listen: str,
     bootstrap: str,
     crl_listen: str,
+    console_listen: str,
     fqdn: str,
     log_level: str,
     password_file: Path | None,
@@ -281,6 +303,7 @@ def _worker_main(
         fqdn=fqdn,
         metrics_listen=metrics_listen,
         log_format=log_format,
+        console_listen=console_listen,
     )
     config = with_password_source(config, password_file, password_env)
     asyncio.run(_serve_worker(KeyplaneServer(config, worker=index), password))
@@ -328,6 +351,10 @@ async def _serve(server: KeyplaneServer, notifier: SystemdNotifier) -> int:
         print(f"CRLs on http://{endpoints.crl_listen}/crl/", flush=True)
     print(f"issuing root: {root.name} sha256:{root.fingerprint}", flush=True)
     print(f"admin credential: {server.config.data_dir / 'admin'}", flush=True)
+    if server.console_url() is not None:
+        print(
+            f"admin console: {server.console_url()}/ (sign in: keyplane console login)", flush=True
+        )
     print(next_steps(server.config.data_dir), flush=True)
     if endpoints.metrics_listen:
         print(f"metrics on http://{endpoints.metrics_listen}/metrics", flush=True)

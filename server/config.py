@@ -7,6 +7,7 @@ Example (all keys optional):
     listen = "0.0.0.0:7443"
     bootstrap_listen = "0.0.0.0:7444"
     crl_listen = "0.0.0.0:8080"   # CRLs over plain HTTP; default: off
+    console_listen = "127.0.0.1:7445"   # the admin console (HTTPS); off when unset
     server_names = ["pki.example.org"]
     root_algorithm = "ec-p256"
     subordinate_algorithm = "ec-p256"
@@ -92,6 +93,8 @@ class ServerConfig:
     bootstrap_listen: str = ""
     # CRLs over plain HTTP (server/crl_http.py); empty: not served.
     crl_listen: str = ""
+    # The admin console's HTTPS listener (server/console/); "" serves none.
+    console_listen: str = ""
     server_names: tuple[str, ...] = ()
     root_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
     subordinate_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
@@ -145,6 +148,13 @@ class ServerConfig:
         """The metrics endpoint's address, or None when metrics are off."""
         return parse_address(self.metrics_listen, "metrics_listen") if self.metrics_listen else None
 
+    @property
+    def console_address(self) -> tuple[str, int] | None:
+        """The console's listener, or None when the console is off."""
+        if not self.console_listen:
+            return None
+        return parse_address(self.console_listen, "console_listen")
+
     def backend_for(self, kind: str) -> str:
         return self.key_backends[kind]
 
@@ -180,6 +190,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         "listen",
         "bootstrap_listen",
         "crl_listen",
+        "console_listen",
         "server_names",
         "root_algorithm",
         "subordinate_algorithm",
@@ -197,7 +208,14 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
     _known(raw, top, "the config file")
     config = ServerConfig()
     values: dict[str, Any] = {}
-    for name in ("fqdn", "listen", "bootstrap_listen", "crl_listen", "metrics_listen"):
+    for name in (
+        "fqdn",
+        "listen",
+        "bootstrap_listen",
+        "crl_listen",
+        "metrics_listen",
+        "console_listen",
+    ):
         if name in raw:
             values[name] = str(raw[name])
     if "data_dir" in raw:
@@ -278,4 +296,5 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
     config.bootstrap_address  # noqa: B018
     config.crl_address  # noqa: B018
     config.metrics_address  # noqa: B018
+    config.console_address  # noqa: B018
     return config

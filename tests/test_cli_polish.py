@@ -10,6 +10,7 @@ import json
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -268,6 +269,10 @@ def test_the_server_says_what_to_run_next(server: RunningServer, tmp_path: Path)
 
     process = ServerProcess(tmp_path / "data")
     try:
+        # The endpoint note is written as it starts serving; its lines follow.
+        deadline = time.monotonic() + 30
+        while "next, in another shell:" not in process.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert "next, in another shell:" in process.output()
         assert f"--credentials {tmp_path / 'data' / 'admin'} roots list" in process.output()
     finally:

@@ -721,7 +721,14 @@ def test_a_version_4_state_db_gains_the_trust_tables(tmp_path: Path) -> None:
     path = tmp_path / "keyplane.db"
     StateStore(path).close()
     db = sqlite3.connect(path)
-    for table in ("trust_peers", "trust_history", "peer_renewals", "crls"):
+    for table in (
+        "trust_peers",
+        "trust_history",
+        "peer_renewals",
+        "crls",
+        "console_links",
+        "console_sessions",
+    ):
         db.execute(f"DROP TABLE {table}")
     db.execute("DROP INDEX certificates_revoked_by_issuer")
     for table in ("keys", "certificates"):  # and what later versions added

@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         backup,
         bundle,
         certs,
+        console,
         identities,
         keys,
         roots,
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = connection_options()
     nouns = (
         roots, keys, settings, trust_state, signing, bundle, tokens, certs, zones,
-        identities, backup, audit, trust, status,
+        identities, backup, audit, trust, status, console,
     )  # fmt: skip
     for noun in nouns:
         noun.register(commands, common)

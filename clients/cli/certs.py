@@ -47,7 +47,10 @@ def cert_json(cert: certificate_service_pb2.CertificateRecord) -> dict[str, Any]
 
 
 def cmd_certs_list(client: KeyplaneClient, args: argparse.Namespace) -> int:
-    found = [cert_json(c) for c in client.list_certificates(args.component or "", args.limit)]
+    found = [
+        cert_json(c)
+        for c in client.list_certificates(args.component or "", args.limit, args.search or "")
+    ]
     if args.json:
         print_json(found)
         return 0
@@ -128,6 +131,12 @@ def register(
     p = verbs.add_parser("list", parents=[common], help="issued certificates, newest first")
     p.add_argument("--component", choices=["agent", "zone-server", "admin", "operator", "auditor"])
     p.add_argument("--limit", type=positive_int, default=1000, help="at most this many")
+    p.add_argument(
+        "--search",
+        metavar="TEXT",
+        help="only certificates whose serial starts with TEXT or whose subject contains it "
+        "(any case), e.g. --search meter-12",
+    )
     p.set_defaults(call=cmd_certs_list)
     issue_help = (
         "issue agent certificates for CSR files in bulk (EnrollBatch, up to 1,000 per "

@@ -81,7 +81,10 @@ EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
     "tokens list": (("keyplane tokens list --all", "spent, expired and revoked ones too"),),
     "tokens revoke": (("keyplane tokens revoke 7c1e09d2", "a token by the id tokens list shows"),),
     "certs": (("keyplane certs list --component agent", "the agents' certificates"),),
-    "certs list": (("keyplane certs list --component agent --limit 20", "the newest 20"),),
+    "certs list": (
+        ("keyplane certs list --component agent --limit 20", "the newest 20"),
+        ("keyplane certs list --search meter-12", "by part of the name or a serial's start"),
+    ),
     "certs issue": (
         (
             "keyplane certs issue csrs/*.csr --token $TOKEN --out-dir certs",
@@ -174,6 +177,15 @@ EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
     "serve": (
         ("keyplane serve --data-dir var", "start, initialising var on the first start"),
         ("keyplane serve --config /etc/keyplane/server.toml --workers 2", "two serving processes"),
+        (
+            "keyplane serve --data-dir var --console-listen 127.0.0.1:7445",
+            "with the admin console (sign in: keyplane console login)",
+        ),
+    ),
+    "console": (("keyplane console login", "a one-time sign-in link for your identity"),),
+    "console login": (
+        ("keyplane console login", "as the local admin credential"),
+        ("keyplane console login --credentials ./alice", "as another identity"),
     ),
     "status": (
         ("keyplane status", "whether it serves, its backends, roots, expiries, zones, backup"),

@@ -31,11 +31,12 @@ from keyplane.server.domain.backup_archive import (
     Manifest,
     ManifestKey,
     member_of,
+    read_archive,
     write_archive,
 )
 from keyplane.server.errors import InvalidArgument
 from keyplane.server.kinds import KeyKind, KeyState
-from keyplane.server.store import BackupReads, KeyRecord
+from keyplane.server.store import BackupReads, KeyRecord, check_file
 
 if TYPE_CHECKING:
     from keyplane.server.domain.hierarchy import Hierarchy
@@ -244,6 +245,23 @@ class Backups:
     def last(self) -> LastBackup | None:
         """The last backup this server made, if any."""
         return LastBackup.from_json(self.h.store.meta_value(LAST_BACKUP))
+
+    @staticmethod
+    def check_archive(path: Path, scratch: Path) -> Manifest:
+        """Check an archive as `keyplane backup verify` does before it asks the server:
+        its members in order against their checksums and SHA256SUMS, and SQLite's checks
+        of each database; its manifest, or INVALID_ARGUMENT saying what is wrong."""
+        try:
+            manifest = read_archive(path, scratch)
+        except ArchiveError as exc:
+            raise InvalidArgument(f"not an intact keyplane backup archive: {exc}") from None
+        for member in manifest.members:
+            problems = check_file(scratch / member.name)
+            if problems:
+                raise InvalidArgument(
+                    f"{member.name} in the archive fails SQLite's checks: {'; '.join(problems[:3])}"
+                )
+        return manifest
 
     def verify(self, manifest_json: bytes) -> Verification:
         """The differences between the backup a manifest describes and what is live."""

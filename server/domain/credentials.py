@@ -68,10 +68,17 @@ class AdminCredentialDir:
         write_atomically(self.path / CA_FILE, roots_pem)
 
     def write_endpoint(
-        self, listen: str, bootstrap: str, server_name: str, crl_listen: str = ""
+        self,
+        listen: str,
+        bootstrap: str,
+        server_name: str,
+        crl_listen: str = "",
+        console: str | None = None,
     ) -> None:
         self.ensure()
         note = {"listen": listen, "bootstrap_listen": bootstrap, "server_name": server_name}
         if crl_listen:
             note["crl_listen"] = crl_listen
+        if console is not None:  # the admin console's address (serve --console-listen)
+            note["console"] = console
         write_atomically(self.path / ENDPOINT_FILE, json.dumps(note, indent=2).encode())

@@ -56,6 +56,8 @@ from keyplane.server.store import (
 )
 
 MAX_BATCH = 1000
+# The longest text ListCertificates searches for.
+MAX_SEARCH = 128
 _RANDOM = secrets.SystemRandom()
 
 
@@ -462,11 +464,14 @@ class Enrollment:
 
     # -- the record ----------------------------------------------------------------------
 
-    def certificates(self, component: str, limit: int) -> list[CertificateRecord]:
+    def certificates(self, component: str, limit: int, search: str = "") -> list[CertificateRecord]:
         limit = limit or 1000
         if not 1 <= limit <= 10000:
             raise InvalidArgument("page_size must be between 1 and 10000")
-        return self.store.certificates(component or None, limit)
+        search = search.strip()
+        if len(search) > MAX_SEARCH:
+            raise InvalidArgument(f"search is at most {MAX_SEARCH} characters")
+        return self.store.certificates(component or None, limit, search)
 
     def _key_with_serial(self, serial: str) -> KeyRecord | None:
         """The hierarchy key whose certificate has this serial (an intermediate...)."""

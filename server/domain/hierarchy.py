@@ -178,9 +178,12 @@ class Hierarchy:
     def server_names(self) -> list[str]:
         """The names the server's TLS certificate is for: no zone may use these."""
         names = [self.config.fqdn, *self.config.server_names, "localhost", "127.0.0.1", "::1"]
-        host, _ = self.config.listen_address
-        if host not in ("0.0.0.0", "::", ""):  # noqa: S104 - compared, not bound
-            names.append(host)
+        hosts = [self.config.listen_address[0]]
+        if self.config.console_address is not None:  # the console serves the same certificate
+            hosts.append(self.config.console_address[0])
+        for host in hosts:
+            if host not in ("0.0.0.0", "::", "") and host not in names:  # noqa: S104 - compared
+                names.append(host)
         return names
 
     # -- keys that go ----------------------------------------------------------------------

@@ -167,6 +167,11 @@ def _check_value(definition: SettingDefinition, value: str) -> str:
     return value
 
 
+def may_reveal(who: Identity) -> bool:
+    """Whether `who` may see a protected value (the reveal is audited): admins only."""
+    return Role.ADMIN in who.roles
+
+
 class Settings:
     """Reads and validated writes of settings, over the state DB."""
 
@@ -224,7 +229,7 @@ class Settings:
         return {n: values[n] for n, d in DEFINITIONS.items() if d.affects == "client"}
 
     def _may_reveal(self, who: Identity | None) -> str:
-        if who is None or Role.ADMIN not in who.roles:
+        if who is None or not may_reveal(who):
             raise PermissionDenied("revealing a protected value needs the admin role")
         return who.actor
 

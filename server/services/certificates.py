@@ -39,7 +39,7 @@ class CertificateServicer(certificate_service_pb2_grpc.CertificateServiceService
         self, request: certificate_service_pb2.ListCertificatesRequest, context: Context
     ) -> certificate_service_pb2.ListCertificatesResponse:
         records = await asyncio.to_thread(
-            self._enrollment.certificates, request.component, request.page_size
+            self._enrollment.certificates, request.component, request.page_size, request.search
         )
         return certificate_service_pb2.ListCertificatesResponse(
             certificates=[convert.certificate(r) for r in records]

@@ -13,8 +13,9 @@ from pathlib import Path
 from keyplane.server.store.reads import Connect, Reads, on
 from keyplane.server.store.records import KeyRecord, dt
 
-# Kept by SQLite itself (AUTOINCREMENT): not part of keyplane's inventory.
-_INTERNAL_TABLES = ("sqlite_sequence",)
+# Kept by SQLite itself (AUTOINCREMENT), or the console's sign-ins of the moment (left
+# out of every backup: see StateStore.copy_at_one_point): not keyplane's inventory.
+_INTERNAL_TABLES = ("sqlite_sequence", "console_links", "console_sessions")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import json
 import sqlite3
 from collections.abc import Callable, Iterator
 
+from keyplane.server.store import console
 from keyplane.server.store.audit_chain import AUDIT_COLUMNS, HEAD, ChainedEvent, parse_head
 from keyplane.server.store.peers import PeerReads
 from keyplane.server.store.records import (
@@ -93,8 +94,21 @@ class Reads:
             ).fetchone()
         return certificate_record(row) if row else None
 
-    def certificates(self, role: str | None = None, limit: int = 1000) -> list[CertificateRecord]:
-        where, args = ("WHERE role = ?", (role,)) if role else ("", ())
+    def certificates(
+        self, role: str | None = None, limit: int = 1000, search: str = ""
+    ) -> list[CertificateRecord]:
+        """Newest first; with `search`, those whose serial starts with it or whose
+        subject contains it (any case)."""
+        conditions: list[str] = []
+        args: tuple[object, ...] = ()
+        if role:
+            conditions.append("role = ?")
+            args += (role,)
+        if search:
+            escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            conditions.append("(serial LIKE ? ESCAPE '\\' OR subject LIKE ? ESCAPE '\\')")
+            args += (escaped.lower() + "%", "%" + escaped + "%")
+        where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
         with self._connect() as db:
             rows = db.execute(
                 f"SELECT {CERT_COLUMNS} FROM certificates {where} "  # noqa: S608
@@ -165,6 +179,14 @@ class Reads:
                 (*args, limit),
             ).fetchall()
         return [token_record(r) for r in rows]
+
+    def console_link(self, link_id: str) -> console.ConsoleLinkRecord | None:
+        with self._connect() as db:
+            return console.read_link(db, link_id)
+
+    def console_session(self, session_id: str) -> console.ConsoleSessionRecord | None:
+        with self._connect() as db:
+            return console.read_session(db, session_id)
 
     def zones(self, include_revoked: bool = False) -> list[ZoneRecord]:
         where = "" if include_revoked else "WHERE revoked_at IS NULL"

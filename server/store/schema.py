@@ -16,7 +16,7 @@ from keyplane.server.store.audit_chain import (
     format_head,
 )
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # The audit log is append-only: no statement may change or remove an event (keyplane's
 # store has no such write either). Someone with the file can drop these; the hash chain
@@ -231,6 +231,26 @@ CREATE TABLE audit (
 );
 CREATE INDEX audit_at ON audit (at, id);
 CREATE INDEX audit_action ON audit (action, id);
+-- The admin console's one-time sign-in links and sessions (store/console.py): each
+-- secret only as its SHA-256, looked up by the public id beside it.
+CREATE TABLE console_links (
+    id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    serial TEXT NOT NULL REFERENCES certificates (serial),
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    used_at TEXT
+);
+CREATE TABLE console_sessions (
+    id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    serial TEXT NOT NULL REFERENCES certificates (serial),
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    seen_at TEXT NOT NULL,
+    ended_at TEXT,
+    end_reason TEXT
+);
 """
     + AUDIT_TRIGGERS
 )
@@ -359,6 +379,27 @@ CREATE TABLE crls (
     7: """
 ALTER TABLE keys ADD COLUMN signatures INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE keys ADD COLUMN last_used_at TEXT;
+""",
+    # The admin console's one-time sign-in links and its sessions.
+    8: """
+CREATE TABLE console_links (
+    id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    serial TEXT NOT NULL REFERENCES certificates (serial),
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    used_at TEXT
+);
+CREATE TABLE console_sessions (
+    id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    serial TEXT NOT NULL REFERENCES certificates (serial),
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    seen_at TEXT NOT NULL,
+    ended_at TEXT,
+    end_reason TEXT
+);
 """,
 }
 

@@ -166,6 +166,10 @@ class StateStore:
                     contextlib.closing(sqlite3.connect(target, isolation_level=None)) as copy,
                 ):
                     source.backup(copy)
+                    # Console sign-ins are credentials of the moment: a restore must not
+                    # bring back a session that was signed out since.
+                    copy.execute("DELETE FROM console_links")
+                    copy.execute("DELETE FROM console_sessions")
                     copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
                     return alongside(BackupReads.of(copy))
             finally:
@@ -251,8 +255,10 @@ class StateStore:
     def certificate(self, serial: str) -> CertificateRecord | None:
         return self.reads.certificate(serial)
 
-    def certificates(self, role: str | None = None, limit: int = 1000) -> list[CertificateRecord]:
-        return self.reads.certificates(role, limit)
+    def certificates(
+        self, role: str | None = None, limit: int = 1000, search: str = ""
+    ) -> list[CertificateRecord]:
+        return self.reads.certificates(role, limit, search)
 
     def certificates_for_key(self, fingerprint: str) -> list[CertificateRecord]:
         return self.reads.certificates_for_key(fingerprint)

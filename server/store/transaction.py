@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from keyplane.server.kinds import KeyKind, KeyState
 from keyplane.server.logs import current_rpc, log_changes
+from keyplane.server.store import console
 from keyplane.server.store.audit_chain import (
     AUDIT_COLUMNS,
     HEAD,
@@ -411,3 +412,23 @@ class Transaction:
                 ts(record.created_at),
             ),
         )
+
+    # -- the console's sign-in links and sessions (store/console.py) ---------------------
+
+    def insert_console_link(self, record: console.ConsoleLinkRecord) -> None:
+        console.insert_link(self._db, record)
+
+    def use_console_link(self, link_id: str) -> bool:
+        return console.use_link(self._db, link_id, self.now)
+
+    def insert_console_session(self, record: console.ConsoleSessionRecord) -> None:
+        console.insert_session(self._db, record)
+
+    def touch_console_session(self, session_id: str) -> None:
+        console.touch_session(self._db, session_id, self.now)
+
+    def end_console_session(self, session_id: str, reason: str) -> bool:
+        return console.end_session(self._db, session_id, self.now, reason)
+
+    def prune_console(self, before: datetime.datetime) -> None:
+        console.prune(self._db, before)
