@@ -203,20 +203,22 @@ def test_fleet_through_a_zone_server(fleet: dict[str, object]) -> None:
 
     # A revoked agent is refused at its next call.
     victim = dirs[0]
-    run_cli(
-        "certs",
-        "revoke",
-        str(status(victim)["serial"]),
-        "--reason",
-        "stolen",
-        data_dir=data,
-        check=True,
-    )
-    wait_until(
-        "the revoked agent to be refused",
-        lambda: str(status(victim).get("last_error") or "").startswith("PERMISSION_DENIED"),
-        60,
-    )
+    revoked: set[str] = set()
+
+    def refused() -> bool:
+        if str(status(victim).get("last_error") or "").startswith("PERMISSION_DENIED"):
+            return True
+        # Agents here renew every few seconds: one that renewed through the zone just
+        # before its serial was revoked holds a newer certificate, which is revoked too.
+        serial = str(status(victim)["serial"])
+        if serial not in revoked and len(revoked) < 3:
+            # (NOT_FOUND until the zone has reported it: asked again at the next look)
+            done = run_cli("certs", "revoke", serial, "--reason", "stolen", data_dir=data)
+            if done.returncode == 0:
+                revoked.add(serial)
+        return False
+
+    wait_until("the revoked agent to be refused", refused, 60)
 
     # Restart the zone server and three agents: they resume without enrolling again
     # (the token's 20 uses are spent, so an enrollment would fail).

@@ -6,6 +6,7 @@ request cannot be replayed; a certificate renews once; a revoked key never comes
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from keyplane.clients.trust import load as load_trust_state
 from keyplane.server.domain import certs
 from keyplane.server.domain import renewal as server_renewal
 from keyplane.server.domain.clock import ManualClock
+from keyplane.v1 import audit_service_pb2
 from tests.serverkit import FQDN, RunningServer, ServerProcess, run_cli
 from tests.test_enrollment import make_csr, p256
 from tests.test_fleet import Process, wait_until
@@ -441,3 +443,52 @@ def _listening(endpoint: object) -> bool:
             return True
     except OSError:
         return False
+
+
+def test_revoking_a_certificate_revokes_what_it_was_renewed_into(
+    server: RunningServer, admin: KeyplaneClient, anonymous: KeyplaneClient
+) -> None:
+    """An operator revokes the serial they saw; its holder (or whoever stole its key)
+    renewed it a moment before. The renewals it led to are revoked with it, audited as
+    such, and published in the same trust-state version."""
+    keys = [p256() for _ in range(3)]
+    issued = [
+        anonymous.enroll(make_csr(keys[0], cn="relay"), admin.create_enrollment_token().token)
+    ]
+    for old, new in itertools.pairwise(keys):
+        issued.append(
+            renew(anonymous, old, issued[-1].certificate_chain_pem, make_csr(new, cn="relay"))
+        )
+    serials = [i.serial for i in issued]
+    unrelated = anonymous.enroll(
+        make_csr(p256(), cn="other"), admin.create_enrollment_token().token
+    )
+    admin.revoke_certificate(serials[0], "keyCompromise: laptop lost")
+    records = {c.serial: c for c in admin.list_certificates("agent")}
+    assert all(records[s].HasField("revoke_time") for s in serials)
+    assert {records[s].revoke_reason for s in serials} == {"keyCompromise: laptop lost"}
+    assert not records[unrelated.serial].HasField("revoke_time")
+    events = [
+        e
+        for e in admin.audit_events(audit_service_pb2.ListAuditEventsRequest(), limit=50)
+        if e.action == "certificate.revoke"
+    ]
+    assert sorted(e.target for e in events) == sorted(serials)
+    followed = {e.target: json.loads(e.details_json).get("renewed_from") for e in events}
+    assert followed == {serials[0]: None, serials[1]: serials[0], serials[2]: serials[1]}
+    published = load_trust_state(admin.get_trust_state(0)[-1].SerializeToString()).body
+    assert set(serials) <= set(published.revoked_serials)
+    assert unrelated.serial not in published.revoked_serials
+    # The newest of them is refused like the first.
+    with KeyplaneClient(
+        mtls_channel(
+            server.listen,
+            issued[-1].certificate_chain_pem.encode(),
+            key_pem(keys[-1]),
+            (server.admin_dir / "ca.pem").read_bytes(),
+        )
+    ) as holder:
+        error = _refused(
+            grpc.StatusCode.PERMISSION_DENIED, holder.renew, make_csr(p256(), cn="relay")
+        )
+        assert "revoked" in error.message

@@ -126,6 +126,40 @@ def check_revocation(
         )
 
 
+# How far a revocation follows renewals (a chain is one certificate per renewal window;
+# the bound only guards against a cycle that the schema cannot make).
+MAX_SUCCESSORS = 10_000
+
+
+def _revoke_successors(
+    tx: Transaction,
+    record: CertificateRecord | None,
+    actor: str,
+    reason: str,
+    code: int,
+    action: str,
+) -> None:
+    """Revoke what `record` was renewed into, and on down the chain: whoever held the
+    revoked key may have renewed it a moment before (an operator revokes the serial they
+    saw), and a renewal must not carry a revoked credential forward."""
+    seen = {record.serial} if record is not None else set()
+    while record is not None and record.renewed_to and len(seen) < MAX_SUCCESSORS:
+        successor = tx.reads.certificate(record.renewed_to)
+        if successor is None or successor.serial in seen:
+            return
+        seen.add(successor.serial)
+        if tx.revoke_certificate(successor.serial, actor, reason, code):
+            tx.audit(
+                actor,
+                action,
+                successor.serial,
+                before_fingerprint=successor.fingerprint,
+                reason=reason,
+                renewed_from=record.serial,
+            )
+        record = successor
+
+
 def revoke_published(
     hierarchy: Hierarchy,
     actor: str,
@@ -151,6 +185,7 @@ def revoke_published(
                     reason=reason,
                     **details,  # type: ignore[arg-type]
                 )
+                _revoke_successors(tx, record, actor, reason, code, action)
             hierarchy.trust.publish_in(tx, actor)
     except BackendError as exc:
         what = f"certificate {serials[0]} was" if len(serials) == 1 else "the certificates were"
