@@ -508,6 +508,13 @@ class KeyplaneClient:
         )
         return response.recorded
 
+    def report_sightings(self, sightings: list[zone_service_pb2.CertificateSighting]) -> None:
+        """Tell the server when a zone last saw agents it issued (zone-server role)."""
+        self._call(
+            self._zones.ReportIssuedCertificates,
+            zone_service_pb2.ReportIssuedCertificatesRequest(sightings=sightings),
+        )
+
     def redeem_enrollment_token(self, token: str, subject: str, certificate_der: bytes) -> None:
         """Spend a use of `token` and record the certificate a zone issued for it."""
         self._call(

@@ -26,6 +26,7 @@ from grpc_status import rpc_status
 from keyplane.plugins import errors as backend_errors
 from keyplane.server.auth import Admit, authorize
 from keyplane.server.domain.identity import Identity
+from keyplane.server.domain.sightings import Sightings
 from keyplane.server.errors import (
     InvalidArgument,
     KeyplaneError,
@@ -144,11 +145,17 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
     errors to statuses."""
 
     def __init__(
-        self, admit: Admit, limits: CallLimits | None = None, on_refused: OnRefused | None = None
+        self,
+        admit: Admit,
+        limits: CallLimits | None = None,
+        on_refused: OnRefused | None = None,
+        sightings: Sightings | None = None,
     ) -> None:
         self._admit_certificate = admit
         self._limits = limits or CallLimits()
         self._on_refused = on_refused
+        # Every admitted caller is noted as seen (in memory; written in batches).
+        self._sightings = sightings
         # Calls running now: unary calls per listener (mutual TLS or bootstrap), streams.
         self._running = {"mutual-TLS": 0, "bootstrap": 0, "streams": 0}
         # Parsing the peer's PEM certificate on every call is the costliest part of
@@ -221,10 +228,12 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
     def _listener(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         return "mutual-TLS" if _peer_certificate(context) is not None else "bootstrap"
 
-    async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _admit(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Identity | None:
         peer = self._peer(context)
         try:
-            current_identity.set(authorize(method, peer, self._admit_certificate))
+            identity = authorize(method, peer, self._admit_certificate)
         except PermissionDenied as exc:
             if self._on_refused is not None and peer is not None:
                 try:
@@ -232,6 +241,16 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
                 except Exception:  # recording it must never change the answer
                     log.exception("could not note a refused call of %s", method)
             raise
+        current_identity.set(identity)
+        if identity is not None and self._sightings is not None:
+            self._sightings.seen(identity)
+        return identity
+
+    def _watched(self, identity: Identity | None) -> contextlib.AbstractContextManager[None]:
+        """A stream's caller counts as seen for as long as the stream lasts."""
+        if identity is None or self._sightings is None:
+            return contextlib.nullcontext()
+        return self._sightings.watching(identity)
 
     async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
         code, message, reason = status_for(exc)
@@ -260,10 +279,11 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
             ) -> AsyncIterator[Any]:
                 try:
                     with self._slot("streams", self._limits.streams):
-                        await self._admit(method, context)
+                        identity = await self._admit(method, context)
                         _check_decoded(request)
-                        async for response in behavior(request, context):
-                            yield response
+                        with self._watched(identity):
+                            async for response in behavior(request, context):
+                                yield response
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:
@@ -274,9 +294,10 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 with self._slot("streams", self._limits.streams):
-                    await self._admit(method, context)
+                    identity = await self._admit(method, context)
                     _check_decoded(request)
-                    return await behavior(request, context)
+                    with self._watched(identity):
+                        return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:

@@ -158,7 +158,7 @@ def test_schema_1_migrates_to_the_current_schema_keeping_and_chaining_every_even
     try:
         with sqlite3.connect(path) as db:
             version = db.execute("SELECT value FROM meta WHERE name = 'schema_version'")
-            assert version.fetchone()[0] == str(SCHEMA_VERSION) == "5"
+            assert version.fetchone()[0] == str(SCHEMA_VERSION) == "8"
         events = store.audit_log()
         assert [(e.at.isoformat(), e.actor, e.action, e.target, e.details) for e in events] == [
             (at, actor, action, target, details)

@@ -17,6 +17,7 @@ from keyplane.clients.client import KeyplaneClientError
 from keyplane.plugins.errors import BackendError
 from keyplane.server.config import parse_address
 from keyplane.server.datadir import private_umask
+from keyplane.server.domain.sightings import SIGHTINGS_SECONDS
 from keyplane.server.errors import ConfigError, StartRefused
 from keyplane.server.supervisor import serve_as_worker, supervise
 from keyplane.server.vitals import EXIT_REVOKED, EXIT_VITAL_PART_DIED
@@ -55,7 +56,8 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument(
         "--config",
         type=Path,
-        help="TOML with [backends.*] and intermediate_backend (default software)",
+        help="TOML with [backends.*], intermediate_backend (default software) and "
+        "sightings_seconds (how often the agents seen are reported; default 30)",
     )
     p.add_argument(
         "--workers",
@@ -78,6 +80,7 @@ def run_zone(args: argparse.Namespace) -> int:
     backends: dict[str, dict[str, object]] = {"software": {}}
     backend = "software"
     dies_after = None
+    sightings_seconds = SIGHTINGS_SECONDS
     if args.config:
         try:
             raw = tomllib.loads(args.config.read_text())
@@ -87,6 +90,13 @@ def run_zone(args: argparse.Namespace) -> int:
         backends.update({k: dict(v) for k, v in raw.get("backends", {}).items()})
         backend = str(raw.get("intermediate_backend", "software"))
         dies_after = raw.get("testing", {}).get("report_writer_dies_after")
+        sightings_seconds = raw.get("sightings_seconds", SIGHTINGS_SECONDS)
+        if not isinstance(sightings_seconds, int | float) or sightings_seconds <= 0:
+            print(
+                "keyplane zone serve: sightings_seconds must be a positive number",
+                file=sys.stderr,
+            )
+            return 2
         if dies_after is not None and (not isinstance(dies_after, int) or dies_after < 0):
             print(
                 "keyplane zone serve: [testing] report_writer_dies_after must be a whole number",
@@ -103,6 +113,7 @@ def run_zone(args: argparse.Namespace) -> int:
         args.bootstrap_listen,
         backend,
         backends,
+        sightings_seconds=float(sightings_seconds),
         report_writer_dies_after=dies_after,
     )
     try:

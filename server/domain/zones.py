@@ -10,7 +10,10 @@ the caller holds, and every revocation is published in the same transaction.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
+import re
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -48,6 +51,8 @@ from keyplane.server.store import (
 
 MAX_ADDRESS_BYTES = 255
 MAX_REPORT = 1000
+MAX_SIGHTINGS = 10_000
+_SERIAL = re.compile(r"[0-9a-f]{1,64}")
 ZONE_INTERMEDIATE_VALIDITY_KIND = "IntermediateTLS"
 
 
@@ -107,6 +112,14 @@ def parse_listen(label: str, address: str, server_names: list[str]) -> tuple[str
             f"{label} is {host}, which no client can connect to; give the address clients use"
         )
     return str(ip), int(port)
+
+
+def _serial(text: str, what: str) -> str:
+    """A certificate serial as the server records it (lowercase hex, 32 digits at least)."""
+    serial = text.strip().lower()
+    if not _SERIAL.fullmatch(serial):
+        raise InvalidArgument(f"{what} must be a serial in hex, not {text[:80]!r}")
+    return serial.rjust(32, "0")
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -394,12 +407,55 @@ class Zones:
 
         return self.store.group_commit_pending(self.clock.now(), spend)
 
-    def record_reported(self, identity: Identity, reports: list[tuple[bytes, str]]) -> int:
+    def _own_intermediates(self, zone: ZoneRecord) -> list[str]:
+        """Every intermediate this zone has had (any state): what it issued is its own."""
+        return sorted(
+            k.fingerprint
+            for k in self.store.keys(KeyKind.ZONE_INTERMEDIATE)
+            if k.key_uri == zone.key_uri
+        )
+
+    def record_reported(
+        self,
+        identity: Identity,
+        reports: Sequence[tuple[bytes, str, str]],
+        sightings: Sequence[tuple[str, datetime.datetime]] = (),
+    ) -> int:
+        """Record what a zone issued ((DER, component, the serial a renewal renews)) and
+        when it saw its agents; how many certificates were new. Renewals and sightings
+        may name only certificates this zone's own intermediates issued: one of the
+        server's or another zone's refuses the whole report (PERMISSION_DENIED)."""
         zone = self.current_zone(identity)
-        rows = self._rows(zone, reports)
-        with self.store.transaction(self.clock.now()) as tx:
+        if len(sightings) > MAX_SIGHTINGS:
+            raise InvalidArgument(f"a report holds at most {MAX_SIGHTINGS} sightings")
+        rows = self._rows(zone, [(der, component) for der, component, _ in reports])
+        renewals = [
+            (str(row[0]), _serial(renews, "renews_serial"))
+            for row, (_, _, renews) in zip(rows, reports, strict=True)
+            if renews
+        ]
+        now = self.clock.now()
+        seen = [(_serial(serial, "a sighting's serial"), min(at, now)) for serial, at in sightings]
+        own = self._own_intermediates(zone)
+        named = [old for _, old in renewals] + [serial for serial, _ in seen]
+        others = sorted(
+            serial
+            for serial, issuer in self.store.reads.coverage.issuers_of(named).items()
+            if issuer not in own
+        )
+        if others:
+            raise PermissionDenied(
+                f"certificate {others[0]} was not issued by this zone server: a zone server "
+                "reports renewals and sightings of its own certificates only; nothing of "
+                "the report was recorded"
+            )
+        with self.store.transaction(now) as tx:
             # A certificate reported again (after a lost answer) is recorded once.
             recorded = tx.insert_certificates_if_new(rows)
+            for successor, renewed in renewals:
+                # Checked again here, in SQL: only what this zone's intermediates issued.
+                tx.mark_renewed_within(renewed, successor, own)
+            tx.record_sightings(seen, own)
             tx.zone_seen(zone.id)
             if recorded:
                 tx.audit(identity.actor, "certificate.report", zone.name, count=recorded)

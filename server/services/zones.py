@@ -4,6 +4,7 @@ administration of zone servers; thin over the zones domain."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 
 from keyplane.server.domain.zones import Zones, ZoneView
 from keyplane.server.kinds import KeyState
@@ -80,8 +81,13 @@ class ZoneServicer(zone_service_pb2_grpc.ZoneServiceServicer):
     async def ReportIssuedCertificates(
         self, request: zone_service_pb2.ReportIssuedCertificatesRequest, context: Context
     ) -> zone_service_pb2.ReportIssuedCertificatesResponse:
-        reports = [(c.certificate_der, c.component) for c in request.certificates]
-        recorded = await asyncio.to_thread(self._zones.record_reported, caller(), reports)
+        reports = [(c.certificate_der, c.component, c.renews_serial) for c in request.certificates]
+        sightings = [
+            (s.serial, s.seen_time.ToDatetime(tzinfo=datetime.UTC)) for s in request.sightings
+        ]
+        recorded = await asyncio.to_thread(
+            self._zones.record_reported, caller(), reports, sightings
+        )
         return zone_service_pb2.ReportIssuedCertificatesResponse(recorded=recorded)
 
     async def ListZoneServers(

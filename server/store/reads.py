@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Callable, Iterator
 
 from keyplane.server.store.audit_chain import AUDIT_COLUMNS, HEAD, ChainedEvent, parse_head
+from keyplane.server.store.coverage import CoverageReads
 from keyplane.server.store.peers import PeerReads
 from keyplane.server.store.records import (
     CERT_COLUMNS,
@@ -46,6 +47,7 @@ class Reads:
     def __init__(self, connect: Connect) -> None:
         self._connect = connect
         self.peers = PeerReads(connect)
+        self.coverage = CoverageReads(connect)
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[Reads]:

@@ -16,7 +16,23 @@ from keyplane.server.store.audit_chain import (
     format_head,
 )
 
-SCHEMA_VERSION = 5
+# 8, not 6: versions 6 and 7 are taken by work merged alongside this (the
+# integrator renumbers); a DB at 5 goes straight to 8, as the steps below are looked
+# up by number.
+SCHEMA_VERSION = 8
+
+# When the holders of certificates were last seen (written in batches), and an index
+# of the live certificates (unrevoked, not renewed) by role and issuer: coverage and
+# the renewal forecast read them with one aggregate query each.
+SIGHTINGS = """
+CREATE TABLE IF NOT EXISTS certificate_sightings (
+    serial TEXT PRIMARY KEY,
+    last_seen TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS certificates_live
+    ON certificates (role, issuer_fingerprint, issued_at, not_after)
+    WHERE revoked_at IS NULL AND renewed_to IS NULL;
+"""
 
 # The audit log is append-only: no statement may change or remove an event (keyplane's
 # store has no such write either). Someone with the file can drop these; the hash chain
@@ -213,6 +229,7 @@ CREATE INDEX audit_at ON audit (at, id);
 CREATE INDEX audit_action ON audit (action, id);
 """
     + AUDIT_TRIGGERS
+    + SIGHTINGS
 )
 
 # schema version -> the statements that turn the version before it into it.
@@ -318,6 +335,8 @@ CREATE TABLE peer_renewals (
     renewed_at TEXT NOT NULL
 );
 """,
+    # Root rotation an operator can watch: sightings and the live-certificate index.
+    8: SIGHTINGS,
 }
 
 
@@ -378,7 +397,7 @@ def initialise(db: sqlite3.Connection, name: str) -> None:
             f"{name} has schema version {version}, newer than this keyplane knows "
             f"({SCHEMA_VERSION}); run the keyplane version that wrote it"
         )
-    for step in range(version + 1, SCHEMA_VERSION + 1):
+    for step in sorted(s for s in MIGRATIONS if version < s <= SCHEMA_VERSION):
         db.execute("BEGIN IMMEDIATE")
         try:
             for statement in _statements(MIGRATIONS[step]):
