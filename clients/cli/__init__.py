@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         identities,
         keys,
         roots,
+        rotation,
         settings,
         signing,
         tokens,
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = connection_options()
     nouns = (
-        roots, keys, settings, trust_state, signing, bundle, tokens, certs, zones,
+        roots, keys, rotation, settings, trust_state, signing, bundle, tokens, certs, zones,
         identities, backup, audit, trust,
     )  # fmt: skip
     for noun in nouns:
