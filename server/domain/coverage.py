@@ -231,7 +231,8 @@ class Fleet:
                               record.peer_updated_at or record.trusted_at, record.fqdn)
                 )  # fmt: skip
         epoch = datetime.datetime.min.replace(tzinfo=datetime.UTC)
-        found.sort(key=lambda s: (s.issued_at or epoch, s.kind, s.name))
+        # Stable: for the same time, agents in the order they were recorded.
+        found.sort(key=lambda s: s.issued_at or epoch)
         return found[:limit], total
 
     def coverage(self, limit: int, min_coverage: float) -> Coverage:

@@ -62,8 +62,8 @@ class CoverageReads:
     def oldest_live(
         self, role: str, issuers: Sequence[str], now: datetime.datetime, limit: int
     ) -> list[LiveCertificate]:
-        """The live certificates of `role` that `issuers` issued, oldest first, with
-        when their holders were last seen."""
+        """The live certificates of `role` that `issuers` issued, oldest first (in the
+        order recorded, for the same time), with when their holders were last seen."""
         if not issuers or limit <= 0:
             return []
         with self._connect() as db:
@@ -73,7 +73,7 @@ class CoverageReads:
                 "LEFT JOIN certificate_sightings s ON s.serial = c.serial "
                 f"WHERE c.role = ? AND c.issuer_fingerprint IN ({_marks(issuers)}) "
                 "AND c.revoked_at IS NULL AND c.renewed_to IS NULL AND c.not_after > ? "
-                "ORDER BY c.issued_at, c.serial LIMIT ?",
+                "ORDER BY c.issued_at, c.rowid LIMIT ?",
                 (role, *issuers, ts(now), limit),
             ).fetchall()
         return [
