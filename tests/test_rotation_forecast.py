@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,6 +18,7 @@ from keyplane.clients.client import KeyplaneClient, KeyplaneClientError
 from keyplane.clients.renewal import renewal_proof
 from keyplane.server.domain.clock import ManualClock
 from keyplane.server.domain.forecast import ROTATION_SPREAD_SECONDS
+from keyplane.zone.runtime import ZoneOptions, ZoneServer
 from tests.serverkit import FQDN, RunningServer, run_cli
 from tests.test_enrollment import make_csr, p256
 
@@ -154,3 +156,44 @@ def test_a_settings_dry_run_shows_the_forecast_and_saves_nothing(
     assert out.returncode == 0, out.stderr
     assert "dry run: not saved" in out.stdout and "the next 72 hours now" in out.stdout
     assert admin.get_setting("PKIClientTLSKeyValidityHours").value == str(VALIDITY_HOURS)
+
+
+def test_a_zone_server_renews_its_tls_certificate_when_the_forecast_says(
+    server: RunningServer, admin: KeyplaneClient, clock: ManualClock, tmp_path: Path
+) -> None:
+    # The zone's TLS certificate has the agents' validity (168 h), its intermediate 30
+    # days: both are renewed together once either has a tenth of its lifetime left.
+    token = admin.create_enrollment_token(role="zone-server").token
+    zone = ZoneServer(ZoneOptions(tmp_path / "zone", "zone1", "127.0.0.1:0", "127.0.0.1:0"), clock)
+    try:
+        zone.prepare(admin.get_init_bundle().SerializeToString(), None, token)
+        [record] = server.hierarchy.store.zones()
+        first = record.tls_serial
+        forecast = admin.get_rotation_forecast(200)
+        due = [
+            h for h, hour in enumerate(forecast.hours)
+            for k in hour.renewals if k.kind == "zone-server"
+        ]  # fmt: skip
+        assert due == [151]  # 168 h less a tenth
+        assert forecast.summary.total == pytest.approx(1.0)
+        clock.advance(datetime.timedelta(hours=151))
+        assert zone.upstream.needs_renewal() is None
+        clock.advance(datetime.timedelta(hours=1))
+        assert zone.upstream.needs_renewal() == "its TLS certificate nears expiry"
+        zone.upstream.maybe_renew()
+        [record] = server.hierarchy.store.zones()
+        assert record.tls_serial != first
+        assert server.hierarchy.store.certificate(first).renewed_to == record.tls_serial
+        coverage = admin.get_root_coverage()
+        assert coverage.live.zone_servers == 1 and coverage.moved.zone_servers == 1
+        assert zone.upstream.needs_renewal() is None
+    finally:
+        zone.close()
+
+
+def test_a_forecast_longer_than_30_days_is_refused(admin: KeyplaneClient) -> None:
+    with pytest.raises(KeyplaneClientError) as refused:
+        admin.get_rotation_forecast(721)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "720 hours" in refused.value.message
+    assert len(admin.get_rotation_forecast(720).hours) == 720
