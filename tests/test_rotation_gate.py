@@ -358,6 +358,10 @@ def test_a_peer_counts_under_the_root_it_holds_and_its_admin_is_nobody_here(
         # Nothing changed; the audit log holds the refusals (and the peer link's pulls,
         # which go on meanwhile).
         assert snapshot_state(a.server)[1:] == before[1:]
-        added = a.server.hierarchy.store.audit_log(100_000)[events:]
-        assert {e.action for e in added} <= {"access.refused", "trust.peer_update"}
-        assert [e.action for e in added].count("access.refused") == 3
+
+        def added() -> list[str]:
+            return [e.action for e in a.server.hierarchy.store.audit_log(100_000)[events:]]
+
+        # Refusals are recorded without making the call wait: soon after, then.
+        wait_until("the refusals to be recorded", lambda: added().count("access.refused") == 3)
+        assert set(added()) <= {"access.refused", "trust.peer_update"}
