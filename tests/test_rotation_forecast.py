@@ -117,6 +117,20 @@ def test_the_rotation_burst_counts_every_live_agent(
     assert burst.spread_seconds == ROTATION_SPREAD_SECONDS
     assert [(e.endpoint, e.components) for e in burst.endpoints] == [("server", 5)]
     assert burst.peak_per_second == pytest.approx(5 / ROTATION_SPREAD_SECONDS)
+    # What the command line prints of it, and of coverage.
+    env = {"KEYPLANE_SERVER": server.listen}
+    out = run_cli("rotation", "forecast", data_dir=server.config.data_dir, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("next 72 hours: 0.0 renewals")
+    assert "a root rotation now: 5 components renew within 2 s" in out.stdout
+    out = run_cli("roots", "coverage", data_dir=server.config.data_dir, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("5 of 5 live components under the newest root (100.0%")
+    out = run_cli(
+        "rotation", "forecast", "--hours", "721", data_dir=server.config.data_dir, env=env
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip() == ("keyplane: INVALID_ARGUMENT: a forecast covers 1 to 720 hours")
 
 
 def test_a_settings_dry_run_shows_the_forecast_and_saves_nothing(
