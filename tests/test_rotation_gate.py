@@ -365,3 +365,31 @@ def test_a_peer_counts_under_the_root_it_holds_and_its_admin_is_nobody_here(
         # Refusals are recorded without making the call wait: soon after, then.
         wait_until("the refusals to be recorded", lambda: added().count("access.refused") == 3)
         assert set(added()) <= {"access.refused", "trust.peer_update"}
+
+
+def test_who_was_seen_is_written_in_batches_not_per_call(
+    server: RunningServer, admin: KeyplaneClient, anonymous: KeyplaneClient, clock: ManualClock
+) -> None:
+    [(_, key, chain)] = _enroll(admin, anonymous, ["seen-1"])
+    serial = f"{x509.load_pem_x509_certificates(chain.encode())[0].serial_number:032x}"
+    admin.create_root_key()
+    roots = (server.admin_dir / "ca.pem").read_bytes()  # both roots now
+    server.hierarchy.write_sightings()  # what the admin's calls noted so far
+    store = server.hierarchy.store
+    with KeyplaneClient(mtls_channel(server.listen, chain.encode(), key_pem(key), roots)) as agent:
+        for _ in range(5):
+            agent.get_trust_state()
+        # Noted in memory only: nothing written yet.
+        assert store.reads.coverage.last_seen([serial]) == {}
+        [straggler] = admin.get_root_coverage().stragglers
+        assert straggler.last_seen_time == straggler.issue_time
+        clock.advance(datetime.timedelta(minutes=5))
+        agent.get_trust_state()
+    assert server.hierarchy.write_sightings() >= 1  # one transaction for the batch
+    seen = store.reads.coverage.last_seen([serial])[serial]
+    assert seen == clock.now()
+    [straggler] = admin.get_root_coverage().stragglers
+    assert straggler.last_seen_time.ToDatetime(tzinfo=datetime.UTC) == seen
+    # A later batch never moves it back.
+    assert server.hierarchy.write_sightings() >= 0
+    assert store.reads.coverage.last_seen([serial])[serial] == seen
