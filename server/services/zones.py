@@ -72,7 +72,7 @@ class ZoneServicer(zone_service_pb2_grpc.ZoneServiceServicer):
         self, request: zone_service_pb2.RedeemEnrollmentTokenRequest, context: Context
     ) -> zone_service_pb2.RedeemEnrollmentTokenResponse:
         # Concurrent redemptions share one commit; only that is waited for off the loop.
-        pending = self._zones.redeem_token_pending(
+        pending = self._zones.reports.redeem_token_pending(
             caller(), request.token, request.subject, request.certificate_der
         )
         await asyncio.wrap_future(pending)
@@ -86,7 +86,7 @@ class ZoneServicer(zone_service_pb2_grpc.ZoneServiceServicer):
             (s.serial, s.seen_time.ToDatetime(tzinfo=datetime.UTC)) for s in request.sightings
         ]
         recorded = await asyncio.to_thread(
-            self._zones.record_reported, caller(), reports, sightings
+            self._zones.reports.record_reported, caller(), reports, sightings
         )
         return zone_service_pb2.ReportIssuedCertificatesResponse(recorded=recorded)
 
