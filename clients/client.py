@@ -33,6 +33,7 @@ from keyplane.v1 import (
     message_signing_service_pb2_grpc,
     root_key_service_pb2,
     root_key_service_pb2_grpc,
+    rotation_pb2,
     settings_service_pb2,
     settings_service_pb2_grpc,
     status_service_pb2,
@@ -229,15 +230,38 @@ class KeyplaneClient:
         return response.root_key
 
     def revoke_root_key(
-        self, fingerprint: str, reason: str, confirm: bool
+        self, fingerprint: str, reason: str, confirm: bool, force: bool = False
     ) -> root_key_service_pb2.RootKey:
+        return self.revoke_root(fingerprint, reason, confirm, force=force).root_key
+
+    def revoke_root(
+        self,
+        fingerprint: str,
+        reason: str = "",
+        confirm: bool = False,
+        dry_run: bool = False,
+        force: bool = False,
+    ) -> root_key_service_pb2.RevokeRootKeyResponse:
+        """Revoke a root (or, with `dry_run`, only say what that would do): the root and
+        the plan of what the revocation did or would do. `force` passes the coverage
+        gate (a compromised key)."""
         request = root_key_service_pb2.RevokeRootKeyRequest(
-            fingerprint=fingerprint, reason=reason, confirm=confirm
+            fingerprint=fingerprint, reason=reason, confirm=confirm, dry_run=dry_run, force=force
         )
         response: root_key_service_pb2.RevokeRootKeyResponse = self._call(
             self._roots.RevokeRootKey, request
         )
-        return response.root_key
+        return response
+
+    def get_root_coverage(
+        self, straggler_limit: int = 0
+    ) -> root_key_service_pb2.GetRootCoverageResponse:
+        """How far the fleet has moved to the newest root, with the slowest stragglers."""
+        response: root_key_service_pb2.GetRootCoverageResponse = self._call(
+            self._roots.GetRootCoverage,
+            root_key_service_pb2.GetRootCoverageRequest(straggler_limit=straggler_limit),
+        )
+        return response
 
     def get_legacy_root_key(self) -> root_key_service_pb2.LegacyRootKey:
         response: root_key_service_pb2.GetLegacyRootKeyResponse = self._call(
@@ -257,6 +281,13 @@ class KeyplaneClient:
         response: key_service_pb2.RotateKeyResponse = self._call(self._keys.RotateKey, request)
         return response.key
 
+    def get_rotation_forecast(self, hours: int = 0) -> rotation_pb2.RotationForecast:
+        """The renewals expected per hour for the next `hours` (default 72, at most 720)."""
+        response: key_service_pb2.GetRotationForecastResponse = self._call(
+            self._keys.GetRotationForecast, key_service_pb2.GetRotationForecastRequest(hours=hours)
+        )
+        return response.forecast
+
     def list_settings(self, reveal: bool = False) -> list[settings_service_pb2.Setting]:
         response: settings_service_pb2.ListSettingsResponse = self._call(
             self._settings.ListSettings, settings_service_pb2.ListSettingsRequest(reveal=reveal)
@@ -271,11 +302,18 @@ class KeyplaneClient:
         return response.setting
 
     def update_setting(self, name: str, value: str) -> settings_service_pb2.Setting:
+        return self.change_setting(name, value).setting
+
+    def change_setting(
+        self, name: str, value: str, dry_run: bool = False
+    ) -> settings_service_pb2.UpdateSettingResponse:
+        """Change a setting (with `dry_run`: check it and show the forecast before and
+        after, saving nothing)."""
         response: settings_service_pb2.UpdateSettingResponse = self._call(
             self._settings.UpdateSetting,
-            settings_service_pb2.UpdateSettingRequest(name=name, value=value),
+            settings_service_pb2.UpdateSettingRequest(name=name, value=value, dry_run=dry_run),
         )
-        return response.setting
+        return response
 
     def get_trust_state(self, since_version: int = 0) -> list[trust_state_pb2.SignedTrustState]:
         response: trust_state_service_pb2.GetTrustStateResponse = self._call(
@@ -536,6 +574,13 @@ class KeyplaneClient:
             self._zones.PublishZoneCrl, zone_service_pb2.PublishZoneCrlRequest(crl_der=crl_der)
         )
         return response.crl_number
+
+    def report_sightings(self, sightings: list[zone_service_pb2.CertificateSighting]) -> None:
+        """Tell the server when a zone last saw agents it issued (zone-server role)."""
+        self._call(
+            self._zones.ReportIssuedCertificates,
+            zone_service_pb2.ReportIssuedCertificatesRequest(sightings=sightings),
+        )
 
     def redeem_enrollment_token(self, token: str, subject: str, certificate_der: bytes) -> None:
         """Spend a use of `token` and record the certificate a zone issued for it."""

@@ -271,6 +271,7 @@ class KeyplaneServer:
                     CallLimits(self.config.max_calls_per_listener, self.config.max_streams),
                     refusals.refused,
                     self.metrics,
+                    hierarchy.sightings,
                 )
             ],
             options=server_options(self.config.min_ping_interval_ms),
@@ -412,6 +413,8 @@ class KeyplaneServer:
         self._tasks.append(asyncio.create_task(checks.run()))
         if self._usage is not None:
             self._tasks.append(asyncio.create_task(self._usage.run()))
+        # Every worker writes who it saw (never a write per call).
+        self._tasks.append(asyncio.create_task(self._sightings_loop()))
         if self.worker == 0:
             self.hierarchy.admin_dir.write_endpoint(
                 self.endpoints.connect_listen,
@@ -482,6 +485,16 @@ class KeyplaneServer:
                 continue
             notifier.published(latest)
 
+    async def _sightings_loop(self) -> None:
+        """Write who was seen, one batch every sightings_seconds."""
+        assert self.hierarchy is not None  # noqa: S101
+        while True:
+            await asyncio.sleep(self.config.sightings_seconds)
+            try:
+                await asyncio.to_thread(self.hierarchy.write_sightings)
+            except Exception:
+                log.exception("could not write the sightings; keeping them for the next batch")
+
     async def _rotation_loop(self) -> None:
         """Renew subordinates as they enter their renewal window; the DB is the truth."""
         assert self.hierarchy is not None  # noqa: S101
@@ -521,6 +534,11 @@ class KeyplaneServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self.hierarchy is not None and self._store is not None:
+            try:
+                await asyncio.to_thread(self.hierarchy.write_sightings)  # the last batch
+            except Exception:
+                log.exception("could not write the last sightings")
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.stop()
             self._metrics_endpoint = None

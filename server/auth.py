@@ -52,12 +52,16 @@ ACCESS: dict[str, Access] = {
     "/keyplane.v1.RootKeyService/CreateRootKey": ADMIN,
     "/keyplane.v1.RootKeyService/ListRootKeys": READ,
     "/keyplane.v1.RootKeyService/GetRootKey": READ,
+    # Its dry run too: what a revocation would do is an admin's to ask.
     "/keyplane.v1.RootKeyService/RevokeRootKey": ADMIN,
+    "/keyplane.v1.RootKeyService/GetRootCoverage": READ,
     "/keyplane.v1.RootKeyService/GetLegacyRootKey": READ,
     "/keyplane.v1.KeyService/ListKeys": READ,
     "/keyplane.v1.KeyService/RotateKey": ADMIN,
+    "/keyplane.v1.KeyService/GetRotationForecast": READ,
     "/keyplane.v1.SettingsService/ListSettings": READ,
     "/keyplane.v1.SettingsService/GetSetting": READ,
+    # Its dry run too (it shows the forecast a change would make).
     "/keyplane.v1.SettingsService/UpdateSetting": ADMIN,
     "/keyplane.v1.MessageSigningService/SignMessage": ADMIN,
     "/keyplane.v1.MessageSigningService/SignMessages": ADMIN,

@@ -105,6 +105,8 @@ class ServerConfig:
         default_factory=lambda: MappingProxyType({"software": MappingProxyType({})})
     )
     rotation_check_seconds: float = 60.0
+    # How often who was seen (admitted calls, renewals, watches) is written, in one batch.
+    sightings_seconds: float = 30.0
     # Calls served at once per listener, and trust-state watch streams per process:
     # beyond them RESOURCE_EXHAUSTED at once.
     max_calls_per_listener: int = 1024
@@ -197,6 +199,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         "key_backends",
         "backends",
         "rotation_check_seconds",
+        "sightings_seconds",
         "max_calls_per_listener",
         "max_streams",
         "workers",
@@ -225,7 +228,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
     for name in ("root_algorithm", "subordinate_algorithm"):
         if name in raw:
             values[name] = _algorithm(raw[name], name)
-    for name in ("rotation_check_seconds", "backend_check_seconds"):
+    for name in ("rotation_check_seconds", "backend_check_seconds", "sightings_seconds"):
         if name in raw:
             seconds = raw[name]
             if not isinstance(seconds, int | float) or seconds <= 0:

@@ -28,6 +28,7 @@ from grpc_status import rpc_status
 from keyplane.plugins import errors as backend_errors
 from keyplane.server.auth import Admit, authorize
 from keyplane.server.domain.identity import Identity
+from keyplane.server.domain.sightings import Sightings
 from keyplane.server.errors import (
     InvalidArgument,
     KeyplaneError,
@@ -174,11 +175,14 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
         limits: CallLimits | None = None,
         on_refused: OnRefused | None = None,
         metrics: Metrics | None = None,
+        sightings: Sightings | None = None,
     ) -> None:
         self._admit_certificate = admit
         self._limits = limits or CallLimits()
         self._on_refused = on_refused
         self._metrics = metrics
+        # Every admitted caller is noted as seen (in memory; written in batches).
+        self._sightings = sightings
         # Calls running now: unary calls per listener (mutual TLS or bootstrap), streams.
         self._running = {"mutual-TLS": 0, "bootstrap": 0, "streams": 0}
         # Parsing the peer's PEM certificate on every call is the costliest part of
@@ -258,14 +262,13 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
     def _listener(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         return "mutual-TLS" if _peer_certificate(context) is not None else "bootstrap"
 
-    async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _admit(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Identity | None:
         peer = self._peer(context)
         current_rpc.set(method)
         try:
             identity = authorize(method, peer, self._admit_certificate)
-            current_identity.set(identity)
-            if identity is not None:
-                current_caller.set(identity.actor)
         except PermissionDenied as exc:
             if self._on_refused is not None and peer is not None:
                 try:
@@ -273,6 +276,18 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
                 except Exception:  # recording it must never change the answer
                     log.exception("could not note a refused call of %s", method)
             raise
+        current_identity.set(identity)
+        if identity is not None:
+            current_caller.set(identity.actor)
+        if identity is not None and self._sightings is not None:
+            self._sightings.seen(identity)
+        return identity
+
+    def _watched(self, identity: Identity | None) -> contextlib.AbstractContextManager[None]:
+        """A stream's caller counts as seen for as long as the stream lasts."""
+        if identity is None or self._sightings is None:
+            return contextlib.nullcontext()
+        return self._sightings.watching(identity)
 
     # Each wrapper counts its call as handled (in `finally`) before its status goes out,
     # so a client that has its answer finds it counted.
@@ -314,10 +329,11 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
             code = "CANCELLED"  # unless it ends otherwise: its client went away
             try:
                 with self._slot("streams", self._limits.streams):
-                    await self._admit(method, context)
+                    identity = await self._admit(method, context)
                     _check_decoded(request)
-                    async for response in behavior(request, context):
-                        yield response
+                    with self._watched(identity):
+                        async for response in behavior(request, context):
+                            yield response
                 code = "OK"
             except grpc.aio.AbortError:
                 code = _aborted_code(context)
@@ -342,9 +358,10 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
             code = "OK"
             try:
                 with self._slot("streams", self._limits.streams):
-                    await self._admit(method, context)
+                    identity = await self._admit(method, context)
                     _check_decoded(request)
-                    return await behavior(request, context)
+                    with self._watched(identity):
+                        return await behavior(request, context)
             except grpc.aio.AbortError:
                 code = _aborted_code(context)
                 raise

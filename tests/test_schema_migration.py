@@ -158,7 +158,7 @@ def test_schema_1_migrates_to_the_current_schema_keeping_and_chaining_every_even
     try:
         with sqlite3.connect(path) as db:
             version = db.execute("SELECT value FROM meta WHERE name = 'schema_version'")
-            assert version.fetchone()[0] == str(SCHEMA_VERSION) == "8"
+            assert version.fetchone()[0] == str(SCHEMA_VERSION) == "9"
             # Schema 6: the CRLs, and the reason code of every revocation.
             assert db.execute("SELECT count(*) FROM crls").fetchone() == (0,)
             db.execute("SELECT revoke_reason_code FROM certificates")
@@ -168,6 +168,8 @@ def test_schema_1_migrates_to_the_current_schema_keeping_and_chaining_every_even
             # Schema 8: the console's sign-in links and sessions.
             assert db.execute("SELECT count(*) FROM console_links").fetchone() == (0,)
             assert db.execute("SELECT count(*) FROM console_sessions").fetchone() == (0,)
+            # Schema 9: when the holders of certificates were last seen.
+            assert db.execute("SELECT count(*) FROM certificate_sightings").fetchone() == (0,)
         events = store.audit_log()
         assert [(e.at.isoformat(), e.actor, e.action, e.target, e.details) for e in events] == [
             (at, actor, action, target, details)

@@ -185,7 +185,17 @@ def test_reflection_lists_and_describes_every_service(server: RunningServer) -> 
             "ListRootKeys",
             "GetRootKey",
             "RevokeRootKey",
+            "GetRootCoverage",
             "GetLegacyRootKey",
         }
         revoke = pool.FindMessageTypeByName("keyplane.v1.RevokeRootKeyRequest")
-        assert {f.name for f in revoke.fields} == {"fingerprint", "reason", "confirm"}
+        assert {f.name for f in revoke.fields} == {
+            "fingerprint",
+            "reason",
+            "confirm",
+            "dry_run",
+            "force",
+        }
+        # What the new messages are made of comes through reflection too.
+        plan = pool.FindMessageTypeByName("keyplane.v1.RevocationPlan")
+        assert {"verdict", "stranded", "first_stranded", "peers"} <= {f.name for f in plan.fields}

@@ -17,6 +17,7 @@ from keyplane.clients.client import KeyplaneClientError
 from keyplane.plugins.errors import BackendError
 from keyplane.server.config import parse_address
 from keyplane.server.datadir import private_umask
+from keyplane.server.domain.sightings import SIGHTINGS_SECONDS
 from keyplane.server.errors import ConfigError, StartRefused
 from keyplane.server.logs import LOG_FORMATS, configure_logging
 from keyplane.server.metrics import prepare_worker_metrics, worker_exited
@@ -71,7 +72,8 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument(
         "--config",
         type=Path,
-        help="TOML with [backends.*] and intermediate_backend (default software)",
+        help="TOML with [backends.*], intermediate_backend (default software) and "
+        "sightings_seconds (how often the agents seen are reported; default 30)",
     )
     p.add_argument(
         "--workers",
@@ -104,6 +106,7 @@ def run_zone(args: argparse.Namespace) -> int:
     backend = "software"
     dies_after = None
     check_seconds = 10.0
+    sightings_seconds = SIGHTINGS_SECONDS
     if args.config:
         try:
             raw = tomllib.loads(args.config.read_text())
@@ -120,6 +123,13 @@ def run_zone(args: argparse.Namespace) -> int:
             )
             return 2
         dies_after = raw.get("testing", {}).get("report_writer_dies_after")
+        sightings_seconds = raw.get("sightings_seconds", SIGHTINGS_SECONDS)
+        if not isinstance(sightings_seconds, int | float) or sightings_seconds <= 0:
+            print(
+                "keyplane zone serve: sightings_seconds must be a positive number",
+                file=sys.stderr,
+            )
+            return 2
         if dies_after is not None and (not isinstance(dies_after, int) or dies_after < 0):
             print(
                 "keyplane zone serve: [testing] report_writer_dies_after must be a whole number",
@@ -137,6 +147,7 @@ def run_zone(args: argparse.Namespace) -> int:
         backend,
         backends,
         crl_listen=args.crl_listen or "",
+        sightings_seconds=float(sightings_seconds),
         report_writer_dies_after=dies_after,
         metrics_listen=args.metrics_listen or "",
         backend_check_seconds=float(check_seconds),

@@ -256,6 +256,7 @@ class ZoneIssuer:
             identity.certificate, csr, proof, self.zone.options.name, proof_time,
             self.zone.clock.now(),
         )  # fmt: skip
+        self.zone.sightings.seen(identity)
 
     # -- admission -----------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from keyplane.server.crl_http import CrlSite
 from keyplane.server.datadir import DataDir, DataDirState, private_umask
 from keyplane.server.domain import certs
 from keyplane.server.domain.clock import Clock, SystemClock
+from keyplane.server.domain.sightings import SIGHTINGS_SECONDS, Sightings
 from keyplane.server.grpc_options import server_options
 from keyplane.server.interceptor import KeyplaneInterceptor
 from keyplane.server.logs import quiet_client_cancellations
@@ -82,6 +83,8 @@ class ZoneOptions:
     backends: dict[str, dict[str, object]] | None = None
     # CRLs over plain HTTP (server/crl_http.py); empty: not served.
     crl_listen: str = ""
+    # How often the agents seen are reported to the server.
+    sightings_seconds: float = SIGHTINGS_SECONDS
     # Testing only: the report writer thread dies after this many batches (a fault hook).
     report_writer_dies_after: int | None = None
     # Prometheus text on GET /metrics at this HOST:PORT (--metrics-listen); "": off.
@@ -164,6 +167,8 @@ class ZoneServer:
         self.store = ZoneStore(options.data_dir / "zone.db")
         self.store.report_writer.die_after_batches = options.report_writer_dies_after
         self.stopping = threading.Event()
+        # Every admitted call notes its caller; reported to the server in batches.
+        self.sightings = Sightings(self.clock)
         self.upstream = Upstream(self)
         self.relay = Relay(self)
         self.issuing = ZoneIssuer(self)
@@ -304,7 +309,11 @@ class ZoneServer:
     async def start(self) -> None:
         quiet_client_cancellations()
         server = grpc.aio.server(
-            interceptors=[KeyplaneInterceptor(self.issuing.admit, metrics=self.metrics)],
+            interceptors=[
+                KeyplaneInterceptor(
+                    self.issuing.admit, metrics=self.metrics, sightings=self.sightings
+                )
+            ],
             options=server_options(),
         )
         notifier = VersionNotifier()
@@ -345,6 +354,8 @@ class ZoneServer:
         loops = [
             ("trust-state follower", self.relay.follow_loop),
             ("intermediate renewal", self.upstream.renew_loop),
+            # Every worker reports the agents it saw itself.
+            ("sightings delivery", self.upstream.sightings_loop),
         ]
         if self.worker == 0:
             # Reads what every worker queued in zone.db.

@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS trust_versions (
 CREATE TABLE IF NOT EXISTS pending_reports (
     serial TEXT PRIMARY KEY,
     der BLOB NOT NULL,
-    component TEXT NOT NULL
+    component TEXT NOT NULL,
+    -- For a renewal: the serial it renews (the server then marks that one renewed).
+    renews TEXT
 );
 -- Every intermediate this zone has held: it renews only what they issued.
 CREATE TABLE IF NOT EXISTS intermediates (
@@ -107,6 +109,7 @@ class ZoneStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._add_column("pending_reports", "renews", "TEXT")
         # Reads of single values (issuing asks for the intermediate on every call) use a
         # connection of their own: WAL lets them run while a report commit holds the
         # writer for its fsync.
@@ -115,6 +118,19 @@ class ZoneStore:
             path, check_same_thread=False, isolation_level=None, timeout=10.0
         )
         self._reports = GroupCommitter("zone-report-writer", self._write_reports, max_batch=512)
+
+    def _add_column(self, table: str, column: str, declaration: str) -> None:
+        """Bring a zone.db from an older keyplane up to date (once, whichever worker
+        gets there first)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {str(r[1]) for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         self._reports.stop()
@@ -208,9 +224,9 @@ class ZoneStore:
                                 (renews, serial, der),
                             )
                         self._db.execute(
-                            "INSERT OR IGNORE INTO pending_reports (serial, der, component) "
-                            "VALUES (?, ?, ?)",
-                            (serial, der, component),
+                            "INSERT OR IGNORE INTO pending_reports (serial, der, component, "
+                            "renews) VALUES (?, ?, ?, ?)",
+                            (serial, der, component, renews),
                         )
                     except sqlite3.IntegrityError:
                         self._db.execute("ROLLBACK TO item")
@@ -324,12 +340,15 @@ class ZoneStore:
             rows = self._reader.execute("SELECT fingerprint FROM intermediates").fetchall()
         return {str(r[0]) for r in rows}
 
-    def pending_reports(self, limit: int = 500) -> list[tuple[str, bytes, str]]:
+    def pending_reports(self, limit: int = 500) -> list[tuple[str, bytes, str, str | None]]:
+        """(serial, DER, component, the serial it renews) of unreported certificates,
+        oldest first (a renewal goes after the certificate it renews)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT serial, der, component FROM pending_reports LIMIT ?", (limit,)
+                "SELECT serial, der, component, renews FROM pending_reports ORDER BY rowid LIMIT ?",
+                (limit,),
             ).fetchall()
-        return [(str(s), bytes(d), str(c)) for s, d, c in rows]
+        return [(str(s), bytes(d), str(c), str(r) if r else None) for s, d, c, r in rows]
 
     def reported(self, serials: list[str]) -> None:
         with self._lock:

@@ -22,7 +22,9 @@ from keyplane.clients.client import (
 from keyplane.clients.credentials import Credential
 from keyplane.plugins.keys import BackendPrivateKey, KeyAlgorithm
 from keyplane.server.domain import certs
+from keyplane.server.domain.renewal import ZONE_RENEW_AT_REMAINING
 from keyplane.server.logs import log_event
+from keyplane.server.services.convert import timestamp
 from keyplane.v1 import zone_service_pb2
 
 if TYPE_CHECKING:
@@ -34,9 +36,9 @@ REPORT_SECONDS = 1.0
 RENEW_CHECK_SECONDS = 5.0
 # How long a further worker waits for worker 0 to store a renewed intermediate.
 RENEWAL_WAIT_SECONDS = 10.0
-# Renew the intermediate when less than this share of its lifetime is left.
-RENEW_AT_REMAINING = 0.1
 SERVER_TIMEOUT = 30.0
+# Sightings per report call (the server takes at most 10,000).
+MAX_SIGHTINGS = 10_000
 
 
 def _csr(key: BackendPrivateKey, name: str) -> bytes:
@@ -170,8 +172,15 @@ class Upstream:
                 return "the server's newest root did not issue the intermediate"
         now = zone.clock.now()
         lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
-        if cert.not_valid_after_utc - now < lifetime * RENEW_AT_REMAINING:
+        if cert.not_valid_after_utc - now < lifetime * ZONE_RENEW_AT_REMAINING:
             return "the intermediate nears expiry"
+        # Its TLS certificate has the (shorter) client validity: it renews with it.
+        tls_pem = zone.store.get("tls_chain_pem") or ""
+        if tls_pem:
+            tls = x509.load_pem_x509_certificates(tls_pem.encode())[0]
+            lifetime = tls.not_valid_after_utc - tls.not_valid_before_utc
+            if tls.not_valid_after_utc - now < lifetime * ZONE_RENEW_AT_REMAINING:
+                return "its TLS certificate nears expiry"
         return None
 
     def maybe_renew(self) -> None:
@@ -254,10 +263,49 @@ class Upstream:
                 # Sent again after a lost answer: the server records each serial once.
                 self.shared_client().report_issued_certificates(
                     [
-                        zone_service_pb2.IssuedCertificateReport(certificate_der=d, component=c)
-                        for _, d, c in pending
+                        zone_service_pb2.IssuedCertificateReport(
+                            certificate_der=d, component=c, renews_serial=renews or ""
+                        )
+                        for _, d, c, renews in pending
                     ]
                 )
-                zone.store.reported([s for s, _, _ in pending])
+                zone.store.reported([s for s, _, _, _ in pending])
             except Exception as exc:
                 log.warning("reporting issued certificates failed (%s); will retry", exc)
+
+    def sightings_loop(self) -> None:
+        """Every `sightings_seconds` (and at stop), tell the server when this worker last
+        saw its agents: only those this zone's intermediates issued (the server refuses
+        sightings of any other)."""
+        zone = self.zone
+        while True:
+            stopping = zone.stopping.wait(zone.options.sightings_seconds)
+            self.report_sightings()
+            if stopping:
+                return
+
+    def report_sightings(self) -> None:
+        zone = self.zone
+        taken = zone.sightings.take()
+        if not taken:
+            return
+        mine = dict(taken)
+        try:
+            own = zone.store.intermediates()
+            mine = {s: v for s, v in taken.items() if v.issuer_fingerprint in own}
+            items = list(mine.items())
+            for first in range(0, len(items), MAX_SIGHTINGS):
+                batch = items[first : first + MAX_SIGHTINGS]
+                self.shared_client().report_sightings(
+                    [
+                        zone_service_pb2.CertificateSighting(
+                            serial=serial, seen_time=timestamp(sighting.at)
+                        )
+                        for serial, sighting in batch
+                    ]
+                )
+                for serial, _ in batch:
+                    del mine[serial]
+        except Exception as exc:
+            zone.sightings.put_back(mine)  # the next report carries them
+            log.warning("reporting sightings failed (%s); will retry", exc)

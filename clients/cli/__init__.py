@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         identities,
         keys,
         roots,
+        rotation,
         settings,
         signing,
         status,
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = connection_options()
     nouns = (
-        roots, keys, settings, trust_state, signing, bundle, tokens, certs, zones,
+        roots, keys, rotation, settings, trust_state, signing, bundle, tokens, certs, zones,
         identities, backup, audit, trust, status, console,
     )  # fmt: skip
     for noun in nouns:

@@ -31,11 +31,25 @@ EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("keyplane roots create --algorithm ec-p384", "a P-384 root"),
     ),
     "roots show": (("keyplane roots show 3f9a1c2e", "a root by a prefix of its fingerprint"),),
+    "roots coverage": (
+        ("keyplane roots coverage", "how many components moved to the newest root, who has not"),
+        ("keyplane roots coverage --json --limit 100", "the figures and the 100 slowest"),
+    ),
     "roots revoke": (
+        ("keyplane roots revoke 3f9a1c2e --dry-run", "what revoking it would revoke and strand"),
         (
             "keyplane roots revoke 3f9a1c2e --reason 'rotated to Root 1' --yes",
             "revoke the old root once every component has the new one",
         ),
+        (
+            "keyplane roots revoke 3f9a1c2e --reason 'key compromised' --yes --force",
+            "revoke at once, however few have moved (audited as forced)",
+        ),
+    ),
+    "rotation": (("keyplane rotation forecast", "the renewals expected in the next 72 hours"),),
+    "rotation forecast": (
+        ("keyplane rotation forecast", "renewals per hour for 3 days, and a rotation's burst"),
+        ("keyplane rotation forecast --hours 336 --json", "two weeks, as JSON"),
     ),
     "roots legacy": (("keyplane roots legacy --json", "the legacy root's public key"),),
     "keys": (("keyplane keys list", "the subordinate keys and when they rotate"),),
@@ -52,6 +66,10 @@ EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
     "settings get": (("keyplane settings get PKIClientTLSKeyValidityHours", "one setting"),),
     "settings set": (
         ("keyplane settings set PKIClientTLSKeyValidityHours 72", "agent certificates last 3 days"),
+        (
+            "keyplane settings set PKIClientTLSKeyValidityHours 72 --dry-run",
+            "the renewal forecast before and after, nothing saved",
+        ),
     ),
     "trust-state": (("keyplane trust-state show", "the signed trust state, verified"),),
     "trust-state show": (

@@ -1,4 +1,4 @@
-"""`keyplane roots list|create|show|revoke|legacy`: the server's root keys."""
+"""`keyplane roots list|create|show|coverage|revoke|legacy`: the server's root keys."""
 
 from __future__ import annotations
 
@@ -9,14 +9,18 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from keyplane.clients.cli import CliError, positive_int, rotation
 from keyplane.clients.cli.output import print_json, table, timestamp
 from keyplane.clients.client import ALGORITHM_NAMES, ALGORITHMS, KeyplaneClient
 from keyplane.v1 import root_key_service_pb2, trust_state_pb2
 
 ROOTS_HELP = """\
 Manage this server's root keys. At most two roots are active at a time. To rotate:
-create a new root (every subordinate is re-issued under it), let every component pick
-it up, then revoke the old one. Revocation is permanent and destroys the private key.
+create a new root (every subordinate is re-issued under it), watch every component
+move to it ('roots coverage'), see what revoking the old one would do ('roots revoke
+FP --dry-run'), then revoke it. Revocation is permanent and destroys the private key;
+it is refused while fewer live components than PKIRootRevocationMinCoverage (0.99)
+would keep a chain, unless --force (a compromised key; audited as forced).
 """
 
 
@@ -84,6 +88,9 @@ def _print_root(root: root_key_service_pb2.RootKey) -> None:
 
 def cmd_roots_list(client: KeyplaneClient, args: argparse.Namespace) -> int:
     listing = client.list_root_keys()
+    coverage = rotation.coverage_json(client.get_root_coverage())
+    under = {r["fingerprint"]: r["components"]["total"] for r in coverage["roots"]}
+    live = coverage["live"]["total"]
     peers: list[dict[str, Any]] = [
         {
             "server": p.server_fqdn,
@@ -102,11 +109,19 @@ def cmd_roots_list(client: KeyplaneClient, args: argparse.Namespace) -> int:
                 "revoked": [root_json(r) for r in listing.revoked],
                 "legacy": legacy_json(listing.legacy),
                 "peers": peers,
+                "coverage": coverage,
             }
         )
         return 0
-    header = ["NAME", "STATE", "FINGERPRINT", "ALGORITHM", "BACKEND", "SINCE"]
-    rows = _root_rows(list(listing.active) + list(listing.revoked))
+    header = ["NAME", "STATE", "FINGERPRINT", "ALGORITHM", "BACKEND", "SINCE", "COMPONENTS"]
+    rows = [
+        [*row, f"{under[fp]} of {live}" if fp in under else ""]
+        for row, fp in zip(
+            _root_rows(list(listing.active) + list(listing.revoked)),
+            [r.fingerprint for r in [*listing.active, *listing.revoked]],
+            strict=True,
+        )
+    ]
     legacy = legacy_json(listing.legacy)
     rows.append(
         [
@@ -116,6 +131,7 @@ def cmd_roots_list(client: KeyplaneClient, args: argparse.Namespace) -> int:
             legacy["algorithm"],
             "software",
             (legacy["created"] or "")[:19],
+            "",
         ]
     )
     print(table(rows, header))
@@ -155,11 +171,23 @@ def cmd_roots_show(client: KeyplaneClient, args: argparse.Namespace) -> int:
 
 
 def cmd_roots_revoke(client: KeyplaneClient, args: argparse.Namespace) -> int:
-    root = client.revoke_root_key(args.fingerprint, args.reason, args.yes)
+    if args.dry_run and (args.yes or args.force):
+        raise CliError("--dry-run changes nothing: leave out --yes and --force")
+    if args.force and not (args.reason or "").strip():
+        raise CliError("--force needs --reason (why the root cannot wait: it is audited)")
+    answer = client.revoke_root(
+        args.fingerprint, args.reason or "", args.yes, dry_run=args.dry_run, force=args.force
+    )
+    plan = rotation.plan_json(answer.plan)
     if args.json:
-        print_json(root_json(root))
+        print_json({**root_json(answer.root_key), "plan": plan})
+    elif args.dry_run:
+        rotation.print_plan(plan)
     else:
-        print(f"revoked {root.name} sha256:{root.fingerprint}: {root.revoke_reason}")
+        forced = " (forced)" if plan["verdict"] == "forced" else ""
+        root = answer.root_key
+        print(f"revoked {root.name} sha256:{root.fingerprint}{forced}: {root.revoke_reason}")
+        rotation.print_plan(plan)
     return 0
 
 
@@ -201,13 +229,32 @@ def register(
     p.add_argument("fingerprint", help=FINGERPRINT_HELP)
     p.set_defaults(call=cmd_roots_show)
     p = verbs.add_parser(
+        "coverage",
+        parents=[common],
+        help="how many live components have moved to the newest root, and who has not",
+    )
+    p.add_argument(
+        "--limit", type=positive_int, help="stragglers to list, slowest first (default 20)"
+    )
+    p.set_defaults(call=rotation.cmd_roots_coverage)
+    p = verbs.add_parser(
         "revoke",
         parents=[common],
         help="revoke a root for good (destroys its private key and revokes what it issued)",
     )
     p.add_argument("fingerprint", help=FINGERPRINT_HELP)
-    p.add_argument("--reason", required=True, help="why; kept in the audit log")
+    p.add_argument("--reason", help="why; kept in the audit log (needed unless --dry-run)")
     p.add_argument("--yes", action="store_true", help="confirm: revocation is permanent")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="change nothing: show what the revocation would revoke and strand",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="revoke although too few components have moved (a compromised key; audited)",
+    )
     p.set_defaults(call=cmd_roots_revoke)
     p = verbs.add_parser("legacy", parents=[common], help="show the legacy root's public key")
     p.set_defaults(call=cmd_roots_legacy)

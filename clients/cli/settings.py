@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from keyplane.clients.cli import rotation
 from keyplane.clients.cli.output import print_json, table, timestamp
 from keyplane.clients.client import KeyplaneClient
 from keyplane.v1 import settings_service_pb2
@@ -14,6 +15,8 @@ Settings, global (every server) or local (this server). Rotation settings:
 PKI<Kind>KeyValidityHours and PKI<Kind>KeyRenewalWindowHours for Kind in ClientTLS
 (168/4), IntermediateTLS, ServerTLS and MessageSigning (720/72). A renewal window must
 be shorter than its validity. Protected values are masked unless --reveal (audited).
+PKIRootRevocationMinCoverage (a share, 0.99) is what 'roots revoke' asks of coverage.
+'set --dry-run' shows what a validity or window change does to the renewal forecast.
 """
 
 
@@ -57,9 +60,27 @@ def cmd_settings_get(client: KeyplaneClient, args: argparse.Namespace) -> int:
 
 
 def cmd_settings_set(client: KeyplaneClient, args: argparse.Namespace) -> int:
-    setting = setting_json(client.update_setting(args.name, args.value))
+    answer = client.change_setting(args.name, args.value, dry_run=args.dry_run)
+    setting = setting_json(answer.setting)
+    before = (
+        rotation.summary_json(answer.forecast_before)
+        if answer.HasField("forecast_before")
+        else None
+    )
+    after = (
+        rotation.summary_json(answer.forecast_after) if answer.HasField("forecast_after") else None
+    )
     if args.json:
+        if args.dry_run:
+            setting = {
+                **setting,
+                "dry_run": True,
+                "forecast_before": before,
+                "forecast_after": after,
+            }
         print_json(setting)
+    elif args.dry_run:
+        rotation.print_setting_trial(setting["name"], setting["value"], before, after)
     else:
         print(f"{setting['name']} = {setting['value']}")
     return 0
@@ -86,4 +107,10 @@ def register(
     p = verbs.add_parser("set", parents=[common], help="change a setting")
     p.add_argument("name")
     p.add_argument("value")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the value and, for a validity or window, show the renewal forecast "
+        "before and after; save nothing",
+    )
     p.set_defaults(call=cmd_settings_set)

@@ -393,6 +393,7 @@ class Enrollment:
             proof_time,
             self.clock.now(),
         )
+        self.hierarchy.sightings.seen(identity)
 
     def renew(self, identity: Identity, csr_data: bytes) -> Issued:
         issued, pending = self.renew_pending(identity, csr_data)

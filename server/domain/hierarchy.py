@@ -27,6 +27,7 @@ from keyplane.server.domain.peers import trusted_views
 from keyplane.server.domain.roots import SERVER_ACTOR, Roots
 from keyplane.server.domain.rotation import Rotation
 from keyplane.server.domain.settings import Setting, Settings
+from keyplane.server.domain.sightings import Sightings
 from keyplane.server.domain.trust import TrustStatePublisher
 from keyplane.server.errors import FailedPrecondition, NotFound
 from keyplane.server.kinds import SUBORDINATE_KINDS, KeyKind, KeyState
@@ -85,6 +86,8 @@ class Hierarchy:
         self.roots = Roots(self)
         self.rotation = Rotation(self)
         self.admission = Admission(store, clock)
+        # Who called (in memory), written in one batch every sightings_seconds.
+        self.sightings = Sightings(clock)
         self.trust.peer_sections = lambda reads: [v.server() for v in trusted_views(reads)]
         self._lock = threading.RLock()
 
@@ -116,6 +119,20 @@ class Hierarchy:
             setting = self.settings.set(name, value, actor, self.clock.now())
             self.rotation.reconcile_unlocked(actor)
             return setting
+
+    def write_sightings(self) -> int:
+        """Write who was seen since the last batch, in one transaction (kept for the next
+        batch if it fails); how many certificates."""
+        taken = self.sightings.take()
+        if not taken:
+            return 0
+        try:
+            with self.store.transaction(self.clock.now()) as tx:
+                tx.record_sightings([(serial, s.at) for serial, s in taken.items()])
+        except BaseException:
+            self.sightings.put_back(taken)
+            raise
+        return len(taken)
 
     # -- queries -------------------------------------------------------------------------
 

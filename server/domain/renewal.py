@@ -34,6 +34,9 @@ MAX_CHAIN_BYTES = 64 * 1024
 # How far a proof's time may be from the verifier's clock, either way: room for clock
 # skew and for a client that made its proof a little before sending it.
 PROOF_WINDOW = datetime.timedelta(minutes=15)
+# A zone server renews its intermediate and its TLS certificate (together) once either
+# has less than this share of its lifetime left; the renewal forecast assumes the same.
+ZONE_RENEW_AT_REMAINING = 0.1
 
 
 def renewal_message(certificate_der: bytes, csr: bytes, audience: str, proof_time: int) -> bytes:

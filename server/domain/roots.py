@@ -1,5 +1,6 @@
-"""Root keys: creating `<fqdn> Root <n>` (at most two active), the legacy root, and
-revoking a root for good with everything it issued.
+"""Root keys: creating `<fqdn> Root <n>` (at most two active), the legacy root, how far
+the fleet has moved to the newest one (coverage), and revoking a root for good with
+everything it issued, behind a gate on that coverage (revocation_plan).
 
 A revocation and the trust-state version that publishes it commit in one transaction:
 if the new version cannot be signed, nothing is revoked and the caller is told so.
@@ -13,17 +14,20 @@ from typing import TYPE_CHECKING
 from keyplane.plugins.errors import BackendError
 from keyplane.plugins.keys import KeyAlgorithm, fingerprint
 from keyplane.server.domain import certs, crl
+from keyplane.server.domain.coverage import DEFAULT_STRAGGLERS, MAX_STRAGGLERS, Coverage, Fleet
 from keyplane.server.domain.inputs import parse_reason
+from keyplane.server.domain.revocation_plan import RevocationPlan, Verdict, plan_revocation
 from keyplane.server.errors import (
     AlreadyRevoked,
     ConfirmationRequired,
+    InvalidArgument,
     LastActiveRoot,
     LastRootOfTrust,
     LegacyRootImmutable,
     RootLimitReached,
     Unavailable,
 )
-from keyplane.server.kinds import LIVE_STATES, KeyKind, KeyState
+from keyplane.server.kinds import KeyKind, KeyState
 from keyplane.server.store import KeyRecord
 
 if TYPE_CHECKING:
@@ -34,13 +38,7 @@ log = logging.getLogger(__name__)
 MAX_ACTIVE_ROOTS = 2
 LEGACY_ROOT_NAME = "legacy-root"
 SERVER_ACTOR = "keyplane-server"
-# The kinds a root issues that go with it when it is revoked.
-ISSUED_BY_ROOTS = (
-    KeyKind.SERVER_TLS,
-    KeyKind.INTERMEDIATE_TLS,
-    KeyKind.MESSAGE_SIGNING,
-    KeyKind.ZONE_INTERMEDIATE,
-)
+MIN_COVERAGE = "PKIRootRevocationMinCoverage"
 
 
 class Roots:
@@ -157,43 +155,70 @@ class Roots:
             raise
         return record
 
-    def revoke(self, actor: str, fingerprint_text: str, reason: str, confirm: bool) -> KeyRecord:
+    def coverage(self, straggler_limit: int = 0) -> Coverage:
+        """How far the fleet has moved to the newest root (see coverage.py)."""
+        limit = straggler_limit or DEFAULT_STRAGGLERS
+        if not 1 <= limit <= MAX_STRAGGLERS:
+            raise InvalidArgument(f"straggler_limit is 1 to {MAX_STRAGGLERS}")
+        h = self.h
+        with h.store.reads.snapshot() as reads:
+            fleet = Fleet(reads, h.config.fqdn, h.clock.now())
+            return fleet.coverage(limit, h.settings.fraction(MIN_COVERAGE))
+
+    def _check_revocable(self, record: KeyRecord) -> None:
+        h = self.h
+        fp = record.fingerprint
+        if record.kind == KeyKind.LEGACY_ROOT:
+            raise LegacyRootImmutable("the legacy root is never revoked or rotated")
+        if record.state == KeyState.REVOKED:
+            raise AlreadyRevoked(f"{record.name} ({fp}) is revoked already")
+        if len(h.active_roots()) <= 1:
+            trusted = [p.fqdn for p in h.store.reads.peers.trust_peers(("trusted",))]
+            if trusted:
+                peers = ", ".join(trusted)
+                raise LastRootOfTrust(
+                    f"{record.name} is the only active root, and the trust with {peers} "
+                    f"rests on it: revoke the trust first ('keyplane trust revoke "
+                    f"{trusted[0]}'), or create a second root first ('keyplane roots "
+                    f"create'), let {peers} follow it, then revoke this one"
+                )
+            raise LastActiveRoot(
+                f"{record.name} is the only active root; create a new root with "
+                "'keyplane roots create' first, then revoke this one"
+            )
+
+    def revoke(
+        self,
+        actor: str,
+        fingerprint_text: str,
+        reason: str,
+        confirm: bool,
+        dry_run: bool = False,
+        force: bool = False,
+    ) -> tuple[KeyRecord, RevocationPlan]:
         """Revoke a root for good, with everything it issued, publish that, then destroy
-        its key."""
+        its key; the plan of what it did. With `dry_run`, only the plan (nothing changes).
+        Refused (CoverageBelowMinimum) while too few live components have moved off it,
+        unless `force`."""
         h = self.h
         fp = h.root_fingerprint(fingerprint_text)
-        reason = parse_reason(reason)
-        if not confirm:
-            raise ConfirmationRequired(
-                "revoking a root is permanent and destroys its private key; "
-                "confirm it explicitly (--yes on the command line)"
-            )
+        if not dry_run:
+            reason = parse_reason(reason)
+            if not confirm:
+                raise ConfirmationRequired(
+                    "revoking a root is permanent and destroys its private key; "
+                    "confirm it explicitly (--yes on the command line)"
+                )
         with h.lock:
             record = h.root(fp)
-            if record.kind == KeyKind.LEGACY_ROOT:
-                raise LegacyRootImmutable("the legacy root is never revoked or rotated")
-            if record.state == KeyState.REVOKED:
-                raise AlreadyRevoked(f"{record.name} ({fp}) is revoked already")
-            if len(h.active_roots()) <= 1:
-                trusted = [p.fqdn for p in h.store.reads.peers.trust_peers(("trusted",))]
-                if trusted:
-                    peers = ", ".join(trusted)
-                    raise LastRootOfTrust(
-                        f"{record.name} is the only active root, and the trust with {peers} "
-                        f"rests on it: revoke the trust first ('keyplane trust revoke "
-                        f"{trusted[0]}'), or create a second root first ('keyplane roots "
-                        f"create'), let {peers} follow it, then revoke this one"
+            self._check_revocable(record)
+            min_coverage = h.settings.fraction(MIN_COVERAGE)
+            if dry_run:
+                with h.store.reads.snapshot() as reads:
+                    plan = plan_revocation(
+                        reads, h.config.fqdn, record, h.clock.now(), min_coverage, force, True
                     )
-                raise LastActiveRoot(
-                    f"{record.name} is the only active root; create a new root with "
-                    "'keyplane roots create' first, then revoke this one"
-                )
-            subordinates = [
-                k
-                for kind in ISSUED_BY_ROOTS
-                for k in h.store.keys(kind, LIVE_STATES)
-                if k.issuer_fingerprint == fp
-            ]
+                return record, plan
             because = f"issuing root revoked: {reason}"
             code = crl.reason_code_of(reason)
             # What goes with a rotated-out root is superseded (re-issued under the new
@@ -201,11 +226,17 @@ class Roots:
             inherited = crl.inherited_reason(code, crl.SUPERSEDED)
             try:
                 with h.store.transaction(h.clock.now()) as tx:
+                    # Worked out from what this transaction sees: what is done is the plan.
+                    plan = plan_revocation(
+                        tx.reads, h.config.fqdn, record, tx.now, min_coverage, force, False
+                    )
+                    if plan.verdict == Verdict.REFUSED:
+                        raise plan.refusal()
                     tx.revoke_key(fp, KeyKind.ROOT, actor, reason, code)
-                    for sub in subordinates:
+                    for sub in plan.subordinates:
                         tx.revoke_key(sub.fingerprint, sub.kind, actor, because, inherited)
                     certificates = tx.revoke_certificates_issued_by(fp, actor, because, inherited)
-                    for sub in subordinates:
+                    for sub in plan.subordinates:
                         # Everything the root's intermediates issued goes with them.
                         certificates += tx.revoke_certificates_issued_by(
                             sub.fingerprint, actor, because, inherited
@@ -217,8 +248,12 @@ class Roots:
                         before_fingerprint=fp,
                         name=record.name,
                         reason=reason,
-                        subordinates=[s.fingerprint for s in subordinates],
+                        subordinates=[s.fingerprint for s in plan.subordinates],
                         certificates=certificates,
+                        forced=plan.verdict == Verdict.FORCED,
+                        coverage=plan.coverage,
+                        min_coverage=min_coverage,
+                        stranded=plan.stranded,
                     )
                     h.trust.publish_in(tx, actor)
             except BackendError as exc:
@@ -227,9 +262,15 @@ class Roots:
                     f"revocation could not be signed ({exc}); nothing changed, try again"
                 ) from None
             h.faults.checkpoint("revoke.recorded")
-            log.info("revoked root key %s (%s): %s", record.name, fp, reason)
+            log.info(
+                "revoked root key %s (%s)%s: %s",
+                record.name,
+                fp,
+                " (forced)" if plan.verdict == Verdict.FORCED else "",
+                reason,
+            )
             h.destroy_revoked_keys()
             h.rotation.reconcile_unlocked(actor)
             revoked = h.store.key(fp)
             assert revoked is not None  # noqa: S101 - just written
-            return revoked
+            return revoked, plan

@@ -10,6 +10,7 @@ MessageSigning; the ClientTLS renewal window affects clients, the rest the serve
 from __future__ import annotations
 
 import datetime
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ class SettingDefinition:
     """What a setting is: its type, default, scope and whom it affects."""
 
     name: str
-    value_type: str  # text | numeric | boolean | protected
+    value_type: str  # text | numeric | boolean | fraction | protected
     default: str
     affects: str  # server | client
     scope: str  # global | local
@@ -112,6 +113,15 @@ DEFINITIONS: dict[str, SettingDefinition] = {
             "hours from a CRL's thisUpdate to its nextUpdate; it is signed anew at half that",
         ),
         SettingDefinition(
+            "PKIRootRevocationMinCoverage",
+            "fraction",
+            "0.99",
+            "server",
+            "global",
+            "revoke a root only once this share of live components has moved off it "
+            "(roots coverage); --force revokes at once",
+        ),
+        SettingDefinition(
             DATABASE_PASSWORD,
             "protected",
             "",
@@ -148,6 +158,16 @@ def _check_value(definition: SettingDefinition, value: str) -> str:
         if number <= 0 or number > highest:
             raise InvalidArgument(f"{definition.name} must be between 1 and {highest}")
         return str(number)
+    if definition.value_type == "fraction":
+        try:
+            share = float(value.strip())
+        except ValueError:
+            share = math.nan
+        if not 0.0 <= share <= 1.0:  # NaN fails this too
+            raise InvalidArgument(
+                f"{definition.name} takes a fraction from 0 to 1 (0.99 is 99 %), not {value[:80]!r}"
+            )
+        return repr(share)
     if definition.value_type == "boolean":
         lowered = value.strip().lower()
         if lowered not in ("true", "false"):
@@ -213,6 +233,9 @@ class Settings:
     def flag(self, name: str) -> bool:
         return self.value(name) == "true"
 
+    def fraction(self, name: str) -> float:
+        return float(self.value(name))
+
     def rotation(self, kind: str) -> tuple[datetime.timedelta, datetime.timedelta]:
         """(validity, renewal window) for a settings Kind such as "ServerTLS"."""
         return self.store.memo(
@@ -266,7 +289,9 @@ class Settings:
             return Setting(definition, value, False, setting.updated_at, setting.updated_by)
         return setting
 
-    def set(self, name: str, value: str, actor: str, now: datetime.datetime) -> Setting:
+    def check(self, name: str, value: str) -> tuple[SettingDefinition, str, dict[str, str]]:
+        """A value checked as `set` checks it, saving nothing: its definition, the value
+        as it would be stored, and every setting's value with it."""
         definition = self.definition(name)
         clean = _check_value(definition, value)
         values = self.values()
@@ -279,6 +304,16 @@ class Settings:
                     f"PKI{kind}KeyRenewalWindowHours ({window}) must be shorter than "
                     f"PKI{kind}KeyValidityHours ({validity})"
                 )
+        return definition, clean, values
+
+    def trial(self, name: str, value: str) -> tuple[Setting, dict[str, str]]:
+        """The setting as `set` would make it, and every value with it; nothing saved."""
+        definition, clean, values = self.check(name, value)
+        shown = MASK if definition.value_type == "protected" else clean
+        return Setting(definition, shown, False, None, None), values
+
+    def set(self, name: str, value: str, actor: str, now: datetime.datetime) -> Setting:
+        definition, clean, _ = self.check(name, value)
         stored = clean
         if name == DATABASE_PASSWORD:
             # The new password reaches password_file before pki.db is re-sealed (the value

@@ -1,7 +1,6 @@
 """Zone servers: enrolling one (a zone-server token), renewing it (its current
-certificate), what it may record (the agent certificates its own intermediate issued,
-with the token uses they spend), listing them, and revoking one with everything it
-issued.
+certificate), listing them, and revoking one with everything it issued; what a zone
+records is in zone_reports.
 
 A zone's identity is its enrolled key and certificate, never its name: a name is taken
 while its zone is live, RenewZoneServer renews only the zone whose current certificate
@@ -11,16 +10,13 @@ the caller holds, and every revocation is published in the same transaction.
 from __future__ import annotations
 
 import ipaddress
-from concurrent.futures import Future
 from dataclasses import dataclass
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from keyplane.plugins.errors import BackendError
 from keyplane.plugins.keys import algorithm_of, fingerprint
-from keyplane.server.domain import authority, certs, crl
+from keyplane.server.domain import certs, crl
 from keyplane.server.domain.csr_policy import HOSTNAME, check_csr
 from keyplane.server.domain.enrollment import Issued, key_in_use, renew_after
 from keyplane.server.domain.hierarchy import Hierarchy
@@ -28,6 +24,7 @@ from keyplane.server.domain.identity import Identity
 from keyplane.server.domain.inputs import parse_reason
 from keyplane.server.domain.roots import SERVER_ACTOR
 from keyplane.server.domain.tokens import UNUSABLE, Tokens
+from keyplane.server.domain.zone_reports import ZoneReports
 from keyplane.server.errors import (
     AlreadyExists,
     ConfirmationRequired,
@@ -47,7 +44,6 @@ from keyplane.server.store import (
 )
 
 MAX_ADDRESS_BYTES = 255
-MAX_REPORT = 1000
 ZONE_INTERMEDIATE_VALIDITY_KIND = "IntermediateTLS"
 
 
@@ -109,14 +105,6 @@ def parse_listen(label: str, address: str, server_names: list[str]) -> tuple[str
     return str(ip), int(port)
 
 
-def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
 class Zones:
     """Zone servers, on behalf of the hierarchy."""
 
@@ -125,6 +113,8 @@ class Zones:
         self.store = hierarchy.store
         self.clock = hierarchy.clock
         self.tokens = tokens
+        # What its zones record (certificates issued, renewals, sightings).
+        self.reports = ZoneReports(self)
 
     # -- enrollment and renewal ----------------------------------------------------------
 
@@ -326,88 +316,6 @@ class Zones:
                 self._publish(tx)
         root = self.hierarchy.issuing_root()
         return (intermediate.certificate_pem or "") + (root.certificate_pem or ""), tls
-
-    # -- what a zone records -------------------------------------------------------------
-
-    def _rows(
-        self, zone: ZoneRecord, reports: list[tuple[bytes, str]], token_hash: str = ""
-    ) -> list[tuple[object, ...]]:
-        """Certificate rows for what a zone says it issued: agent certificates its own
-        live intermediates signed; INVALID_ARGUMENT or PERMISSION_DENIED otherwise."""
-        if len(reports) > MAX_REPORT:
-            raise InvalidArgument(f"a report holds at most {MAX_REPORT} certificates")
-        # The zone's intermediates by subject, parsed once per report, not per certificate.
-        by_subject: dict[x509.Name, list[tuple[KeyRecord, x509.Certificate]]] = {}
-        for k in self.store.keys(KeyKind.ZONE_INTERMEDIATE, LIVE_STATES):
-            if k.key_uri == zone.key_uri:
-                parsed = certs.load_pem(k.certificate_pem or "")
-                by_subject.setdefault(parsed.subject, []).append((k, parsed))
-        now = self.clock.now()
-        rows = []
-        for der, component in reports:
-            try:
-                cert = x509.load_der_x509_certificate(der)
-            except ValueError:
-                raise InvalidArgument("a reported certificate does not parse") from None
-            issuer = next(
-                (k for k, c in by_subject.get(cert.issuer, []) if _signed_by(cert, c)), None
-            )
-            if issuer is None:
-                raise InvalidArgument(
-                    "a reported certificate was not issued by this zone server's intermediate"
-                )
-            authority.check_zone_report(component, certs.roles_of(cert))
-            record = certs.record_of(cert, Role.AGENT, issuer.fingerprint, now)
-            rows.append(certificate_row(record, token_hash or None))
-        return rows
-
-    def redeem_token_pending(
-        self, identity: Identity, token: str, subject: str, certificate_der: bytes
-    ) -> Future[object]:
-        """Spend one use of an agent token presented to a zone server and record the
-        certificate the zone issued for it, in one transaction, committed with other
-        requests' work; the future completes once it is durable (or fails when the token
-        was spent meanwhile, or the key was certified before: then nothing is recorded)."""
-        zone = self.current_zone(identity)
-        digest = self.tokens.check(token, Role.AGENT)
-        if not certificate_der:
-            raise InvalidArgument(
-                "RedeemEnrollmentToken needs the certificate the zone server issued (DER)"
-            )
-        rows = self._rows(zone, [(certificate_der, Role.AGENT)], digest)
-        serial, key = str(rows[0][0]), str(rows[0][1])
-        found = self.store.certificates_for_key(key)
-        if found:
-            raise AlreadyExists(key_in_use(found))
-
-        def spend(tx: Transaction) -> None:
-            if digest and not tx.consume_token(digest, Role.AGENT):
-                raise Unauthenticated(UNUSABLE)
-            found = tx.reads.certificates_for_key(key)
-            if found:
-                raise AlreadyExists(key_in_use(found))
-            tx.insert_certificates(rows)
-            tx.zone_seen(zone.id)
-            tx.audit(
-                identity.actor,
-                "token.redeem" if digest else "certificate.report",
-                digest[:16] if digest else zone.name,
-                subject=subject[:200],
-                serial=serial,
-            )
-
-        return self.store.group_commit_pending(self.clock.now(), spend)
-
-    def record_reported(self, identity: Identity, reports: list[tuple[bytes, str]]) -> int:
-        zone = self.current_zone(identity)
-        rows = self._rows(zone, reports)
-        with self.store.transaction(self.clock.now()) as tx:
-            # A certificate reported again (after a lost answer) is recorded once.
-            recorded = tx.insert_certificates_if_new(rows)
-            tx.zone_seen(zone.id)
-            if recorded:
-                tx.audit(identity.actor, "certificate.report", zone.name, count=recorded)
-        return recorded
 
     # -- administration ------------------------------------------------------------------
 

@@ -112,6 +112,7 @@ _SETTING_TYPES = {
     "numeric": settings_service_pb2.SETTING_TYPE_NUMERIC,
     "boolean": settings_service_pb2.SETTING_TYPE_BOOLEAN,
     "protected": settings_service_pb2.SETTING_TYPE_PROTECTED,
+    "fraction": settings_service_pb2.SETTING_TYPE_FRACTION,
 }
 
 

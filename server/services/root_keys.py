@@ -7,7 +7,7 @@ import asyncio
 from keyplane.server.domain.hierarchy import Hierarchy
 from keyplane.server.errors import FailedPrecondition
 from keyplane.server.kinds import KeyKind
-from keyplane.server.services import convert
+from keyplane.server.services import convert, rotation
 from keyplane.server.services.context import Context, actor
 from keyplane.v1 import root_key_service_pb2 as pb
 from keyplane.v1 import root_key_service_pb2_grpc
@@ -60,14 +60,22 @@ class RootKeyServicer(root_key_service_pb2_grpc.RootKeyServiceServicer):
     async def RevokeRootKey(
         self, request: pb.RevokeRootKeyRequest, context: Context
     ) -> pb.RevokeRootKeyResponse:
-        record = await asyncio.to_thread(
+        record, plan = await asyncio.to_thread(
             self._hierarchy.roots.revoke,
             actor(),
             request.fingerprint,
             request.reason,
             request.confirm,
+            request.dry_run,
+            request.force,
         )
-        return pb.RevokeRootKeyResponse(root_key=convert.root_key(record))
+        return pb.RevokeRootKeyResponse(root_key=convert.root_key(record), plan=rotation.plan(plan))
+
+    async def GetRootCoverage(
+        self, request: pb.GetRootCoverageRequest, context: Context
+    ) -> pb.GetRootCoverageResponse:
+        found = await asyncio.to_thread(self._hierarchy.roots.coverage, request.straggler_limit)
+        return rotation.coverage(found)
 
     async def GetLegacyRootKey(
         self, request: pb.GetLegacyRootKeyRequest, context: Context

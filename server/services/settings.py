@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+from keyplane.server.domain.forecast import Forecasts
 from keyplane.server.domain.hierarchy import Hierarchy
-from keyplane.server.services import convert
+from keyplane.server.services import convert, rotation
 from keyplane.server.services.context import Context, actor, caller
 from keyplane.v1 import settings_service_pb2 as pb
 from keyplane.v1 import settings_service_pb2_grpc
@@ -16,6 +17,7 @@ class SettingsServicer(settings_service_pb2_grpc.SettingsServiceServicer):
 
     def __init__(self, hierarchy: Hierarchy) -> None:
         self._hierarchy = hierarchy
+        self._forecasts = Forecasts(hierarchy)
 
     async def ListSettings(
         self, request: pb.ListSettingsRequest, context: Context
@@ -34,6 +36,16 @@ class SettingsServicer(settings_service_pb2_grpc.SettingsServiceServicer):
     async def UpdateSetting(
         self, request: pb.UpdateSettingRequest, context: Context
     ) -> pb.UpdateSettingResponse:
+        if request.dry_run:
+            value, before, after = await asyncio.to_thread(
+                self._forecasts.try_setting, request.name, request.value
+            )
+            return pb.UpdateSettingResponse(
+                setting=convert.setting(value),
+                dry_run=True,
+                forecast_before=rotation.summary(before) if before else None,
+                forecast_after=rotation.summary(after) if after else None,
+            )
         value = await asyncio.to_thread(
             self._hierarchy.update_setting, actor(), request.name, request.value
         )

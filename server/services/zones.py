@@ -4,6 +4,7 @@ administration of zone servers; thin over the zones domain."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 
 from keyplane.server.domain.zone_crls import ZoneCrls
 from keyplane.server.domain.zones import Zones, ZoneView
@@ -73,7 +74,7 @@ class ZoneServicer(zone_service_pb2_grpc.ZoneServiceServicer):
         self, request: zone_service_pb2.RedeemEnrollmentTokenRequest, context: Context
     ) -> zone_service_pb2.RedeemEnrollmentTokenResponse:
         # Concurrent redemptions share one commit; only that is waited for off the loop.
-        pending = self._zones.redeem_token_pending(
+        pending = self._zones.reports.redeem_token_pending(
             caller(), request.token, request.subject, request.certificate_der
         )
         await asyncio.wrap_future(pending)
@@ -82,8 +83,13 @@ class ZoneServicer(zone_service_pb2_grpc.ZoneServiceServicer):
     async def ReportIssuedCertificates(
         self, request: zone_service_pb2.ReportIssuedCertificatesRequest, context: Context
     ) -> zone_service_pb2.ReportIssuedCertificatesResponse:
-        reports = [(c.certificate_der, c.component) for c in request.certificates]
-        recorded = await asyncio.to_thread(self._zones.record_reported, caller(), reports)
+        reports = [(c.certificate_der, c.component, c.renews_serial) for c in request.certificates]
+        sightings = [
+            (s.serial, s.seen_time.ToDatetime(tzinfo=datetime.UTC)) for s in request.sightings
+        ]
+        recorded = await asyncio.to_thread(
+            self._zones.reports.record_reported, caller(), reports, sightings
+        )
         return zone_service_pb2.ReportIssuedCertificatesResponse(recorded=recorded)
 
     async def ListZoneRevocations(

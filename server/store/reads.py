@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 from keyplane.server.store import console
 from keyplane.server.store.audit_chain import AUDIT_COLUMNS, HEAD, ChainedEvent, parse_head
+from keyplane.server.store.coverage import CoverageReads
 from keyplane.server.store.peers import PeerReads
 from keyplane.server.store.records import (
     CERT_COLUMNS,
@@ -52,6 +53,7 @@ class Reads:
     def __init__(self, connect: Connect) -> None:
         self._connect = connect
         self.peers = PeerReads(connect)
+        self.coverage = CoverageReads(connect)
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[Reads]:

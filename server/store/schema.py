@@ -16,7 +16,20 @@ from keyplane.server.store.audit_chain import (
     format_head,
 )
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
+
+# When the holders of certificates were last seen (written in batches), and an index
+# of the live certificates (unrevoked, not renewed) by role and issuer: coverage and
+# the renewal forecast read them with one aggregate query each.
+SIGHTINGS = """
+CREATE TABLE IF NOT EXISTS certificate_sightings (
+    serial TEXT PRIMARY KEY,
+    last_seen TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS certificates_live
+    ON certificates (role, issuer_fingerprint, issued_at, not_after)
+    WHERE revoked_at IS NULL AND renewed_to IS NULL;
+"""
 
 # The audit log is append-only: no statement may change or remove an event (keyplane's
 # store has no such write either). Someone with the file can drop these; the hash chain
@@ -253,6 +266,7 @@ CREATE TABLE console_sessions (
 );
 """
     + AUDIT_TRIGGERS
+    + SIGHTINGS
 )
 
 # schema version -> the statements that turn the version before it into it.
@@ -401,6 +415,8 @@ CREATE TABLE console_sessions (
     end_reason TEXT
 );
 """,
+    # Root rotation an operator can watch: sightings and the live-certificate index.
+    9: SIGHTINGS,
 }
 
 

@@ -268,6 +268,39 @@ class Transaction:
             == 1
         )
 
+    def mark_renewed_within(self, serial: str, successor: str, issuers: Sequence[str]) -> bool:
+        """Record that `serial` was renewed to `successor`, only if one of `issuers`
+        issued it and it was not renewed before (a zone marks only its own)."""
+        if not issuers:
+            return False
+        marks = ", ".join("?" * len(issuers))
+        return (
+            self._db.execute(
+                "UPDATE certificates SET renewed_to = ? WHERE serial = ? "  # noqa: S608
+                f"AND renewed_to IS NULL AND issuer_fingerprint IN ({marks})",
+                (successor, serial, *issuers),
+            ).rowcount
+            == 1
+        )
+
+    def record_sightings(
+        self, seen: Sequence[tuple[str, datetime.datetime]], issuers: Sequence[str] | None = None
+    ) -> None:
+        """Keep when the holders of certificates were last seen: for each (serial, time),
+        the later of the time kept and this one; only for recorded certificates, and
+        with `issuers`, only those one of them issued."""
+        where = ""
+        if issuers is not None:
+            if not issuers:
+                return
+            where = f" AND issuer_fingerprint IN ({', '.join('?' * len(issuers))})"
+        self._db.executemany(
+            "INSERT INTO certificate_sightings (serial, last_seen) "  # noqa: S608
+            f"SELECT serial, ? FROM certificates WHERE serial = ?{where} "
+            "ON CONFLICT (serial) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)",
+            [(ts(at), serial, *(issuers or ())) for serial, at in seen],
+        )
+
     def revoke_certificate(self, serial: str, by: str, reason: str, reason_code: int = 0) -> bool:
         """Revoke one certificate; False if it was revoked already. `reason_code` is its
         RFC 5280 CRLReason (0: unspecified)."""
