@@ -22,6 +22,7 @@ from keyplane.server.console.security import (
     MAX_FORM_BYTES,
     SAFE_METHODS,
     UPLOAD_PATHS,
+    UploadSlots,
     Handler,
     refusal,
     same_origin_writes,
@@ -106,6 +107,7 @@ class Console:
     ) -> None:
         self.calls = calls
         self.workdir_root = workdir_root
+        self.uploads = UploadSlots()
         self.sign_in = sign_in
         self._status = status
         self.fqdn = fqdn
