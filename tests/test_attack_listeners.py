@@ -24,8 +24,10 @@ import resource
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Iterator
+import ssl
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,8 +49,22 @@ def _service_limits() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (SERVICE_NOFILE, hard))
 
 
+def _hard_limits() -> None:
+    """A hard limit of 1024 too: the server cannot raise its soft limit past it."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (SERVICE_NOFILE, SERVICE_NOFILE))
+
+
+def _soft_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open-files limit in /proc")
+
+
 @contextmanager
-def served(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path, subprocess.Popen[bytes]]]:
+def served(
+    tmp_path: Path, limits: Callable[[], None] = _service_limits
+) -> Iterator[tuple[dict[str, str], Path, subprocess.Popen[bytes]]]:
     data = tmp_path / "srv"
     log = tmp_path / "serve.log"
     with log.open("ab") as out:
@@ -60,7 +76,7 @@ def served(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path, subprocess.Po
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
-            preexec_fn=_service_limits,  # the limit a systemd service gets
+            preexec_fn=limits,  # the limit a systemd service gets
         )  # fmt: skip
     try:
         endpoint = data / "admin" / "endpoint.json"
@@ -118,16 +134,36 @@ def _admin_answers(data: Path, listen: str) -> bool:
     return True
 
 
+def _served_again(endpoint: dict[str, str], listener: str, data: Path) -> int:
+    """The HTTP status the listener answers a request with once the flood is gone."""
+    url = endpoint[listener].rstrip("/")
+    if not url.startswith("http"):
+        url = f"http://{url}"
+    context = ssl.create_default_context(cafile=str(data / "admin" / "ca.pem"))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/crl/", timeout=5, context=context) as reply:
+                return int(reply.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 @pytest.mark.parametrize(
-    ("listener", "first_bytes"),
-    [("console", b""), ("crl_listen", b"GET /crl/")],
-    ids=["console-idle-tls", "crl-half-request"],
+    ("listener", "first_bytes", "limits"),
+    [("console", b"", _service_limits), ("crl_listen", b"GET /crl/", _hard_limits)],
+    ids=["console-idle-tls", "crl-half-request-hard-limit"],
 )
 def test_a_flood_of_idle_connections_on_one_listener_leaves_grpc_serving(
-    tmp_path: Path, listener: str, first_bytes: bytes
+    tmp_path: Path, listener: str, first_bytes: bytes, limits: Callable[[], None]
 ) -> None:
-    with served(tmp_path) as (endpoint, log, proc):
+    with served(tmp_path, limits) as (endpoint, log, proc):
         data = tmp_path / "srv"
+        soft = _soft_limit(proc.pid)
         before = len(log.read_text().splitlines())
         with idle_connections(endpoint[listener], FLOOD, first_bytes) as held:
             assert held > SERVICE_NOFILE  # the attacker holds more than the limit
@@ -139,6 +175,15 @@ def test_a_flood_of_idle_connections_on_one_listener_leaves_grpc_serving(
         assert answered, "the mutual-TLS API did not answer while another listener was flooded"
         assert not emfile, f"the server ran out of file descriptors ({len(emfile)} log lines)"
         assert fds < SERVICE_NOFILE, f"the server held {fds} descriptors of {SERVICE_NOFILE}"
+        # The refusals are one line (a minute), no traceback; the listener serves again.
+        refused = [line for line in after if "refused" in line]
+        assert 1 <= len(refused) <= 2 and not [line for line in after if "Traceback" in line]
+        # (The console signs nobody in without a link: 401; no CRL at /crl/: 404.)
+        assert _served_again(endpoint, listener, data) == {"console": 401}.get(listener, 404)
+    if limits is _service_limits:  # a soft limit under the hard one is raised at start
+        assert soft > SERVICE_NOFILE
+    else:
+        assert soft == SERVICE_NOFILE
 
 
 def test_sixteen_slow_clients_do_not_hold_the_metrics_endpoint(tmp_path: Path) -> None:
