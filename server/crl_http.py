@@ -5,9 +5,9 @@ application/pkix-crl) and `.pem`, on the event loop of its gRPC server.
 Nothing else: no directory, no listing, no other method (405), no other path (404), no
 request body (413), short request lines and headers (aiohttp answers 400 or 431 past
 them). What it serves is public and signed: someone who can reach it learns the CRLs
-and can change nothing; and holds at most MAX_CONNECTIONS of the process's descriptors
-(server/http_listen.py), each for a bounded time. With `--workers N` every worker serves the port (SO_REUSEPORT)
-from the same database, so each answers the same.
+and can change nothing, and hold at most MAX_CONNECTIONS of the process's descriptors,
+each for a bounded time (server/http_listen.py). With `--workers N` every worker serves
+the port (SO_REUSEPORT) from the same database, so each answers the same.
 """
 
 from __future__ import annotations

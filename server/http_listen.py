@@ -99,8 +99,9 @@ class _Counted(asyncio.Protocol):
         self._expiry: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._lifetime is not None:
-            self._expiry = asyncio.get_running_loop().call_later(self._lifetime, transport.abort)  # type: ignore[attr-defined]
+        if self._lifetime is not None and isinstance(transport, asyncio.Transport):
+            loop = asyncio.get_running_loop()
+            self._expiry = loop.call_later(self._lifetime, transport.abort)
         self._inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -251,7 +252,7 @@ class CappedListener:
                     ssl=self._tls,
                     ssl_handshake_timeout=self._handshake_seconds,
                 )
-        except (OSError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
+        except (TimeoutError, OSError, asyncio.CancelledError) as exc:
             conn.close()
             slot.release()
             log.debug("%s: a connection ended before it was served: %s", self._option, exc)

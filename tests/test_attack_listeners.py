@@ -22,11 +22,11 @@ import json
 import os
 import resource
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
-import ssl
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -143,7 +143,8 @@ def _served_again(endpoint: dict[str, str], listener: str, data: Path) -> int:
     deadline = time.monotonic() + 10
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/crl/", timeout=5, context=context) as reply:
+            address = f"{url}/crl/"
+            with urllib.request.urlopen(address, timeout=5, context=context) as reply:  # noqa: S310
                 return int(reply.status)
         except urllib.error.HTTPError as exc:
             return exc.code
@@ -214,3 +215,34 @@ def test_sixteen_slow_clients_do_not_hold_the_metrics_endpoint(tmp_path: Path) -
         assert status == 200, (
             f"a scrape after {HOLD_SECONDS:.0f} s of 16 dribbling connections got {status}"
         )
+
+
+def _closed_by_server(address: str, first_bytes: bytes, within: float, dribble: bool) -> bool:
+    """Whether the server closes a connection that sends `first_bytes` and then nothing
+    (or, dribbling, one more byte a second) within `within` seconds."""
+    with socket.create_connection(_host_port(address), timeout=2) as sock:
+        sock.sendall(first_bytes)
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            try:
+                if sock.recv(4096) == b"":
+                    return True
+            except TimeoutError:
+                pass
+            except OSError:
+                return True
+            try:
+                if dribble:
+                    sock.send(b"X")
+            except OSError:
+                return True
+        return False
+
+
+def test_a_request_that_never_ends_is_closed_not_held(tmp_path: Path) -> None:
+    with served(tmp_path) as (endpoint, _log, _):
+        # A CRL request must be whole within 5 s of the connection's start, however
+        # often it sends a byte; a console connection must finish its TLS handshake
+        # within 10 s.
+        assert _closed_by_server(endpoint["crl_listen"], b"GET /crl/", 20, dribble=True)
+        assert _closed_by_server(endpoint["console"], b"", 20, dribble=False)
