@@ -219,7 +219,7 @@ def test_sixteen_slow_clients_do_not_hold_the_metrics_endpoint(tmp_path: Path) -
 
 def _closed_by_server(address: str, first_bytes: bytes, within: float, dribble: bool) -> bool:
     """Whether the server closes a connection that sends `first_bytes` and then nothing
-    (or, dribbling, one more byte a second) within `within` seconds."""
+    (or, dribbling, one more byte every two seconds) within `within` seconds."""
     with socket.create_connection(_host_port(address), timeout=2) as sock:
         sock.sendall(first_bytes)
         deadline = time.monotonic() + within
