@@ -156,7 +156,8 @@ class CappedListener:
         self.refused = 0
         self._unreported = 0
         self._starved = 0
-        self._reported_at = 0.0
+        self._reported_at = -REPORT_SECONDS
+        self._later: asyncio.TimerHandle | None = None
         self.port = port
 
     def start(self) -> int:
@@ -189,6 +190,9 @@ class CappedListener:
         sock, self._sock = self._sock, None
         if self._resume is not None:
             self._resume.cancel()
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         if sock is not None and self._loop is not None:
             self._loop.remove_reader(sock.fileno())
             sock.close()
@@ -260,8 +264,13 @@ class CappedListener:
                 raise
 
     def _report(self) -> None:
+        """Tell what was refused: at once if nothing was told within REPORT_SECONDS, else
+        at the end of that time (one line for all of it)."""
         now = time.monotonic()
-        if now - self._reported_at < REPORT_SECONDS:
+        wait = self._reported_at + REPORT_SECONDS - now
+        if wait > 0:
+            if self._later is None and self._loop is not None:
+                self._later = self._loop.call_later(wait, self._report_later)
             return
         self._reported_at = now
         if self._starved:
@@ -274,10 +283,14 @@ class CappedListener:
             self._starved = 0
         if self._unreported:
             log.warning(
-                "%s: %d connection(s) refused: %d open, the cap (at most %d at once)",
+                "%s: refused %d connection(s) past the cap of %d at once (%d open now)",
                 self._option,
                 self._unreported,
-                self.open,
                 self.cap,
+                self.open,
             )
             self._unreported = 0
+
+    def _report_later(self) -> None:
+        self._later = None
+        self._report()
