@@ -42,6 +42,7 @@ from keyplane.server.domain.signing import MessageSigner
 from keyplane.server.domain.status import Status
 from keyplane.server.domain.zones import Zones
 from keyplane.server.grpc_options import server_options
+from keyplane.server.http_listen import raise_descriptor_limit
 from keyplane.server.interceptor import CallLimits, KeyplaneInterceptor
 from keyplane.server.key_usage import UsageRecorder
 from keyplane.server.kinds import KeyKind, KeyState
@@ -255,6 +256,9 @@ class KeyplaneServer:
         return self.console.url()
 
     async def start(self) -> Endpoints:
+        # The listeners' caps (server/http_listen.py) leave gRPC and SQLite descriptors
+        # within the limit; a raised limit leaves them more.
+        raise_descriptor_limit()
         if self.hierarchy is None:
             await asyncio.to_thread(self.open)
         assert self.hierarchy is not None  # noqa: S101

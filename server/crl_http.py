@@ -5,8 +5,9 @@ application/pkix-crl) and `.pem`, on the event loop of its gRPC server.
 Nothing else: no directory, no listing, no other method (405), no other path (404), no
 request body (413), short request lines and headers (aiohttp answers 400 or 431 past
 them). What it serves is public and signed: someone who can reach it learns the CRLs
-and can change nothing. With `--workers N` every worker serves the port (SO_REUSEPORT)
-from the same database, so each answers the same.
+and can change nothing, and hold at most MAX_CONNECTIONS of the process's descriptors,
+each for a bounded time (server/http_listen.py). With `--workers N` every worker serves
+the port (SO_REUSEPORT) from the same database, so each answers the same.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from aiohttp import web
 from keyplane.server.config import format_address, parse_address
 from keyplane.server.domain import crl
 from keyplane.server.errors import PortTaken
+from keyplane.server.http_listen import CappedListener, listener_cap
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,13 @@ Lookup = Callable[[str], Served | None]
 MAX_LINE = 1024
 MAX_FIELD = 2048
 MAX_HEADERS = 32
-KEEPALIVE_SECONDS = 15.0
+# Connections at once; one more is closed at once. CRL fetches are short.
+MAX_CONNECTIONS = 256
+# A request must arrive within this long of the connection's start or of the last
+# answer (the keep-alive timeout counts from the start, not per read) ...
+REQUEST_SECONDS = 5.0
+# ... and a connection lasts at most this long, answers included.
+CONNECTION_SECONDS = 30.0
 ALLOWED = "GET, HEAD"
 
 
@@ -52,6 +60,7 @@ class CrlSite:
         self._host, self._port = parse_address(address, option)
         self._option = option
         self._runner: web.ServerRunner | None = None
+        self._listener: CappedListener | None = None
         self.address = ""
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -92,29 +101,32 @@ class CrlSite:
             max_line_size=MAX_LINE,
             max_field_size=MAX_FIELD,
             max_headers=MAX_HEADERS,
-            keepalive_timeout=KEEPALIVE_SECONDS,
+            keepalive_timeout=REQUEST_SECONDS,
             access_log=None,
         )
         runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port, reuse_address=True, reuse_port=True)
+        listener = CappedListener(
+            server,
+            self._host,
+            self._port,
+            option=self._option,
+            cap=listener_cap(MAX_CONNECTIONS),
+            lifetime_seconds=CONNECTION_SECONDS,
+        )
         try:
-            await site.start()
-        except OSError as exc:
+            port = listener.start()
+        except PortTaken:
             await runner.cleanup()
-            raise PortTaken(
-                f"cannot listen on {format_address(self._host, self._port)} ({self._option}): "
-                f"{exc.strerror}"
-            ) from None
-        self._runner = runner
-        port = self._port
-        for sockets in runner.addresses or []:
-            port = int(sockets[1])
-            break
+            raise
+        self._runner, self._listener = runner, listener
         self.address = format_address(self._host, port)
         return self.address
 
     async def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

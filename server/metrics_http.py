@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 PATH = "/metrics"
 # Connections served at once (each has a thread); more are closed at once.
 MAX_CONNECTIONS = 16
-# A request must arrive (and its answer be taken) within this long.
+# A request must arrive (and its answer be taken) within this long of the connection's
+# start: a whole-connection deadline, not a per-read timeout, so that clients that send a
+# byte now and then cannot hold the slots.
 REQUEST_SECONDS = 10.0
 
 
@@ -38,6 +40,23 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "keyplane"
     sys_version = ""
     protocol_version = "HTTP/1.0"
+
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = threading.Timer(REQUEST_SECONDS, self._expire)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
+
+    def _expire(self) -> None:
+        """Past the deadline: the blocked read or write returns, and the slot is free."""
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def do_GET(self) -> None:
         if self.path.split("?", 1)[0] != PATH:

@@ -33,6 +33,7 @@ from keyplane.server.domain import certs
 from keyplane.server.domain.clock import Clock, SystemClock
 from keyplane.server.domain.sightings import SIGHTINGS_SECONDS, Sightings
 from keyplane.server.grpc_options import server_options
+from keyplane.server.http_listen import raise_descriptor_limit
 from keyplane.server.interceptor import KeyplaneInterceptor
 from keyplane.server.logs import quiet_client_cancellations
 from keyplane.server.metrics import Exposition, KeyExpiry, LiveReading, Metrics
@@ -307,6 +308,7 @@ class ZoneServer:
         return None
 
     async def start(self) -> None:
+        raise_descriptor_limit()  # as the server does (server/http_listen.py)
         quiet_client_cancellations()
         server = grpc.aio.server(
             interceptors=[

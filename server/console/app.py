@@ -23,6 +23,7 @@ from keyplane.server.console.security import (
     SAFE_METHODS,
     UPLOAD_PATHS,
     Handler,
+    UploadSlots,
     refusal,
     same_origin_writes,
     security_headers,
@@ -106,6 +107,7 @@ class Console:
     ) -> None:
         self.calls = calls
         self.workdir_root = workdir_root
+        self.uploads = UploadSlots()
         self.sign_in = sign_in
         self._status = status
         self.fqdn = fqdn

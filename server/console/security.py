@@ -36,6 +36,9 @@ HEADERS = {
 MAX_FORM_BYTES = 64 * 1024
 MAX_UPLOAD_BYTES = 1024 * 1024 * 1024
 UPLOAD_PATHS = frozenset({"/backups/verify"})
+# Uploads stored in the data dir at once: one per session, and this many in all, so that
+# uploads never hold more than a few archives' worth of the state DB's file system.
+MAX_UPLOADS = 2
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 
@@ -102,3 +105,30 @@ async def same_origin_writes(request: web.Request, handler: Handler) -> web.Stre
             content_type="text/plain",
         )
     return await handler(request)
+
+
+class UploadSlots:
+    """Who is uploading now: at most one upload per session, MAX_UPLOADS in all. Taken
+    before anything is stored, given back when the upload's files are gone."""
+
+    def __init__(self, limit: int = MAX_UPLOADS) -> None:
+        self._limit = limit
+        self._sessions: set[str] = set()
+
+    def take(self, session_id: str) -> str | None:
+        """Why no upload may start now, or None (the slot is then the session's)."""
+        if session_id in self._sessions:
+            return (
+                "an upload of this session is under way: wait for its result (or cancel "
+                "it) before you upload another"
+            )
+        if len(self._sessions) >= self._limit:
+            return (
+                f"{len(self._sessions)} uploads are under way on this console, the most it "
+                "takes at once: try again once one has finished"
+            )
+        self._sessions.add(session_id)
+        return None
+
+    def give_back(self, session_id: str) -> None:
+        self._sessions.discard(session_id)

@@ -5,7 +5,6 @@ port bound beside the claim the serving process (or its supervisor) holds on it.
 from __future__ import annotations
 
 import logging
-import socket
 
 from aiohttp import web
 
@@ -13,8 +12,17 @@ from keyplane.server.config import format_address
 from keyplane.server.console.app import Console, make_app
 from keyplane.server.console.tls import ConsoleTls
 from keyplane.server.errors import PortTaken
+from keyplane.server.http_listen import CappedListener, listener_cap
 
 log = logging.getLogger(__name__)
+
+# Connections at once (a browser opens up to six to a site): a few dozen people.
+MAX_CONNECTIONS = 128
+# A TLS handshake must end within this long of the connection's start.
+HANDSHAKE_SECONDS = 10.0
+# A request head must arrive within this long of the handshake or of the last answer
+# (aiohttp's keep-alive timeout); an upload's body may take longer.
+REQUEST_HEAD_SECONDS = 30.0
 
 
 def console_url(host: str, port: int, fqdn: str) -> str:
@@ -33,41 +41,49 @@ class ConsoleSite:
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
+        self._listener: CappedListener | None = None
         self.port = port
 
     async def start(self) -> int:
         """Listen; the bound port (the kernel's choice when 0 was asked for)."""
         # handle_signals=False: the runner leaves SIGINT and SIGTERM to keyplane.
         runner = web.AppRunner(
-            self._app, handle_signals=False, access_log=None, shutdown_timeout=2.0
+            self._app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=2.0,
+            keepalive_timeout=REQUEST_HEAD_SECONDS,
         )
         await runner.setup()
-        site = web.TCPSite(
-            runner,
+        server = runner.server
+        assert server is not None  # noqa: S101 - setup() made it
+        listener = CappedListener(
+            server,
             self._host,
             self._port,
-            ssl_context=self._tls.context,
-            reuse_address=True,
-            reuse_port=True,
+            option="--console-listen",
+            cap=listener_cap(MAX_CONNECTIONS),
+            tls=self._tls.context,
+            handshake_seconds=HANDSHAKE_SECONDS,
         )
         try:
-            await site.start()
-        except OSError as exc:
+            self.port = listener.start()
+        except PortTaken:
             await runner.cleanup()
-            raise PortTaken(
-                f"cannot listen on {format_address(self._host, self._port)} "
-                f"(--console-listen): {exc.strerror}"
-            ) from None
-        self._runner = runner
-        server = site._server  # the asyncio server: its socket has the bound port
-        sockets: list[socket.socket] = list(getattr(server, "sockets", None) or [])
-        if sockets:
-            self.port = int(sockets[0].getsockname()[1])
-        log.info("admin console on https://%s", format_address(self._host, self.port))
+            raise
+        self._runner, self._listener = runner, listener
+        log.info(
+            "admin console on https://%s (at most %d connections at once)",
+            format_address(self._host, self.port),
+            listener.cap,
+        )
         return self.port
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.stop()
         if runner is None:
             return
         # Browsers hold keep-alive connections; a TLS close waits for the peer's

@@ -70,6 +70,12 @@ HISTORY_MAX = 10_000
 # within the last REQUEST_LIFETIME; an older one that never got a nonce no longer counts).
 MAX_INCOMING = 20
 REQUEST_LIFETIME = datetime.timedelta(hours=1)
+# A sender may replace its own request under way (a new offer under its name, signed by
+# one of the same roots) once that request is this old; sooner, the offer is refused
+# (RESOURCE_EXHAUSTED, counted in the metrics, not stored). The replaced request is
+# deleted, and the new one's "received" says which it replaced: one trust_peers row per
+# sender, and at most 1 + 60/10 history and audit rows per sender and hour.
+REOFFER_AFTER = datetime.timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -265,6 +271,14 @@ class TrustExchange(TrustedPeerSide):
                         f"(request {live.id}); its admin may send it again, or this server's "
                         "admin may reject it first"
                     )
+                replace_at = live.created_at + REOFFER_AFTER
+                if self._now() < replace_at:
+                    raise ResourceExhausted(
+                        f"a request from {body.sender_fqdn} (request {live.id}) was received "
+                        f"at {live.created_at.isoformat(timespec='seconds')}; a new one may "
+                        f"replace it from {replace_at.isoformat(timespec='seconds')} on: "
+                        "retry then, or have this server's admin reject it first"
+                    )
             under_way = [
                 r
                 for r in self.store.reads.peers.trust_peers(("awaiting-nonce", "pending"))
@@ -311,11 +325,12 @@ class TrustExchange(TrustedPeerSide):
             )
             actor = f"peer server {body.sender_fqdn}"
             with self.store.transaction(now) as tx:
+                replaces = ""
                 if live is not None:  # the same peer asked again: this one replaces it
-                    tx.peers.update_peer(live.id, state="superseded")
-                    self._history(tx, live, "superseded", actor, list(roots), record.id)
+                    tx.peers.delete_peer(live.id)
+                    replaces = f"replaces request {live.id}"
                 tx.peers.insert_peer(record)
-                self._history(tx, record, "received", actor, list(roots))
+                self._history(tx, record, "received", actor, list(roots), replaces)
             return self._receipt(record)
 
     def _receipt(self, record: PeerRecord) -> pb.SignedPeerMessage:

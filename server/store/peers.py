@@ -229,6 +229,11 @@ class PeerWrites:
             (*values, ts(self._tx.now), request_id),
         )
 
+    def delete_peer(self, request_id: str) -> None:
+        """Remove one request (an incoming one its sender replaced before any decision)."""
+        self._tx.changes_hierarchy = True
+        self._db.execute("DELETE FROM trust_peers WHERE id = ?", (request_id,))
+
     def add_history(
         self,
         request_id: str,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from aiohttp import BodyPartReader, web
 
-from keyplane.server.console.app import CONSOLE, CallFailed, session_of
+from keyplane.server.console.app import CONSOLE, CallFailed, Console, session_of
 from keyplane.server.console.security import MAX_UPLOAD_BYTES
 from keyplane.server.domain.backups import Backups
 from keyplane.server.domain.console_sessions import csrf_matches
@@ -98,6 +98,17 @@ async def verify(request: web.Request) -> web.StreamResponse:
         console.require(request, VERIFY)
     except CallFailed as exc:
         return await backups_page(request, exc.http_status, exc.message)
+    session = session_of(request).id
+    busy = console.uploads.take(session)  # before anything is stored
+    if busy is not None:
+        return await backups_page(request, 429, busy)
+    try:
+        return await _verify(request, console)
+    finally:
+        console.uploads.give_back(session)
+
+
+async def _verify(request: web.Request, console: Console) -> web.StreamResponse:
     workdir = await asyncio.to_thread(console.new_workdir)
     try:
         archive = workdir / "upload.tar"
@@ -123,7 +134,9 @@ async def verify(request: web.Request) -> web.StreamResponse:
         )
         return await backups_page(request, found=found, checked=checked)
     finally:
-        await asyncio.to_thread(Backups.discard, workdir)
+        # Shielded: an upload cut short (the browser gone, the server stopping) still
+        # takes its file with it.
+        await asyncio.shield(asyncio.to_thread(Backups.discard, workdir))
 
 
 def register(router: web.UrlDispatcher) -> None:
