@@ -21,8 +21,10 @@ from keyplane.server.groupcommit import GroupCommitter, Outcome
 from keyplane.server.store.backup import BackupReads
 from keyplane.server.store.reads import Reads
 from keyplane.server.store.records import (
+    KEY_INTENT_PREFIX,
     AuditRecord,
     CertificateRecord,
+    KeyIntent,
     KeyRecord,
     TokenRecord,
     TrustStateRecord,
@@ -156,6 +158,12 @@ class StateStore:
                     contextlib.closing(sqlite3.connect(target, isolation_level=None)) as copy,
                 ):
                     source.backup(copy)
+                    # A key being made is in neither copy (its key store leaves it out),
+                    # so its intent stays out too: a restore has nothing to clean up.
+                    copy.execute(
+                        "DELETE FROM meta WHERE substr(name, 1, ?) = ?",
+                        (len(KEY_INTENT_PREFIX), KEY_INTENT_PREFIX),
+                    )
                     copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
                     return alongside(BackupReads.of(copy))
             finally:
@@ -237,6 +245,12 @@ class StateStore:
 
     def key_destroyed(self, fingerprint: str) -> bool:
         return self.reads.key_destroyed(fingerprint)
+
+    def key_with_uri(self, uri: str) -> KeyRecord | None:
+        return self.reads.key_with_uri(uri)
+
+    def key_intents(self) -> list[KeyIntent]:
+        return self.reads.key_intents()
 
     def certificate(self, serial: str) -> CertificateRecord | None:
         return self.reads.certificate(serial)
