@@ -67,8 +67,8 @@ class KeyMaker:
         self, backend: str, label: str, algorithm: KeyAlgorithm | str
     ) -> Iterator[GeneratedKey]:
         """A new key, for the block to record (Transaction.insert_key, which drops the
-        intent). If the block fails, the key is destroyed; if the process dies, the
-        next clean_up destroys it."""
+        intent). If the block fails or does not record it, the key is destroyed; if the
+        process dies, the next clean_up destroys it."""
         with self._locked(fcntl.LOCK_SH):
             uri = self.backends.new_key_uri(backend, label)
             if uri is not None:
@@ -80,10 +80,16 @@ class KeyMaker:
             try:
                 yield generated
             except BaseException:
-                self._destroy(generated.uri)
-                with self.store.transaction(self.clock.now()) as tx:
-                    tx.drop_key_intent(generated.uri)
+                self._discard(generated.uri)
                 raise
+            if self.store.key_with_uri(generated.uri) is None:  # the block did not record it
+                self._discard(generated.uri)
+
+    def _discard(self, uri: str) -> None:
+        """A key this process made and did not record: gone, with its intent."""
+        if self._destroy(uri) is not None:
+            with self.store.transaction(self.clock.now()) as tx:
+                tx.drop_key_intent(uri)
 
     def _destroy(self, uri: str) -> bool | None:
         """Destroy a key that no record names: True if it was there, False if it never

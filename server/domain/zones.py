@@ -371,7 +371,13 @@ class Zones:
                 "RedeemEnrollmentToken needs the certificate the zone server issued (DER)"
             )
         rows = self._rows(zone, [(certificate_der, Role.AGENT)], digest)
-        serial, key = str(rows[0][0]), str(rows[0][1])
+        serial, key, recorded_subject = str(rows[0][0]), str(rows[0][1]), str(rows[0][2])
+        # The audit log names what the certificate says, so what the zone says must be it.
+        if recorded_subject != f"CN={subject}":
+            raise InvalidArgument(
+                "the subject must be the common name of the certificate the zone server "
+                f"issued ({recorded_subject[:200]!r}), not {subject[:200]!r}"
+            )
         found = self.store.certificates_for_key(key)
         if found:
             raise AlreadyExists(key_in_use(found))
@@ -388,7 +394,7 @@ class Zones:
                 identity.actor,
                 "token.redeem" if digest else "certificate.report",
                 digest[:16] if digest else zone.name,
-                subject=subject[:200],
+                subject=subject,
                 serial=serial,
             )
 
@@ -419,6 +425,8 @@ class Zones:
         return views
 
     def get(self, name: str) -> ZoneView:
+        if not name:
+            raise InvalidArgument("name the zone server ('keyplane zones list' shows them)")
         for view in self.list(include_revoked=True):
             if view.zone.name == name and view.zone.revoked_at is None:
                 return view

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TypeVar
 
+from keyplane.server.errors import DamagedDatabase
 from keyplane.server.groupcommit import GroupCommitter, Outcome
 from keyplane.server.store.backup import BackupReads
 from keyplane.server.store.reads import Reads
@@ -39,6 +40,22 @@ T = TypeVar("T")
 _Work = tuple[datetime.datetime, Callable[[Transaction], object]]
 
 
+def _damaged(path: Path, detail: str) -> str:
+    return (
+        f"{path.name} in {path.parent} is damaged ({detail[:200]}); nothing was changed: "
+        "restore the data dir from a backup (keyplane backup restore), or move it aside "
+        "to start afresh"
+    )
+
+
+def _check_sound(db: sqlite3.Connection, path: Path) -> None:
+    """SQLite's quick check of every page, so that a damaged file refuses the start
+    instead of failing the request that meets the damage."""
+    problems = [str(r[0]) for r in db.execute("PRAGMA quick_check")]
+    if problems != ["ok"]:
+        raise DamagedDatabase(_damaged(path, "; ".join(problems[:2])))
+
+
 class StateStore:
     """The repository over keyplane.db. Reads use pooled connections (WAL lets them run
     beside a commit); writes use one connection, serialised by a lock and, across the
@@ -56,12 +73,20 @@ class StateStore:
         )
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA busy_timeout=10000")
-            with self._lock, self._write_lock():
-                initialise(self._db, path.name)
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA foreign_keys=ON")
+                self._db.execute("PRAGMA busy_timeout=10000")
+                with self._lock, self._write_lock():
+                    initialise(self._db, path.name)
+                    _check_sound(self._db, path)
+            except BaseException:
+                self._db.close()
+                raise
+        except sqlite3.DatabaseError as exc:
+            os.close(self._lock_file)
+            raise DamagedDatabase(_damaged(path, str(exc))) from None
         except BaseException:
             os.close(self._lock_file)
             raise
