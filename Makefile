@@ -4,6 +4,7 @@
 #   make lint   ruff, mypy and the import layers
 #   make proto  regenerate keyplane.v1 from proto/
 #   make bench  benchmarks against cfssl and the crypto ceiling (bench/README.md)
+#   make fuzz   every fuzz target for FUZZ_SECONDS (300) each (README, "Fuzzing")
 #   make clean  remove the venv, generated code and local data
 
 PYTHON ?= python3
@@ -14,7 +15,7 @@ DATA_DIR ?= var
 LISTEN ?= 127.0.0.1:7443
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint proto system-test-deps bench bench-deps clean
+.PHONY: install run test lint proto system-test-deps bench bench-deps fuzz clean
 
 $(BIN)/python:
 	@echo "==> creating the virtualenv $(VENV)"
@@ -63,6 +64,14 @@ bench-deps:
 
 bench: install bench-deps
 	$(BIN)/python -m bench.run
+
+# Fuzzing: each parser of untrusted bytes (fuzz/), FUZZ_SECONDS each, or a count of runs
+# with FUZZ_ARGS="--runs 1000000"; crashes are left in build/fuzz/crashes/.
+FUZZ_SECONDS ?= 300
+FUZZ_ARGS ?=
+
+fuzz: install
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m fuzz $(FUZZ_ARGS)
 
 proto: $(BIN)/python
 	$(BIN)/python -c 'import runpy; runpy.run_path("setup.py", run_name="keyplane_generate_only")'

@@ -1,11 +1,12 @@
 """What the hostile-input matrix sends, and how it tells that nothing changed: CSRs that
 lie (a flipped signature bit, another key's SPKI), weak and unsupported keys built with
 cryptography or as raw DER (RSA-1024, e = 3, primes close enough for Fermat, P-224,
-DSA, an EC point off its curve), damaged PEM and DER, and a snapshot of every table of
-the state DB and of pki.db."""
+DSA, an EC point off its curve), damaged PEM and DER, messages from a made-up peer
+server, and a snapshot of every table of the state DB and of pki.db."""
 
 from __future__ import annotations
 
+import datetime
 import functools
 import secrets
 import sqlite3
@@ -18,6 +19,12 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.x509.oid import NameOID
 
 from keyplane.server.domain import der
+from keyplane.server.domain.peer_messages import (
+    PEER_MESSAGE_CONTEXT,
+    commitment,
+    trusted_certificate,
+)
+from keyplane.v1 import trust_service_pb2
 
 
 def csr_der(
@@ -43,6 +50,12 @@ def to_pem(data: bytes, label: str = "CERTIFICATE REQUEST") -> bytes:
 def flip_signature_bit(csr: bytes) -> bytes:
     """The same CSR with one bit of its signature flipped (it still parses)."""
     return csr[:-1] + bytes([csr[-1] ^ 0x01])
+
+
+def bump_version(csr: bytes) -> bytes:
+    """The CSR with its version INTEGER 0 made 16 (it no longer parses as PKCS#10)."""
+    at = csr.index(b"\x02\x01\x00")  # the first INTEGER of the request info
+    return csr[:at] + b"\x02\x01\x10" + csr[at + 3 :]
 
 
 def _spki_span(csr: bytes) -> tuple[int, int]:
@@ -145,6 +158,8 @@ def bad_encodings(csr: bytes) -> dict[str, bytes]:
         "a certificate, not a CSR": to_pem(csr, "CERTIFICATE"),
         "oversized": csr + b"\x00" * (70 * 1024),
         "a bit flipped in the signature": flip_signature_bit(csr),
+        # cryptography's InvalidVersion is not a ValueError: it once escaped as INTERNAL.
+        "a version past v1": bump_version(csr),
         "another key's SPKI": swap_key(csr, ec.generate_private_key(ec.SECP256R1())),
     }
 
@@ -185,3 +200,59 @@ def server_state(data_dir: Path) -> dict[str, object]:
         ).fetchone()[0]
     state["pki.db"] = db_state(data_dir / "pki.db")
     return state
+
+
+def self_signed_root(
+    key: ec.EllipticCurvePrivateKey, name: str = "peer.test root"
+) -> x509.Certificate:
+    """A CA certificate of `key`, signed by itself: a made-up peer server's root."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def peer_message(
+    kind: int,
+    recipient: str,
+    *,
+    sent: datetime.datetime | None = None,
+    roots: int = 1,
+    flip: bool = False,
+    **fields: object,
+) -> trust_service_pb2.SignedPeerMessage:
+    """A message of `kind` from a made-up peer (peer.test) to `recipient`, signed by each
+    of its `roots` (an offer's shape: roots, addresses, a commitment), sent `sent` (now);
+    `flip` flips a bit of each signature. `fields` override the body's."""
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(roots)]
+    entries = [trusted_certificate(self_signed_root(k), "peer.test root") for k in keys]
+    body = trust_service_pb2.PeerMessageBody(
+        kind=kind,  # type: ignore[arg-type]
+        request_id=secrets.token_hex(16),
+        sender_fqdn="peer.test",
+        recipient_fqdn=recipient,
+        roots=entries,
+        listen="127.0.0.1:9",
+        bootstrap_listen="127.0.0.1:9",
+        commitment=commitment(secrets.token_bytes(32), [e.fingerprint for e in entries]),
+    )
+    for name, value in fields.items():
+        setattr(body, name, value)
+    body.send_time.FromDatetime(sent or datetime.datetime.now(datetime.UTC))
+    data = body.SerializeToString(deterministic=True)
+    signed = trust_service_pb2.SignedPeerMessage(body=data)
+    for key, entry in zip(keys, entries, strict=True):
+        signature = bytearray(key.sign(PEER_MESSAGE_CONTEXT + data, ec.ECDSA(hashes.SHA256())))
+        if flip:
+            signature[-1] ^= 1
+        signed.signatures.add(root_fingerprint=entry.fingerprint, signature=bytes(signature))
+    return signed

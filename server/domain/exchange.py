@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from keyplane.server.domain import certs
+from keyplane.server.domain.der import UNPARSED
 from keyplane.server.domain.inputs import parse_fingerprint
 from keyplane.server.domain.peer_messages import (
     check_addressed,
@@ -99,11 +100,17 @@ class TrustExchange(TrustedPeerSide):
             body = trust_state_pb2.TrustStateBody.FromString(latest.body)
         except Exception:  # protobuf's DecodeError
             raise PermissionDenied(f"the server at {bootstrap} sent a broken trust state") from None
-        pinned = {
-            r.fingerprint: x509.load_der_x509_certificate(r.certificate_der)
-            for r in body.roots
-            if r.fingerprint == fingerprint
-        }
+        try:
+            pinned = {
+                r.fingerprint: x509.load_der_x509_certificate(r.certificate_der)
+                for r in body.roots
+                if r.fingerprint == fingerprint
+            }
+        except UNPARSED:
+            raise PermissionDenied(
+                f"the server at {bootstrap} sent a root certificate that does not parse; "
+                "nothing was recorded"
+            ) from None
         if not pinned:
             raise PermissionDenied(
                 f"fingerprint mismatch: none of the active roots of the server at {bootstrap} "

@@ -22,6 +22,7 @@ from keyplane.plugins.errors import BackendError
 from keyplane.plugins.keys import algorithm_of, fingerprint
 from keyplane.server.domain import authority, certs
 from keyplane.server.domain.csr_policy import HOSTNAME, check_csr
+from keyplane.server.domain.der import UNPARSED
 from keyplane.server.domain.enrollment import Issued, key_in_use, renew_after
 from keyplane.server.domain.hierarchy import Hierarchy
 from keyplane.server.domain.identity import Identity
@@ -343,7 +344,7 @@ class Zones:
         for der, component in reports:
             try:
                 cert = x509.load_der_x509_certificate(der)
-            except ValueError:
+            except UNPARSED:
                 raise InvalidArgument("a reported certificate does not parse") from None
             issuer = next(
                 (k for k, c in by_subject.get(cert.issuer, []) if _signed_by(cert, c)), None
@@ -352,8 +353,16 @@ class Zones:
                 raise InvalidArgument(
                     "a reported certificate was not issued by this zone server's intermediate"
                 )
-            authority.check_zone_report(component, certs.roles_of(cert))
-            record = certs.record_of(cert, Role.AGENT, issuer.fingerprint, now)
+            try:
+                roles = certs.roles_of(cert)
+                record = certs.record_of(cert, Role.AGENT, issuer.fingerprint, now)
+            except UNPARSED:
+                # The zone's intermediate signs whatever the zone likes: a key that does
+                # not parse, an extension twice.
+                raise InvalidArgument(
+                    "a reported certificate's key, subject or extensions do not parse"
+                ) from None
+            authority.check_zone_report(component, roles)
             rows.append(certificate_row(record, token_hash or None))
         return rows
 
