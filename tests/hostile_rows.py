@@ -28,10 +28,12 @@ from keyplane.v1 import (
     message_signing_service_pb2,
     root_key_service_pb2,
     settings_service_pb2,
+    trust_service_pb2,
     trust_state_service_pb2,
     zone_service_pb2,
 )
-from tests.hostile_kit import bad_encodings, csr_der, weak_csrs
+from keyplane.v1 import trust_state_pb2 as ts_pb
+from tests.hostile_kit import bad_encodings, csr_der, peer_message, weak_csrs
 from tests.serverkit import FQDN, RunningServer
 from tests.test_enrollment import make_csr, p256
 from tests.zonekit import FakeZone
@@ -210,6 +212,27 @@ def _revoke_root(**fields: Any) -> Build:
     )
 
 
+def _peer(rpc: str, kind: int, **options: Any) -> Build:
+    """A TrustService call carrying a made-up peer's message (to this server unless
+    `recipient` says otherwise)."""
+    request = getattr(trust_service_pb2, f"{rpc}Request")
+    recipient = options.pop("recipient", FQDN)
+    return lambda w: request(message=peer_message(kind, recipient, **options))
+
+
+OFFER, REVEAL, DECISION, END = (
+    trust_service_pb2.PEER_MESSAGE_KIND_OFFER,
+    trust_service_pb2.PEER_MESSAGE_KIND_REVEAL,
+    trust_service_pb2.PEER_MESSAGE_KIND_DECISION,
+    trust_service_pb2.PEER_MESSAGE_KIND_END,
+)
+AN_HOUR_AGO = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
+
+
+def _push(sender: str, versions: list[ts_pb.SignedTrustState]) -> Build:
+    return lambda w: trust_service_pb2.PushTrustStateRequest(sender_fqdn=sender, versions=versions)
+
+
 def _health(service: str) -> object:
     from grpc_health.v1 import health_pb2
 
@@ -288,6 +311,7 @@ ROWS: list[Row] = [
     Row('EnrollmentService/RenewWithProof', 'an oversized chain', lambda w: _renew_with_proof(w, certificate_chain_pem=lambda r: r.certificate_chain_pem * 60), 'INVALID_ARGUMENT', 'bytes'),
     Row('EnrollmentService/RenewWithProof', 'a garbage proof', lambda w: _renew_with_proof(w, proof=b'0\x06\x02\x01\x01\x02\x01\x01'), 'UNAUTHENTICATED'),
     Row('EnrollmentService/RenewWithProof', 'no proof time', lambda w: _renew_with_proof(w, proof_time=0), 'UNAUTHENTICATED', 'time'),
+    Row('EnrollmentService/RenewWithProof', 'a proof time past year 9999', lambda w: _renew_with_proof(w, proof_time=2 ** 62), 'UNAUTHENTICATED', 'time'),
     Row('EnrollmentService/RenewWithProof', 'a proof for another server', lambda w: _renew_with_proof(w, audience='zone-h'), 'UNAUTHENTICATED'),
     Row('EnrollmentService/RenewWithProof', 'a proof for another CSR', lambda w: _renew_with_proof(w, csr=make_csr(p256(), cn='agent-h')), 'UNAUTHENTICATED'),
     Row('EnrollmentService/RenewWithProof', 'a certificate from nowhere', lambda w: _renew_with_proof(w, certificate_chain_pem=_self_made_chain()), 'PERMISSION_DENIED', 'no record of issuing it'),
@@ -325,6 +349,35 @@ ROWS: list[Row] = [
     Row('IdentityService/CreateIdentity', 'a name taken', lambda w: identity_service_pb2.CreateIdentityRequest(name='pat@example.org', role=identity_service_pb2.IDENTITY_ROLE_AUDITOR, csr=csr_der(p256(), cn='pat@example.org')), 'ALREADY_EXISTS'),
     Row('IdentityService/RevokeIdentity', 'an unknown name', lambda w: identity_service_pb2.RevokeIdentityRequest(name='nobody@example.org', reason='x', confirm=True), 'NOT_FOUND'),
     Row('IdentityService/RevokeIdentity', 'no confirmation', lambda w: identity_service_pb2.RevokeIdentityRequest(name='pat@example.org', reason='x'), 'FAILED_PRECONDITION', 'confirm'),
+    Row('TrustService/RequestTrust', 'no peer', lambda w: trust_service_pb2.RequestTrustRequest(peer_fingerprint=UNKNOWN_FP), 'INVALID_ARGUMENT', 'peer'),
+    Row('TrustService/RequestTrust', 'a peer that is not HOST:PORT', lambda w: trust_service_pb2.RequestTrustRequest(peer='x' * 300, peer_fingerprint=UNKNOWN_FP), 'INVALID_ARGUMENT'),
+    Row('TrustService/RequestTrust', 'a fingerprint that is not one', lambda w: trust_service_pb2.RequestTrustRequest(peer='127.0.0.1:9', peer_fingerprint='zz'), 'INVALID_ARGUMENT', 'fingerprint'),
+    Row('TrustService/ListTrust', 'a huge history', lambda w: trust_service_pb2.ListTrustRequest(history_size=2 ** 32 - 1), 'INVALID_ARGUMENT'),
+    Row('TrustService/ApproveTrust', 'no id', lambda w: trust_service_pb2.ApproveTrustRequest(), 'INVALID_ARGUMENT', '32 hex digits'),
+    Row('TrustService/ApproveTrust', 'an unknown id', lambda w: trust_service_pb2.ApproveTrustRequest(id=UNKNOWN_SERIAL), 'NOT_FOUND'),
+    Row('TrustService/RejectTrust', 'an unknown id', lambda w: trust_service_pb2.RejectTrustRequest(id=UNKNOWN_SERIAL, reason='x'), 'NOT_FOUND'),
+    Row('TrustService/RejectTrust', 'an oversized id', lambda w: trust_service_pb2.RejectTrustRequest(id='a' * MiB, reason='x'), 'INVALID_ARGUMENT'),
+    Row('TrustService/RevokeTrust', 'an unknown peer', lambda w: trust_service_pb2.RevokeTrustRequest(peer='nobody.test', reason='x'), 'NOT_FOUND'),
+    Row('TrustService/RevokeTrust', 'an oversized reason', lambda w: trust_service_pb2.RevokeTrustRequest(peer='nobody.test', reason='r' * 5000), 'INVALID_ARGUMENT'),
+    Row('TrustService/OfferTrust', 'no message', lambda w: trust_service_pb2.OfferTrustRequest(), 'INVALID_ARGUMENT', 'missing'),
+    Row('TrustService/OfferTrust', 'a body that is not a PeerMessageBody', lambda w: trust_service_pb2.OfferTrustRequest(message=trust_service_pb2.SignedPeerMessage(body=b'\x0a\xff\xff')), 'INVALID_ARGUMENT'),
+    Row('TrustService/OfferTrust', 'an oversized body', lambda w: trust_service_pb2.OfferTrustRequest(message=trust_service_pb2.SignedPeerMessage(body=b'\x00' * (65 * 1024))), 'INVALID_ARGUMENT', 'bytes'),
+    Row('TrustService/OfferTrust', 'a nonce reveal, not an offer', _peer('OfferTrust', REVEAL), 'INVALID_ARGUMENT', 'expected an offer'),
+    Row('TrustService/OfferTrust', 'a request id that is not one', _peer('OfferTrust', OFFER, request_id='../x'), 'INVALID_ARGUMENT', 'request_id'),
+    Row('TrustService/OfferTrust', 'an offer for another server', _peer('OfferTrust', OFFER, recipient='other.test'), 'PERMISSION_DENIED', 'not this server'),
+    Row('TrustService/OfferTrust', 'an offer sent an hour ago (a replay)', _peer('OfferTrust', OFFER, sent=AN_HOUR_AGO), 'FAILED_PRECONDITION', 'minutes'),
+    Row('TrustService/OfferTrust', 'a bit flipped in its signature', lambda w: _peer('OfferTrust', OFFER, flip=True, recipient_root_fingerprint=w.root)(w), 'PERMISSION_DENIED', 'not signed by every root'),
+    Row('TrustService/OfferTrust', 'three roots', _peer('OfferTrust', OFFER, roots=3), 'INVALID_ARGUMENT', 'roots'),
+    Row('TrustService/OfferTrust', "a fingerprint of none of this server's roots", _peer('OfferTrust', OFFER, recipient_root_fingerprint=UNKNOWN_FP), 'PERMISSION_DENIED', 'pinned a root fingerprint'),
+    Row('TrustService/RevealTrustNonce', 'an unknown request', _peer('RevealTrustNonce', REVEAL, nonce=b'n' * 32), 'NOT_FOUND'),
+    Row('TrustService/RevealTrustNonce', 'an offer, not a reveal', _peer('RevealTrustNonce', OFFER), 'INVALID_ARGUMENT'),
+    Row('TrustService/DecideTrust', 'an unknown request', _peer('DecideTrust', DECISION, approved=True), 'NOT_FOUND'),
+    Row('TrustService/DecideTrust', 'no message', lambda w: trust_service_pb2.DecideTrustRequest(), 'INVALID_ARGUMENT'),
+    Row('TrustService/EndTrust', 'an unknown request', _peer('EndTrust', END, reason='x'), 'NOT_FOUND'),
+    Row('TrustService/EndTrust', 'an end for another server', _peer('EndTrust', END, recipient='other.test'), 'PERMISSION_DENIED'),
+    Row('TrustService/PushTrustState', 'from a server it does not trust', _push('peer.test', []), 'FAILED_PRECONDITION', 'does not trust'),
+    Row('TrustService/PushTrustState', 'its own trust state, as if from a peer', lambda w: _push(FQDN, list(w.server.admin_client().get_trust_state()))(w), 'FAILED_PRECONDITION', 'does not trust'),
+    Row('TrustService/PushTrustState', 'garbage versions from an untrusted server', _push('peer.test', [ts_pb.SignedTrustState(body=b'\x0a\xff')] * 1001), 'FAILED_PRECONDITION'),
     Row(f'{HEALTH}/Check', 'an unknown service', lambda w: _health('no.such.Service'), 'NOT_FOUND'),
     Row('SettingsService/ListSettings', 'reveal, as an auditor', lambda w: settings_service_pb2.ListSettingsRequest(reveal=True), 'PERMISSION_DENIED', 'admin role', caller='auditor'),
     Row('SettingsService/GetSetting', 'reveal a password, as an auditor', lambda w: settings_service_pb2.GetSettingRequest(name='PKIDatabasePassword', reveal=True), 'PERMISSION_DENIED', 'admin role', caller='auditor'),
