@@ -25,6 +25,7 @@ change it records.
 from __future__ import annotations
 
 import datetime
+import hmac
 import logging
 from dataclasses import dataclass
 
@@ -341,7 +342,11 @@ class TrustExchange(TrustedPeerSide):
                 raise NotFound(f"no request {body.request_id} from {body.sender_fqdn}")
             roots = load_roots_pem(record.peer_roots_pem)
             verify_signed(signed, roots)
-            if record.state == "pending" and record.peer_nonce == body.nonce:
+            if (
+                record.state == "pending"
+                and record.peer_nonce is not None
+                and hmac.compare_digest(record.peer_nonce, body.nonce)
+            ):
                 return record.comparison_code or ""
             if record.state != "awaiting-nonce":
                 raise FailedPrecondition(f"request {record.id} is {record.state} already")
