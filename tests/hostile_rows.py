@@ -35,6 +35,7 @@ from keyplane.v1 import (
 from keyplane.v1 import trust_state_pb2 as ts_pb
 from tests.hostile_kit import bad_encodings, csr_der, peer_message, weak_csrs
 from tests.serverkit import FQDN, RunningServer
+from tests.sigkit import high_s
 from tests.test_enrollment import make_csr, p256
 from tests.zonekit import FakeZone
 
@@ -174,6 +175,14 @@ def _renew_with_proof(
     for name, value in changes.items():
         setattr(request, name, value(request) if callable(value) else value)
     return request
+
+
+def _high_s_twin(request: enroll_pb.RenewWithProofRequest) -> enroll_pb.RenewWithProofRequest:
+    """The same request with the proof's other valid ECDSA form, (r, n - s)."""
+    twin = enroll_pb.RenewWithProofRequest()
+    twin.CopyFrom(request)
+    twin.proof = high_s(request.proof, "secp256r1")
+    return twin
 
 
 def _self_made_chain() -> str:
@@ -316,6 +325,7 @@ ROWS: list[Row] = [
     Row('EnrollmentService/RenewWithProof', 'a proof for another CSR', lambda w: _renew_with_proof(w, csr=make_csr(p256(), cn='agent-h')), 'UNAUTHENTICATED'),
     Row('EnrollmentService/RenewWithProof', 'a certificate from nowhere', lambda w: _renew_with_proof(w, certificate_chain_pem=_self_made_chain()), 'PERMISSION_DENIED', 'no record of issuing it'),
     Row('EnrollmentService/RenewWithProof', 'a recorded renewal replayed', lambda w: w.renewed, 'ALREADY_EXISTS', 'certified once'),
+    Row('EnrollmentService/RenewWithProof', 'a recorded renewal replayed with its high-S twin', lambda w: _high_s_twin(w.renewed), 'ALREADY_EXISTS', 'certified once'),
     Row('EnrollmentService/RenewWithProof', 'a second renewal from a renewed certificate', lambda w: _renew_with_proof(w, key=w.mover_key, chain=w.mover_chain), 'PERMISSION_DENIED', 'renews once'),
     Row('ZoneService/EnrollZoneServer', 'a wrong token', lambda w: zone_service_pb2.EnrollZoneServerRequest(token='kp-nope', intermediate_csr=GOOD, tls_csr=GOOD, name='z2', listen='10.0.0.2:1', bootstrap_listen='10.0.0.2:2'), 'UNAUTHENTICATED'),
     Row('ZoneService/EnrollZoneServer', 'an agent token', lambda w: zone_service_pb2.EnrollZoneServerRequest(token=w.token, intermediate_csr=csr_der(p256(), cn='z2'), tls_csr=csr_der(p256(), cn='z2'), name='z2', listen='10.0.0.2:1', bootstrap_listen='10.0.0.2:2'), 'UNAUTHENTICATED'),
