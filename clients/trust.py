@@ -119,6 +119,10 @@ def _parse(signed: trust_state_pb2.SignedTrustState) -> trust_state_pb2.TrustSta
             ) from None
         if found != root.fingerprint:
             raise TrustStateError(f"root {root.fingerprint} does not match its certificate")
+    try:
+        body.issue_time.ToDatetime(tzinfo=datetime.UTC)
+    except (ValueError, OverflowError):
+        raise TrustStateError("the trust state's issue time is not a valid time") from None
     return body
 
 
