@@ -256,3 +256,30 @@ def peer_message(
             signature[-1] ^= 1
         signed.signatures.add(root_fingerprint=entry.fingerprint, signature=bytes(signature))
     return signed
+
+
+def with_san_twice(cert: x509.Certificate, issuer_key: ec.EllipticCurvePrivateKey) -> bytes:
+    """`cert` (DER) with its SubjectAlternativeName twice, signed again by its issuer: a
+    certificate cryptography parses, but whose extensions it refuses when read."""
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    placeholder = x509.ObjectIdentifier("2.5.29.99")  # same length as 2.5.29.17
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())  # type: ignore[arg-type]
+        .serial_number(cert.serial_number)
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
+    )
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    builder = builder.add_extension(
+        x509.UnrecognizedExtension(placeholder, san.public_bytes()), critical=False
+    )
+    made = builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+    _, outer, end = der.read(made)
+    (_, t0, t1), (_, a0, a1), _ = der.children(made, outer, end)
+    tbs = made[t0:t1].replace(der.oid("2.5.29.99"), der.oid("2.5.29.17"))
+    signature = issuer_key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    return der.sequence(tbs, made[a0:a1], der.bit_string(signature))

@@ -33,7 +33,7 @@ from keyplane.v1 import (
     zone_service_pb2,
 )
 from keyplane.v1 import trust_state_pb2 as ts_pb
-from tests.hostile_kit import bad_encodings, csr_der, peer_message, weak_csrs
+from tests.hostile_kit import bad_encodings, csr_der, peer_message, weak_csrs, with_san_twice
 from tests.serverkit import FQDN, RunningServer
 from tests.sigkit import high_s
 from tests.test_enrollment import make_csr, p256
@@ -215,6 +215,11 @@ def _minted(w: World, roles: list[str] | None = None) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
+def _san_twice(w: World) -> bytes:
+    cert, _ = w.zone.mint("minted", [])
+    return with_san_twice(cert, w.zone.intermediate_key)
+
+
 def _revoke_root(**fields: Any) -> Build:
     return lambda w: root_key_service_pb2.RevokeRootKeyRequest(
         **{"fingerprint": w.root, "reason": "x", "confirm": True, **fields}
@@ -337,6 +342,8 @@ ROWS: list[Row] = [
     Row('ZoneService/RenewZoneServer', 'no CSR', lambda w: zone_service_pb2.RenewZoneServerRequest(), 'INVALID_ARGUMENT'),
     Row('ZoneService/ReportIssuedCertificates', 'garbage DER', _zone_report(b'0\x03\x02\x01\x01'), 'INVALID_ARGUMENT'),
     Row('ZoneService/ReportIssuedCertificates', 'a certificate another CA signed', lambda w: _zone_report(x509.load_pem_x509_certificate(_self_made_chain().encode()).public_bytes(serialization.Encoding.DER))(w), 'INVALID_ARGUMENT', 'not issued by this zone'),
+    Row('ZoneService/ReportIssuedCertificates', 'a certificate with its SAN twice', lambda w: _zone_report(_san_twice(w))(w), 'INVALID_ARGUMENT', 'extensions'),
+    Row('ZoneService/RedeemEnrollmentToken', 'a certificate with its SAN twice', lambda w: zone_service_pb2.RedeemEnrollmentTokenRequest(token=w.token, subject='minted', certificate_der=_san_twice(w)), 'INVALID_ARGUMENT', 'extensions'),
     Row('ZoneService/ReportIssuedCertificates', 'an admin certificate it minted', lambda w: _zone_report(_minted(w, ['admin']), 'admin')(w), 'PERMISSION_DENIED'),
     Row('ZoneService/ReportIssuedCertificates', 'too many certificates', lambda w: zone_service_pb2.ReportIssuedCertificatesRequest(certificates=[zone_service_pb2.IssuedCertificateReport(certificate_der=b'x', component='agent')] * 1001), 'INVALID_ARGUMENT', '1000'),
     Row('ZoneService/RedeemEnrollmentToken', 'a wrong token', lambda w: zone_service_pb2.RedeemEnrollmentTokenRequest(token='kp-nope', subject='minted', certificate_der=_minted(w)), 'UNAUTHENTICATED'),
