@@ -52,13 +52,21 @@ class Problems(list[str]):
 
 @contextlib.contextmanager
 def read_only(path: Path) -> Iterator[sqlite3.Connection]:
-    """A read-only connection: nothing the check does changes the files it checks."""
+    """A read-only connection: nothing the check does changes the files it checks. (A
+    read-only reader of a WAL database makes an empty -wal and a -shm that it cannot
+    remove on close; those it made, the server being stopped, are removed after.)"""
+    beside = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
+    existed = [p.exists() for p in beside]
     db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
         db.execute("PRAGMA query_only=ON")
         yield db
     finally:
         db.close()
+        wal, shm = beside
+        if not any(existed) and wal.exists() and wal.stat().st_size == 0:
+            wal.unlink()
+            shm.unlink(missing_ok=True)
 
 
 def integrity(path: Path, problems: Problems) -> bool:
