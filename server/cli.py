@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from dataclasses import replace
@@ -78,7 +79,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "the password cannot be changed while it comes from there. With neither (here or "
         "in the config), a password-protected server starts locked: run 'keyplane unlock'",
     )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("KEYPLANE_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (default: $KEYPLANE_LOG_LEVEL, else INFO)",
+    )
     parser.set_defaults(func=run_serve)
 
 

@@ -233,8 +233,12 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
                     log.exception("could not note a refused call of %s", method)
             raise
 
-    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+    async def _abort(
+        self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str
+    ) -> None:
         code, message, reason = status_for(exc)
+        # Every refusal's words, at debug level (what `make test-secrets` searches).
+        log.debug("%s answered %s: %s", method, code.name, message)
         status = rich_status(code, message, reason)
         await context.abort(status.code, status.details, status.trailing_metadata)
 
@@ -248,7 +252,7 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # every other error becomes a status
-                await self._abort(context, exc)
+                await self._abort(context, exc, method)
 
         return wrapped
 
@@ -267,7 +271,7 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:
-                    await self._abort(context, exc)
+                    await self._abort(context, exc, method)
 
             return wrapped_gen
 
@@ -280,6 +284,6 @@ class KeyplaneInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await self._abort(context, exc)
+                await self._abort(context, exc, method)
 
         return wrapped

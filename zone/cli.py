@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -65,7 +66,11 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         "reports, all issue. Without it, one process serves and exits with status 70 if "
         "a part it needs stops (for systemd to restart it)",
     )
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("KEYPLANE_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (default: $KEYPLANE_LOG_LEVEL, else INFO)",
+    )
     p.set_defaults(func=run_zone)
 
 
