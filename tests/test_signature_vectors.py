@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from fuzz.harness import CORPUS, FIXTURES
+from fuzz.harness import CORPUS, FIXTURES, PAYLOAD
 from keyplane.clients.trust import load, verify_signature
 from keyplane.clients.verify import MESSAGE_CONTEXT, MessageVerificationError, verify_message
 from keyplane.server.domain import der
@@ -185,7 +185,7 @@ def test_a_real_signed_message_with_a_damaged_signature_is_refused() -> None:
     original = message_signing_service_pb2.SignedMessage.FromString(
         (CORPUS / "signed_message" / "message.sig").read_bytes()
     )
-    payload = b"keyplane fuzz payload\n"
+    payload = PAYLOAD
     verify_message(payload, original, trust)
     signer = x509.load_der_x509_certificate(original.certificate_chain[0])
     public = signer.public_key()
