@@ -5,6 +5,9 @@
 #   make lint   ruff, mypy and the import layers
 #   make proto  regenerate keyplane.v1 from proto/
 #   make bench  benchmarks against cfssl and the crypto ceiling (bench/README.md)
+#   make test-secrets  a representative part of the suite with debug logging, then a
+#               search of everything it left for private keys, PINs and passwords
+#   make fuzz   every fuzz target for FUZZ_SECONDS (300) each (README, "Fuzzing")
 #   make clean  remove the venv, generated code and local data
 
 PYTHON ?= python3
@@ -16,7 +19,7 @@ LISTEN ?= 127.0.0.1:7443
 CONSOLE_LISTEN ?= 127.0.0.1:7445
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint proto system-test-deps bench bench-deps clean
+.PHONY: install run test lint proto system-test-deps bench bench-deps fuzz test-secrets clean
 
 $(BIN)/python:
 	@echo "==> creating the virtualenv $(VENV)"
@@ -65,6 +68,26 @@ bench-deps:
 
 bench: install bench-deps
 	$(BIN)/python -m bench.run
+
+# The secret scan (README, "Secret scan"): SECRET_TESTS=tests for the whole suite.
+SECRET_TESTS ?= tests/test_enrollment.py tests/test_renew_with_proof.py tests/test_agent.py \
+    tests/test_backup.py tests/test_backup_hsm.py tests/test_server_hsm.py \
+    tests/test_password_change.py tests/test_locked_start.py tests/test_identities.py \
+    tests/test_signing_and_trust.py tests/test_trust_exchange.py tests/test_zones_cli.py \
+    tests/test_audit_cli.py tests/test_cli.py tests/test_hostile_input.py tests/test_rotation.py
+
+test-secrets: install system-test-deps
+	rm -rf build/secret-scan
+	$(BIN)/python -m pytest -p tests.secret_scan_plugin --basetemp=build/secret-scan/tmp \
+	    $(PYTEST_ARGS) $(SECRET_TESTS)
+
+# Fuzzing: each parser of untrusted bytes (fuzz/), FUZZ_SECONDS each, or a count of runs
+# with FUZZ_ARGS="--runs 1000000"; crashes are left in build/fuzz/crashes/.
+FUZZ_SECONDS ?= 300
+FUZZ_ARGS ?=
+
+fuzz: install
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m fuzz $(FUZZ_ARGS)
 
 proto: $(BIN)/python
 	$(BIN)/python -c 'import runpy; runpy.run_path("setup.py", run_name="keyplane_generate_only")'

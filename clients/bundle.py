@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from keyplane.clients.trust import key_fingerprint, verify_signature
+from keyplane.clients.trust import UNPARSED, key_fingerprint, verify_signature
 from keyplane.v1 import bundle_service_pb2
 
 BUNDLE_CONTEXT = b"keyplane-init-bundle-v1\0"
@@ -63,8 +63,12 @@ def load_bundle(data: bytes, fingerprint: str | None = None) -> Bundle:
         raise BundleError(f"init bundle format {body.format} is not supported")
     roots: dict[str, x509.Certificate] = {}
     for root in body.roots:
-        cert = x509.load_der_x509_certificate(root.certificate_der)
-        if key_fingerprint(cert) != root.fingerprint:
+        try:
+            cert = x509.load_der_x509_certificate(root.certificate_der)
+            found = key_fingerprint(cert)
+        except UNPARSED:
+            raise BundleError(f"root {root.fingerprint[:64]} has no valid certificate") from None
+        if found != root.fingerprint:
             raise BundleError(f"root {root.fingerprint} does not match its certificate")
         roots[root.fingerprint] = cert
     if not roots:

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from google.protobuf import json_format
@@ -29,11 +29,25 @@ from keyplane.v1 import trust_state_pb2
 TRUST_STATE_CONTEXT = b"keyplane-trust-state-v1\0"
 
 
+# What cryptography raises for bytes that are not the certificate or key they claim to
+# be: ValueError, InvalidVersion (a version field out of range: a plain Exception) and
+# UnsupportedAlgorithm (a key of an algorithm it does not know, read only when asked);
+# DuplicateExtension when the extensions, also read only when asked, name one twice.
+UNPARSED: tuple[type[Exception], ...] = (
+    ValueError,
+    x509.InvalidVersion,
+    UnsupportedAlgorithm,
+    x509.DuplicateExtension,
+)
+
+
 class TrustStateError(Exception):
     """A trust-state version cannot be accepted; the message says why."""
 
 
 def key_fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the certificate's SubjectPublicKeyInfo, hex; one of UNPARSED if its key
+    does not parse (cryptography reads it only now)."""
     der = cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -98,10 +112,17 @@ def _parse(signed: trust_state_pb2.SignedTrustState) -> trust_state_pb2.TrustSta
     for root in body.roots:
         try:
             cert = x509.load_der_x509_certificate(root.certificate_der)
-        except ValueError:
-            raise TrustStateError(f"root {root.fingerprint} has no valid certificate") from None
-        if key_fingerprint(cert) != root.fingerprint:
+            found = key_fingerprint(cert)
+        except UNPARSED:
+            raise TrustStateError(
+                f"root {root.fingerprint[:64]} has no valid certificate"
+            ) from None
+        if found != root.fingerprint:
             raise TrustStateError(f"root {root.fingerprint} does not match its certificate")
+    try:
+        body.issue_time.ToDatetime(tzinfo=datetime.UTC)
+    except (ValueError, OverflowError):
+        raise TrustStateError("the trust state's issue time is not a valid time") from None
     return body
 
 
@@ -175,12 +196,13 @@ def decode_file(data: bytes) -> trust_state_pb2.SignedTrustState:
     if data.lstrip().startswith(b"{"):
         try:
             document = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            # RecursionError: JSON nested deeper than the parser's stack.
             raise TrustStateError(f"the trust state is not valid JSON; {forms}") from None
         if isinstance(document, dict) and isinstance(document.get("signed"), str):
             try:
                 data = base64.b64decode(document["signed"], validate=True)
-            except binascii.Error:
+            except (binascii.Error, ValueError):  # ValueError: characters beyond ASCII
                 raise TrustStateError("the trust state's 'signed' field is not base64") from None
         else:
             try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from keyplane.clients.trust import TrustState, key_fingerprint, verify_signature
+from keyplane.clients.trust import UNPARSED, TrustState, key_fingerprint, verify_signature
 from keyplane.v1 import message_signing_service_pb2 as pb
 
 MESSAGE_CONTEXT = b"keyplane-message-v1\0"
@@ -23,6 +23,9 @@ MESSAGE_CONTEXT = b"keyplane-message-v1\0"
 # such a certificate is only trusted while it is valid, and none is issued any more.
 MESSAGE_SIGNING_EKU = x509.ObjectIdentifier("1.3.6.1.5.5.7.3.36")
 LEGACY_MESSAGE_SIGNING_EKU = x509.ObjectIdentifier("2.25.167263308521385613718624531546738935541")
+
+# What verify_directly_issued_by raises for a certificate its issuer did not sign.
+NOT_ISSUED_BY: tuple[type[Exception], ...] = (*UNPARSED, TypeError, InvalidSignature)
 
 
 class MessageVerificationError(Exception):
@@ -55,9 +58,9 @@ def verify_message(payload: bytes, signed: pb.SignedMessage, trust: TrustState) 
         raise MessageVerificationError("the signature carries no signer certificate")
     try:
         signer = x509.load_der_x509_certificate(signed.certificate_chain[0])
-    except ValueError:
+        signer_fp = key_fingerprint(signer)
+    except UNPARSED:
         raise MessageVerificationError("the signer certificate does not parse") from None
-    signer_fp = key_fingerprint(signer)
     if signer_fp != content.signer_fingerprint:
         raise MessageVerificationError("the signer certificate is not the one that signed")
     if not verify_signature(
@@ -68,6 +71,8 @@ def verify_message(payload: bytes, signed: pb.SignedMessage, trust: TrustState) 
         eku = signer.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         eku = x509.ExtendedKeyUsage([])
+    except UNPARSED:  # extensions are parsed only now: a duplicate, a malformed one
+        raise MessageVerificationError("the signer certificate's extensions do not parse") from None
     if MESSAGE_SIGNING_EKU not in eku and LEGACY_MESSAGE_SIGNING_EKU not in eku:
         raise MessageVerificationError("the signer is not a keyplane message-signing certificate")
     body = trust.body
@@ -79,22 +84,27 @@ def verify_message(payload: bytes, signed: pb.SignedMessage, trust: TrustState) 
     for fp, root in trust.root_certificates.items():
         try:
             signer.verify_directly_issued_by(root)
-        except (ValueError, TypeError, InvalidSignature):
+        except NOT_ISSUED_BY:
             continue
         root_fp = fp
         break
     if not root_fp:
         revoked_roots = set(body.revoked_root_fingerprints)
-        issuer_fps = {
-            key_fingerprint(x509.load_der_x509_certificate(der))
-            for der in signed.certificate_chain[1:]
-        }
+        issuer_fps = set()
+        for der in signed.certificate_chain[1:]:
+            try:
+                issuer_fps.add(key_fingerprint(x509.load_der_x509_certificate(der)))
+            except UNPARSED:
+                continue  # a certificate that does not parse names no revoked root
         if issuer_fps & revoked_roots:
             raise MessageVerificationError("the signer's root is revoked")
         raise MessageVerificationError(
             "the signer was not issued by a root this trust state trusts"
         )
-    signed_at = content.signed_at.ToDatetime(tzinfo=datetime.UTC)
+    try:
+        signed_at = content.signed_at.ToDatetime(tzinfo=datetime.UTC)
+    except (ValueError, OverflowError):
+        raise MessageVerificationError("the signing time is not a valid time") from None
     if not signer.not_valid_before_utc <= signed_at <= signer.not_valid_after_utc:
         raise MessageVerificationError(
             f"the signer certificate was not valid when the message was signed ({signed_at})"

@@ -308,8 +308,18 @@ class KeyBackend(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def generate_key(self, label: str, algorithm: KeyAlgorithm) -> GeneratedKey:
-        """Create a new key pair in the backend; `label` is a human-readable name."""
+    def generate_key(
+        self, label: str, algorithm: KeyAlgorithm, uri: str | None = None
+    ) -> GeneratedKey:
+        """Create a new key pair in the backend; `label` is a human-readable name. With
+        `uri` (one new_key_uri gave for this label), the key gets that URI."""
+
+    def new_key_uri(self, label: str) -> str | None:
+        """A fresh URI, naming no key yet, that generate_key(label, algorithm, uri) will
+        give the key it makes: so that a caller can record its intent to make the key
+        before the key exists, and destroy the key if it crashes before recording it.
+        None (the default): this backend names a key only as it makes it."""
+        return None
 
     @abc.abstractmethod
     def private_key(self, uri: str) -> BackendPrivateKey:

@@ -137,10 +137,21 @@ class KeyBackends:
         finally:
             observe(backend, operation, time.perf_counter() - started, ok)
 
-    def generate_key(self, backend: str, label: str, algorithm: KeyAlgorithm | str) -> GeneratedKey:
+    def generate_key(
+        self, backend: str, label: str, algorithm: KeyAlgorithm | str, uri: str | None = None
+    ) -> GeneratedKey:
+        """A new key in `backend`; with `uri` (from new_key_uri), at that URI."""
         chosen = self.backend(backend)
+        parsed = KeyAlgorithm.parse(str(algorithm))
         with self._timed(chosen.name, "generate"):
-            return chosen.generate_key(label, KeyAlgorithm.parse(str(algorithm)))
+            if uri is None:  # a backend written before planned URIs takes two arguments
+                return chosen.generate_key(label, parsed)
+            return chosen.generate_key(label, parsed, uri)
+
+    def new_key_uri(self, backend: str, label: str) -> str | None:
+        """The URI the next key `backend` makes for `label` may take, or None if the
+        backend cannot say before it makes the key (see KeyBackend.new_key_uri)."""
+        return self.backend(backend).new_key_uri(label)
 
     def private_key(self, uri: str) -> BackendPrivateKey:
         """A signing handle for the key at `uri` whose signatures are timed and counted."""

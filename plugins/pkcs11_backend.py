@@ -414,10 +414,24 @@ class Pkcs11Backend(KeyBackend):
 
     # -- KeyBackend ---------------------------------------------------------------------
 
-    def generate_key(self, label: str, algorithm: KeyAlgorithm) -> GeneratedKey:
+    def new_key_uri(self, label: str) -> str:
+        return str(
+            Pkcs11KeyUri(token=self.token_label, object=label, id=secrets.token_bytes(_ID_BYTES))
+        )
+
+    def generate_key(
+        self, label: str, algorithm: KeyAlgorithm, uri: str | None = None
+    ) -> GeneratedKey:
         pkcs11 = _import_pkcs11()
         algorithm = KeyAlgorithm.parse(algorithm)
         key_id = secrets.token_bytes(_ID_BYTES)
+        if uri is not None:
+            planned = Pkcs11KeyUri.parse(uri)
+            if planned.token != self.token_label or planned.object != label or not planned.id:
+                raise InvalidKeyUriError(
+                    f"{uri} is not a key URI this backend planned for {label!r}"
+                )
+            key_id = planned.id
         attr = pkcs11.Attribute
         common = {attr.TOKEN: True, attr.ID: key_id, attr.LABEL: label}
         public_template = {**common, attr.PRIVATE: False, attr.VERIFY: True}

@@ -27,6 +27,7 @@ from keyplane.plugins.errors import (
     BackendConfigError,
     BackendUnavailableError,
     KeyNotFoundError,
+    KeyOperationError,
 )
 from keyplane.plugins.hookspecs import hookimpl
 from keyplane.plugins.keys import (
@@ -180,9 +181,14 @@ class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore, BackupSource):
 
     # -- keys ---------------------------------------------------------------------------
 
-    def generate_key(self, label: str, algorithm: KeyAlgorithm) -> GeneratedKey:
+    def new_key_uri(self, label: str) -> str:
+        return str(SoftwareKeyUri(secrets.token_hex(16)))
+
+    def generate_key(
+        self, label: str, algorithm: KeyAlgorithm, uri: str | None = None
+    ) -> GeneratedKey:
+        key_id = SoftwareKeyUri.parse(uri).key_id if uri else secrets.token_hex(16)
         key = _generate(algorithm)
-        key_id = secrets.token_hex(16)
         plain = key.private_bytes(
             serialization.Encoding.DER,
             serialization.PrivateFormat.PKCS8,
@@ -197,6 +203,8 @@ class SoftwareBackend(KeyBackend, TlsKeySource, SecretStore, BackupSource):
         with self._transaction() as db:
             self._seal.check_unchanged(db)
             sealed = self._seal.aead.encrypt(nonce, plain, key_aad(key_id))
+            if db.execute("SELECT 1 FROM keys WHERE id = ?", (key_id,)).fetchone():
+                raise KeyOperationError(f"software:{key_id} names a key already")
             db.execute(
                 "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (key_id, label, algorithm.value, public_der, nonce, sealed, now),

@@ -214,6 +214,8 @@ class KeyplaneServer:
             self.report = self.hierarchy.start()
             data_dir.first_start_done()
         else:
+            # A worker restarted after a kill cleans up the key it may have been making.
+            self.hierarchy.keys.clean_up()
             self.report = StartReport((), self.hierarchy.issuing_root())
         return self.report
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -129,7 +130,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="text (default) or json: one JSON object per line (config: log_format). "
         "gRPC's own C-core lines stay out unless GRPC_VERBOSITY is set",
     )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("KEYPLANE_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (default: $KEYPLANE_LOG_LEVEL, else INFO)",
+    )
     parser.set_defaults(func=run_serve)
 
 

@@ -133,5 +133,9 @@ class DataDirIncomplete(StartRefused):
     """The data dir holds part of a server's state: a file is missing beside the others."""
 
 
+class DamagedDatabase(StartRefused):
+    """A database of the data dir does not open, or fails SQLite's own check."""
+
+
 class PortTaken(StartRefused):
     """A port to listen on is held by another process."""

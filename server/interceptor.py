@@ -391,5 +391,7 @@ class _Status:
         return cls(*status_for(exc))
 
     async def abort(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        # Every refusal's words, at debug level (what `make test-secrets` searches).
+        log.debug("%s answered %s: %s", current_rpc.get(), self.code.name, self.message)
         status = rich_status(self.code, self.message, self.reason)
         await context.abort(status.code, status.details, status.trailing_metadata)

@@ -28,6 +28,7 @@ from keyplane.clients.credentials import load_credential
 from keyplane.plugins.manager import KeyBackends
 from keyplane.server.domain import backup_archive as server_archive
 from keyplane.server.domain.backups import Backups
+from tests.invariants import Acknowledged, check_invariants
 from tests.serverkit import ServerProcess, run_cli, running_server
 from tests.test_agent import AgentProcess
 from tests.test_server_access import issue_client
@@ -239,6 +240,13 @@ def test_a_backup_taken_while_agents_enroll_restores_into_a_fresh_data_dir_that_
         assert by_serial[revoked_serial]["revoked"] is not None
     finally:
         assert again.stop() == 0
+    check_invariants(
+        restored,
+        acknowledged=Acknowledged(
+            serials=before | {enrolled["serial"], revoked_serial, renewed["serial"]},
+            revoked={revoked_serial},
+        ),
+    )
 
 
 # -- verify against a live inventory that moved on ----------------------------------------
@@ -332,6 +340,8 @@ def test_restore_refuses_corrupt_truncated_and_older_archives_and_changes_nothin
     assert served.stop() == 0
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
+    acknowledged = Acknowledged(serials={serial}, revoked={serial})
+    snapshot = check_invariants(data, acknowledged=acknowledged)
     before = tree(data)
     damaged = {
         "a flipped byte in keyplane.db": flipped(
@@ -363,6 +373,7 @@ def test_restore_refuses_corrupt_truncated_and_older_archives_and_changes_nothin
     assert "older" in older.stderr and "--force" in older.stderr
     assert f"certificate {serial}" in older.stderr and "stolen after the backup" in older.stderr
     assert tree(data) == before
+    check_invariants(data, acknowledged=acknowledged, previous=snapshot)
 
     forced = restore(archive, data, "--force")
     assert forced.returncode == 0, forced.stderr
@@ -383,6 +394,10 @@ def test_restore_refuses_corrupt_truncated_and_older_archives_and_changes_nothin
     finally:
         assert again.stop() == 0
     assert not [p for p in data.parent.iterdir() if ".restore-" in p.name]
+    # Forced, the revocation came back undone (the sequence went back, as asked); the
+    # rest holds, in the restored dir and in the one it replaced.
+    check_invariants(data, acknowledged=Acknowledged(serials={serial}))
+    check_invariants(replaced[0], acknowledged=acknowledged)
 
 
 def test_restore_asks_for_the_archive_database_password(tmp_path: Path) -> None:
@@ -415,6 +430,7 @@ def test_restore_asks_for_the_archive_database_password(tmp_path: Path) -> None:
         assert len(cli_json(target, "roots", "list")["active"]) == 1
     finally:
         assert again.stop() == 0
+    check_invariants(target)
 
 
 # -- one point, in process ----------------------------------------------------------------

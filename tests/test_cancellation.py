@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from keyplane.v1 import (
     enrollment_service_pb2 as enroll_pb,
 )
 from tests.bursts import Call, Outcome, fire
+from tests.invariants import Acknowledged, check_invariants
 from tests.serverkit import FQDN, RunningServer, ServerProcess, run_cli
 from tests.softhsm import SoftHsmToken
 from tests.test_enrollment import make_csr, p256
@@ -117,18 +118,6 @@ class Agent:
     def name(self) -> str:
         leaf = x509.load_pem_x509_certificate(self.chain_pem.encode())
         return str(leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
-
-
-@dataclass
-class Acks:
-    """What the bursts were told was done, to look for afterwards."""
-
-    serials: set[str] = field(default_factory=set)
-    revoked: set[str] = field(default_factory=set)
-    tokens: set[str] = field(default_factory=set)
-    settings: set[str] = field(default_factory=set)
-    keys: set[str] = field(default_factory=set)
-    zones: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -249,7 +238,7 @@ def _proof(key: object, chain_pem: str, csr: bytes, audience: str) -> tuple[byte
     return renewal_proof(key, leaf, csr, audience)  # type: ignore[arg-type]
 
 
-def _renew_with_proof_call(stub: Any, agent: Agent, acks: Acks, audience: str) -> Call:
+def _renew_with_proof_call(stub: Any, agent: Agent, acks: Acknowledged, audience: str) -> Call:
     csr = make_csr(p256(), cn=agent.name)
     proof, made = _proof(agent.key, agent.chain_pem, csr, audience)
     request = enroll_pb.RenewWithProofRequest(
@@ -262,7 +251,7 @@ def _renew_with_proof_call(stub: Any, agent: Agent, acks: Acks, audience: str) -
     )
 
 
-def _renew_call(channel: grpc.Channel, agent: Agent, acks: Acks) -> Call:
+def _renew_call(channel: grpc.Channel, agent: Agent, acks: Acknowledged) -> Call:
     stub = enrollment_service_pb2_grpc.EnrollmentServiceStub(channel)
     request = enroll_pb.RenewRequest(csr=make_csr(p256(), cn=agent.name))
     return Call(
@@ -272,7 +261,7 @@ def _renew_call(channel: grpc.Channel, agent: Agent, acks: Acks) -> Call:
     )
 
 
-def _enroll_call(stub: Any, token: str, name: str, acks: Acks) -> Call:
+def _enroll_call(stub: Any, token: str, name: str, acks: Acknowledged) -> Call:
     request = enroll_pb.EnrollRequest(csr=make_csr(p256(), cn=name), token=token)
     return Call(
         "Enroll",
@@ -326,7 +315,7 @@ def _zone_issued(zone: FakeZone, name: str) -> bytes:
 
 
 def _server_burst(
-    deployment: Deployment, admin: KeyplaneClient, acks: Acks
+    deployment: Deployment, admin: KeyplaneClient, acks: Acknowledged
 ) -> tuple[list[Call], list[str], list[grpc.Channel]]:
     """Every RPC that writes, at the server. Returns the calls, the agent tokens used,
     and the channels to close."""
@@ -401,7 +390,7 @@ def _server_burst(
             Call(
                 "UpdateSetting",
                 lambda t, r=request: settings.UpdateSetting.future(r, timeout=t),
-                lambda r: acks.settings.add(r.setting.value),
+                lambda r: acks.settings.add((r.setting.name, r.setting.value)),
             )
         )
     for _ in range(SERVER_BURST["CreateRootKey"]):
@@ -495,7 +484,7 @@ def _server_burst(
 
 
 def _zone_burst(
-    deployment: Deployment, admin: KeyplaneClient, acks: Acks
+    deployment: Deployment, admin: KeyplaneClient, acks: Acknowledged
 ) -> tuple[list[Call], list[str], list[grpc.Channel]]:
     endpoint = deployment.zone_endpoint()
     roots = deployment.roots()
@@ -556,40 +545,14 @@ def _check_tokens(deployment: Deployment, tokens: list[str]) -> None:
             assert uses - left == recorded, (uses - left, recorded)
 
 
-def _check_acknowledged(deployment: Deployment, acks: Acks) -> None:
-    with deployment.db() as db:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        serials = {r[0] for r in db.execute("SELECT serial FROM certificates")}
-        assert acks.serials <= serials, f"{len(acks.serials - serials)} acknowledged missing"
-        revoked = {
-            r[0] for r in db.execute("SELECT serial FROM certificates WHERE revoked_at NOT NULL")
-        }
-        assert acks.revoked <= revoked
-        tokens = {r[0] for r in db.execute("SELECT token_hash FROM enrollment_tokens")}
-        assert acks.tokens <= tokens
-        keys = {r[0] for r in db.execute("SELECT fingerprint FROM keys")}
-        assert acks.keys <= keys
-        zones = {r[0] for r in db.execute("SELECT name FROM zones WHERE revoked_at IS NULL")}
-        assert acks.zones <= zones
-        values = {
-            json.loads(d).get("value")
-            for (d,) in db.execute("SELECT details FROM audit WHERE action = 'setting.update'")
-        }
-        assert acks.settings <= values
-        active_roots = db.execute(
-            "SELECT count(*) FROM keys WHERE kind = 'root' AND state = 'active'"
-        ).fetchone()[0]
-        assert 1 <= active_roots <= 2
-        # Work that outlived its callers finished: no rotation was left half done.
-        assert not db.execute("SELECT count(*) FROM keys WHERE state = 'prepared'").fetchone()[0]
-        latest = db.execute(
-            "SELECT signed FROM trust_states ORDER BY version DESC LIMIT 1"
-        ).fetchone()[0]
-    body = trust_state_pb2.TrustStateBody.FromString(
-        trust_state_pb2.SignedTrustState.FromString(latest).body
+def _check_acknowledged(
+    deployment: Deployment, acks: Acknowledged, token: SoftHsmToken | None
+) -> None:
+    """Every invariant (tests/invariants.py), with what the burst was told was done:
+    certificates, revocations (published too), tokens, settings, keys and zones."""
+    check_invariants(
+        deployment.data, zone_dirs=[deployment.zone_data], token=token, acknowledged=acks
     )
-    # Every acknowledged revocation is published.
-    assert acks.revoked <= set(body.revoked_serials)
 
 
 def _writes_at_once(
@@ -610,9 +573,9 @@ def _writes_at_once(
 
 @pytest.mark.timeout(300)
 def test_bursts_of_abandoned_calls_leave_every_write_path_working(
-    deployment: Deployment,
+    deployment: Deployment, backend: SoftHsmToken | None
 ) -> None:
-    acks = Acks()
+    acks = Acknowledged()
     roots = deployment.bundle.roots_pem()
     with deployment.admin() as admin:
         calls, tokens, channels = _server_burst(deployment, admin, acks)
@@ -625,12 +588,12 @@ def test_bursts_of_abandoned_calls_leave_every_write_path_working(
         assert _serving(deployment.server_bootstrap(), roots)
         _writes_at_once(deployment, admin, deployment.server_bootstrap(), FQDN)
         _check_tokens(deployment, tokens)
-        _check_acknowledged(deployment, acks)
+        _check_acknowledged(deployment, acks, backend)
         for channel in channels:
             channel.close()
 
         # Through the zone server.
-        zone_acks = Acks()
+        zone_acks = Acknowledged()
         calls, tokens, channels = _zone_burst(deployment, admin, zone_acks)
         assert len(calls) >= 500
         outcome = fire(calls, seed=10)
@@ -642,7 +605,7 @@ def test_bursts_of_abandoned_calls_leave_every_write_path_working(
         # use and the certificate are one transaction there), renewals by report.
         wait_until("the zone's reports", lambda: _reported(deployment, zone_acks.serials), 30)
         _check_tokens(deployment, tokens)
-        _check_acknowledged(deployment, zone_acks)
+        _check_acknowledged(deployment, zone_acks, backend)
         for channel in channels:
             channel.close()
     # Nothing the clients did was an error on the server's side.

@@ -267,6 +267,8 @@ def test_openssl_tls_both_ways_with_keyplane_certificates(
          "-cert_chain", str(tmp_path / "agent.pem"), "-key", str(tmp_path / "agent.key"),
          "-CAfile", str(roots), "-verify_return_error", "-verify_ip", "127.0.0.1",
          "-alpn", "h2"],
+        # s_client prints what the server sends after the handshake: HTTP/2 frames
+        # (a PING's payload is random bytes), not text.
         input="", capture_output=True, text=True, errors="replace", timeout=30,
     )  # fmt: skip
     assert "Verify return code: 0 (ok)" in client.stdout, client.stdout + client.stderr

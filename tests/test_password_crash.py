@@ -1,5 +1,6 @@
 """A real `keyplane serve` killed with SIGKILL at each step of a database password change
-starts again, with every key, and the password it then needs is the old or the new one."""
+starts again, with every key, and the password it then needs is the old or the new one;
+every invariant of tests/invariants.py holds after the restart."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from keyplane.plugins.errors import BackendError
 from keyplane.plugins.manager import KeyBackends
 from keyplane.server.domain.faults import PASSWORD_POINTS
+from tests.invariants import check_invariants
 from tests.serverkit import ServerProcess, run_cli
 
 OLD = "old password 1234"
@@ -72,6 +74,7 @@ def test_sigkill_at_each_step_of_a_password_change_starts_with_old_or_new(
         f'[backends.software]\npassword_file = "{password}"\n[testing]\nkill_at = "{point}"\n'
     )
     before = key_ids(data)
+    snapshot = check_invariants(data)
 
     process = ServerProcess(data, "--config", str(kill))
     result = run_cli("settings", "set", "PKIDatabasePassword", NEW, data_dir=data)
@@ -89,6 +92,7 @@ def test_sigkill_at_each_step_of_a_password_change_starts_with_old_or_new(
     assert listing.returncode == 0, listing.stderr
     assert signed.returncode == 0, signed.stderr
     assert key_ids(data) == before  # every key, none lost and none made
+    check_invariants(data, previous=snapshot)
     assert not list(secrets_dir.glob("*.new"))  # the start finished or undid the change
     if RESEALED[point]:
         assert password.read_text().strip() == NEW

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import signal
 import socket
@@ -94,7 +95,11 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         default="text",
         help="text (default) or json: one JSON object per line",
     )
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("KEYPLANE_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (default: $KEYPLANE_LOG_LEVEL, else INFO)",
+    )
     p.set_defaults(func=run_zone)
 
 

@@ -16,6 +16,7 @@ from functools import cache
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from keyplane.server.domain.der import UNPARSED
 from keyplane.server.errors import InvalidArgument
 
 MAX_CSR_BYTES = 64 * 1024
@@ -50,7 +51,7 @@ def parse_csr(data: bytes) -> x509.CertificateSigningRequest:
             csr = x509.load_pem_x509_csr(data)
         else:
             csr = x509.load_der_x509_csr(data)
-    except ValueError as exc:
+    except UNPARSED as exc:
         raise InvalidArgument(f"the CSR does not parse as PEM or DER PKCS#10 ({exc})") from None
     return csr
 
@@ -102,8 +103,9 @@ def check_public_key(csr: x509.CertificateSigningRequest) -> SubjectKey:
     """The CSR's key if keyplane accepts it: EC P-256/P-384, RSA 2048-4096, Ed25519."""
     try:
         key = csr.public_key()
-    except ValueError as exc:
-        # cryptography refuses points that are not on the curve when it loads them.
+    except UNPARSED as exc:
+        # cryptography refuses points that are not on the curve when it loads them, and
+        # key algorithms it does not know.
         raise InvalidArgument(f"the CSR's public key is invalid ({exc})") from None
     if isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name not in ("secp256r1", "secp384r1"):
@@ -154,6 +156,8 @@ def check_request(csr: x509.CertificateSigningRequest) -> str:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         san = None
+    except UNPARSED as exc:  # extensions are parsed only now: one twice, a malformed one
+        raise InvalidArgument(f"the CSR's extensions do not parse ({exc})") from None
     if san is not None:
         for entry in san:
             if not isinstance(entry, x509.DNSName) or not HOSTNAME.fullmatch(entry.value):

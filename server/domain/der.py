@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import datetime
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+
 SEQUENCE = 0x30
 SET = 0x31
 INTEGER = 0x02
@@ -23,6 +26,17 @@ UTF8_STRING = 0x0C
 UTC_TIME = 0x17
 GENERALIZED_TIME = 0x18
 BOOLEAN_TRUE = b"\x01\x01\xff"
+
+# What cryptography raises for bytes that are not the certificate, CSR or key they claim
+# to be: ValueError, InvalidVersion (a version field out of range: a plain Exception) and
+# UnsupportedAlgorithm (a key of an algorithm it does not know, read only when asked);
+# DuplicateExtension when the extensions, also read only when asked, name one twice.
+UNPARSED: tuple[type[Exception], ...] = (
+    ValueError,
+    x509.InvalidVersion,
+    UnsupportedAlgorithm,
+    x509.DuplicateExtension,
+)
 
 
 def length(n: int) -> bytes:

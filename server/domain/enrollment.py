@@ -504,6 +504,12 @@ class Enrollment:
         limit = limit or 1000
         if not 1 <= limit <= 10000:
             raise InvalidArgument("page_size must be between 1 and 10000")
+        roles = [r.value for r in Role]
+        if component and component not in roles:
+            # A typo would list nothing, which reads as "none issued".
+            raise InvalidArgument(
+                f"unknown component {component[:64]!r}; use one of: {', '.join(roles)}"
+            )
         search = search.strip()
         if len(search) > MAX_SEARCH:
             raise InvalidArgument(f"search is at most {MAX_SEARCH} characters")

@@ -25,12 +25,14 @@ change it records.
 from __future__ import annotations
 
 import datetime
+import hmac
 import logging
 from dataclasses import dataclass
 
 from cryptography import x509
 
 from keyplane.server.domain import certs
+from keyplane.server.domain.der import UNPARSED
 from keyplane.server.domain.inputs import parse_fingerprint
 from keyplane.server.domain.peer_messages import (
     check_addressed,
@@ -105,11 +107,17 @@ class TrustExchange(TrustedPeerSide):
             body = trust_state_pb2.TrustStateBody.FromString(latest.body)
         except Exception:  # protobuf's DecodeError
             raise PermissionDenied(f"the server at {bootstrap} sent a broken trust state") from None
-        pinned = {
-            r.fingerprint: x509.load_der_x509_certificate(r.certificate_der)
-            for r in body.roots
-            if r.fingerprint == fingerprint
-        }
+        try:
+            pinned = {
+                r.fingerprint: x509.load_der_x509_certificate(r.certificate_der)
+                for r in body.roots
+                if r.fingerprint == fingerprint
+            }
+        except UNPARSED:
+            raise PermissionDenied(
+                f"the server at {bootstrap} sent a root certificate that does not parse; "
+                "nothing was recorded"
+            ) from None
         if not pinned:
             raise PermissionDenied(
                 f"fingerprint mismatch: none of the active roots of the server at {bootstrap} "
@@ -349,7 +357,11 @@ class TrustExchange(TrustedPeerSide):
                 raise NotFound(f"no request {body.request_id} from {body.sender_fqdn}")
             roots = load_roots_pem(record.peer_roots_pem)
             verify_signed(signed, roots)
-            if record.state == "pending" and record.peer_nonce == body.nonce:
+            if (
+                record.state == "pending"
+                and record.peer_nonce is not None
+                and hmac.compare_digest(record.peer_nonce, body.nonce)
+            ):
                 return record.comparison_code or ""
             if record.state != "awaiting-nonce":
                 raise FailedPrecondition(f"request {record.id} is {record.state} already")

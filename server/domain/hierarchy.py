@@ -23,6 +23,7 @@ from keyplane.server.domain.credentials import AdminCredentialDir
 from keyplane.server.domain.crls import CrlPublisher
 from keyplane.server.domain.faults import Faults
 from keyplane.server.domain.inputs import resolve_fingerprint
+from keyplane.server.domain.key_intents import KeyMaker
 from keyplane.server.domain.peers import trusted_views
 from keyplane.server.domain.roots import SERVER_ACTOR, Roots
 from keyplane.server.domain.rotation import Rotation
@@ -89,6 +90,7 @@ class Hierarchy:
         # Who called (in memory), written in one batch every sightings_seconds.
         self.sightings = Sightings(clock)
         self.trust.peer_sections = lambda reads: [v.server() for v in trusted_views(reads)]
+        self.keys = KeyMaker(store, backends, clock, config.data_dir)
         self._lock = threading.RLock()
 
     @property
@@ -100,6 +102,8 @@ class Hierarchy:
         """Initialise an empty data dir, or check and reconcile an existing one."""
         created: list[str] = []
         with self._lock:
+            # Keys a killed process made and never recorded go first.
+            self.keys.clean_up()
             if not self.store.keys(KeyKind.ROOT):
                 self.roots.create_unlocked(SERVER_ACTOR, self.config.root_algorithm)
                 created.append("root")
@@ -204,15 +208,6 @@ class Hierarchy:
         return names
 
     # -- keys that go ----------------------------------------------------------------------
-
-    def destroy_quietly(self, uri: str) -> None:
-        """Destroy a key that was never recorded; one already gone is fine."""
-        try:
-            self.backends.destroy_key(uri)
-        except KeyNotFoundError:
-            pass
-        except BackendError as exc:
-            log.error("could not destroy key %s: %s", uri, exc)
 
     def destroy_revoked_keys(self) -> None:
         """Destroy the private keys of revoked records (again after a crash or outage)."""

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from keyplane.plugins.keys import BackendPrivateKey, KeyAlgorithm
 from keyplane.server.domain import certs
+from keyplane.server.domain.der import UNPARSED
 from keyplane.server.domain.trust import sign_with
 from keyplane.server.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from keyplane.server.kinds import KeyKind, KeyState
@@ -48,6 +49,9 @@ MESSAGE_WINDOW = datetime.timedelta(minutes=10)
 MAX_ROOTS = 2
 MAX_MESSAGE_BYTES = 64 * 1024
 REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
+# What a root certificate that is not self-signed, or has no readable CA flag, raises.
+NOT_SELF_SIGNED: tuple[type[Exception], ...] = (*UNPARSED, TypeError, InvalidSignature)
+NO_CA_FLAG: tuple[type[Exception], ...] = (*UNPARSED, x509.ExtensionNotFound)
 
 KIND_NAMES: dict[int, str] = {
     pb.PEER_MESSAGE_KIND_OFFER: "an offer",
@@ -164,7 +168,10 @@ def check_addressed(body: pb.PeerMessageBody, own_fqdn: str, now: datetime.datet
         raise PermissionDenied(
             f"this peer message is for {body.recipient_fqdn!r}, not this server ({own_fqdn})"
         )
-    sent = body.send_time.ToDatetime(tzinfo=datetime.UTC)
+    try:
+        sent = body.send_time.ToDatetime(tzinfo=datetime.UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument("the peer message's send_time is not a valid time") from None
     if abs(sent - now) > MESSAGE_WINDOW:
         raise FailedPrecondition(
             "the peer message was sent more than "
@@ -183,14 +190,18 @@ def roots_of(body: pb.PeerMessageBody) -> dict[str, x509.Certificate]:
         try:
             cert = x509.load_der_x509_certificate(root.certificate_der)
             cert.verify_directly_issued_by(cert)
-        except (ValueError, TypeError, InvalidSignature):
+            found = certs.key_fingerprint(cert)
+        except NOT_SELF_SIGNED:
             raise InvalidArgument(
                 f"root {root.fingerprint[:16]} is not a self-signed certificate"
             ) from None
-        if certs.key_fingerprint(cert) != root.fingerprint:
+        if found != root.fingerprint:
             raise InvalidArgument(f"root {root.fingerprint[:16]} does not match its certificate")
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        if not constraints.ca:
+        try:
+            ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except NO_CA_FLAG:  # extensions are parsed only now
+            ca = False
+        if not ca:
             raise InvalidArgument(f"root {root.fingerprint[:16]} is not a CA certificate")
         roots[root.fingerprint] = cert
     return roots

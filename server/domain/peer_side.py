@@ -19,6 +19,7 @@ from keyplane.plugins.keys import KeyAlgorithm
 from keyplane.server.domain import certs
 from keyplane.server.domain.hierarchy import Hierarchy
 from keyplane.server.domain.peer_messages import (
+    REQUEST_ID,
     Signer,
     roots_pem,
     sign_message,
@@ -164,7 +165,13 @@ class PeerSide:
         )
 
     def _row(self, request_id: str) -> PeerRecord:
-        found = self.store.reads.peers.trust_peer(request_id.strip().lower())
+        wanted = request_id.strip().lower()
+        if not REQUEST_ID.fullmatch(wanted):
+            raise InvalidArgument(
+                "a trust request id is 32 hex digits ('keyplane trust list' shows them), "
+                f"not {request_id[:64]!r}"
+            )
+        found = self.store.reads.peers.trust_peer(wanted)
         if found is None:
             raise NotFound(f"no trust request has id {request_id!r} ('keyplane trust list')")
         return found

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from keyplane.server.domain import certs
+from keyplane.server.domain.der import UNPARSED
 from keyplane.server.domain.peer_messages import verify_with
 from keyplane.server.domain.trust import TRUST_STATE_CONTEXT
 from keyplane.server.errors import FailedPrecondition, KeyplaneError, PermissionDenied
@@ -67,11 +68,12 @@ def _parse(signed: trust_state_pb2.SignedTrustState) -> trust_state_pb2.TrustSta
     for root in body.roots:
         try:
             cert = x509.load_der_x509_certificate(root.certificate_der)
-        except ValueError:
+            found = certs.key_fingerprint(cert)
+        except UNPARSED:
             raise PermissionDenied(
                 f"root {root.fingerprint[:16]} has no valid certificate"
             ) from None
-        if certs.key_fingerprint(cert) != root.fingerprint:
+        if found != root.fingerprint:
             raise PermissionDenied(f"root {root.fingerprint[:16]} does not match its certificate")
     return body
 

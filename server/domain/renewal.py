@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from keyplane.plugins.keys import fingerprint
 from keyplane.server.domain import authority
 from keyplane.server.domain.csr_policy import SubjectKey
+from keyplane.server.domain.der import UNPARSED
 from keyplane.server.domain.identity import Identity
 from keyplane.server.errors import InvalidArgument, Unauthenticated
 
@@ -58,7 +59,7 @@ def presented_certificate(chain_pem: bytes) -> x509.Certificate:
         raise InvalidArgument(f"the certificate chain is over {MAX_CHAIN_BYTES} bytes")
     try:
         return x509.load_pem_x509_certificates(chain_pem)[0]
-    except ValueError:
+    except UNPARSED:
         raise InvalidArgument("the certificate chain is not PEM certificates") from None
 
 
@@ -73,14 +74,17 @@ def check_renewal_proof(
     """That `proof` is the certificate key's signature over renewal_message(...) made
     within PROOF_WINDOW of `now`: ECDSA with SHA-256 (SHA-384 for P-384), RSA PKCS#1
     v1.5 with SHA-256, or Ed25519. UNAUTHENTICATED otherwise."""
-    made = datetime.datetime.fromtimestamp(max(proof_time, 0), datetime.UTC)
-    if proof_time <= 0 or abs(made - now) > PROOF_WINDOW:
+    # Compared as seconds: a time past year 9999 (an int64 allows it) has no datetime.
+    if proof_time <= 0 or abs(proof_time - now.timestamp()) > PROOF_WINDOW.total_seconds():
         raise Unauthenticated(
             "the renewal proof's time is missing or more than "
             f"{int(PROOF_WINDOW.total_seconds() // 60)} minutes from the server's clock; "
             "make a fresh proof (and check the client's clock)"
         )
-    key = cert.public_key()
+    try:
+        key = cert.public_key()
+    except UNPARSED:
+        raise InvalidArgument("the certificate's public key does not parse") from None
     message = renewal_message(
         cert.public_bytes(serialization.Encoding.DER), csr, audience, proof_time
     )

@@ -76,9 +76,9 @@ class Roots:
             number = tx.next_root_number()
         name = f"{h.config.fqdn} Root {number}"
         backend = h.config.backend_for(KeyKind.ROOT)
-        generated = h.backends.generate_key(backend, name, algorithm)
-        h.faults.checkpoint("root.generated")
-        try:
+        # No key is left behind for a root that was not recorded (key_intents.py).
+        with h.keys.making(backend, name, algorithm) as generated:
+            h.faults.checkpoint("root.generated")
             now = h.clock.now()
             key = h.backends.private_key(generated.uri)
             cert = certs.build_root_certificate(key, name, now)
@@ -112,10 +112,6 @@ class Roots:
                     algorithm=algorithm.value,
                     key_uri=generated.uri,
                 )
-        except BaseException:
-            # No key is left behind for a root that was not recorded.
-            h.destroy_quietly(generated.uri)
-            raise
         h.faults.checkpoint("root.recorded")
         log.info("created root key %s (%s) in %s", name, record.fingerprint, backend)
         return record
@@ -124,24 +120,23 @@ class Roots:
         h = self.h
         backend = h.config.backend_for(KeyKind.LEGACY_ROOT)
         algorithm = h.config.root_algorithm
-        generated = h.backends.generate_key(backend, LEGACY_ROOT_NAME, algorithm)
-        now = h.clock.now()
-        record = KeyRecord(
-            fingerprint=fingerprint(generated.public_key),
-            kind=KeyKind.LEGACY_ROOT,
-            name=LEGACY_ROOT_NAME,
-            number=None,
-            algorithm=algorithm.value,
-            backend=backend,
-            key_uri=generated.uri,
-            state=KeyState.ACTIVE,
-            issuer_fingerprint=None,
-            certificate_pem=None,
-            not_before=now,
-            not_after=None,
-            created_at=now,
-        )
-        try:
+        with h.keys.making(backend, LEGACY_ROOT_NAME, algorithm) as generated:
+            now = h.clock.now()
+            record = KeyRecord(
+                fingerprint=fingerprint(generated.public_key),
+                kind=KeyKind.LEGACY_ROOT,
+                name=LEGACY_ROOT_NAME,
+                number=None,
+                algorithm=algorithm.value,
+                backend=backend,
+                key_uri=generated.uri,
+                state=KeyState.ACTIVE,
+                issuer_fingerprint=None,
+                certificate_pem=None,
+                not_before=now,
+                not_after=None,
+                created_at=now,
+            )
             with h.store.transaction(now) as tx:
                 tx.insert_key(record)
                 tx.audit(
@@ -150,9 +145,6 @@ class Roots:
                     record.fingerprint,
                     after_fingerprint=record.fingerprint,
                 )
-        except BaseException:
-            h.destroy_quietly(generated.uri)
-            raise
         return record
 
     def coverage(self, straggler_limit: int = 0) -> Coverage:

@@ -71,6 +71,7 @@ class Rotation:
     def reconcile_unlocked(self, actor: str) -> list[str]:
         h = self.h
         done: list[str] = []
+        h.keys.clean_up()
         h.destroy_revoked_keys()
         issuer = h.issuing_root()
         now = h.clock.now()
@@ -178,9 +179,8 @@ class Rotation:
         backend = h.config.backend_for(kind)
         algorithm = h.config.subordinate_algorithm
         name = f"{h.config.fqdn} {SUBORDINATE_NAMES[kind]}"
-        generated = h.backends.generate_key(backend, name, algorithm)
-        h.faults.checkpoint("subordinate.generated")
-        try:
+        with h.keys.making(backend, name, algorithm) as generated:
+            h.faults.checkpoint("subordinate.generated")
             cert = self._build_certificate(kind, issuer, generated.public_key, name)
             now = h.clock.now()
             record = KeyRecord(
@@ -211,9 +211,6 @@ class Rotation:
                     serial=certs.serial_hex(cert),
                     not_after=cert.not_valid_after_utc.isoformat(),
                 )
-        except BaseException:
-            h.destroy_quietly(generated.uri)
-            raise
         h.faults.checkpoint("subordinate.prepared")
         # Published before it is used: components learn the new certificate first.
         h.trust.publish(actor)

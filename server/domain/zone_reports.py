@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from keyplane.server.domain import authority, certs
+from keyplane.server.domain.der import UNPARSED
 from keyplane.server.domain.enrollment import key_in_use
 from keyplane.server.domain.identity import Identity
 from keyplane.server.domain.tokens import UNUSABLE
@@ -72,7 +73,7 @@ class ZoneReports:
         for der, component in reports:
             try:
                 cert = x509.load_der_x509_certificate(der)
-            except ValueError:
+            except UNPARSED:
                 raise InvalidArgument("a reported certificate does not parse") from None
             issuer = next(
                 (k for k, c in by_subject.get(cert.issuer, []) if _signed_by(cert, c)), None
@@ -81,8 +82,16 @@ class ZoneReports:
                 raise InvalidArgument(
                     "a reported certificate was not issued by this zone server's intermediate"
                 )
-            authority.check_zone_report(component, certs.roles_of(cert))
-            record = certs.record_of(cert, Role.AGENT, issuer.fingerprint, now)
+            try:
+                roles = certs.roles_of(cert)
+                record = certs.record_of(cert, Role.AGENT, issuer.fingerprint, now)
+            except UNPARSED:
+                # The zone's intermediate signs whatever the zone likes: a key that does
+                # not parse, an extension twice.
+                raise InvalidArgument(
+                    "a reported certificate's key, subject or extensions do not parse"
+                ) from None
+            authority.check_zone_report(component, roles)
             rows.append(certificate_row(record, token_hash or None))
         return rows
 
@@ -101,6 +110,15 @@ class ZoneReports:
             )
         rows = self.rows(zone, [(certificate_der, Role.AGENT)], digest)
         serial, key = str(rows[0][0]), str(rows[0][1])
+        # The audit log names what the certificate says, so what the zone says must be its
+        # common name (the certificate parsed in rows; its subject also has OU and O).
+        names = x509.load_der_x509_certificate(certificate_der).subject
+        common = [str(a.value) for a in names.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+        if common != [subject]:
+            raise InvalidArgument(
+                "the subject must be the common name of the certificate the zone server "
+                f"issued ({', '.join(common)[:200]!r}), not {subject[:200]!r}"
+            )
         found = self.store.certificates_for_key(key)
         if found:
             raise AlreadyExists(key_in_use(found))
@@ -117,7 +135,7 @@ class ZoneReports:
                 identity.actor,
                 "token.redeem" if digest else "certificate.report",
                 digest[:16] if digest else zone.name,
-                subject=subject[:200],
+                subject=subject,
                 serial=serial,
             )
 

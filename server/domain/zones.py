@@ -331,6 +331,8 @@ class Zones:
         return views
 
     def get(self, name: str) -> ZoneView:
+        if not name:
+            raise InvalidArgument("name the zone server ('keyplane zones list' shows them)")
         for view in self.list(include_revoked=True):
             if view.zone.name == name and view.zone.revoked_at is None:
                 return view

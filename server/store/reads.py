@@ -17,11 +17,13 @@ from keyplane.server.store.peers import PeerReads
 from keyplane.server.store.records import (
     CERT_COLUMNS,
     KEY_COLUMNS,
+    KEY_INTENT_PREFIX,
     TOKEN_COLUMNS,
     ZONE_COLUMNS,
     AuditRecord,
     CertificateRecord,
     CrlRecord,
+    KeyIntent,
     KeyRecord,
     KeyUsage,
     RevokedEntry,
@@ -80,6 +82,30 @@ class Reads:
             return self.keys_where("kind = ?", (kind,))
         marks = ", ".join("?" * len(states))
         return self.keys_where(f"kind = ? AND state IN ({marks})", (kind, *states))
+
+    def key_with_uri(self, uri: str) -> KeyRecord | None:
+        found = self.keys_where("key_uri = ?", (uri,))
+        return found[0] if found else None
+
+    def key_intents(self) -> list[KeyIntent]:
+        """Keys set out to be made whose record has not committed (oldest first)."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT name, value FROM meta WHERE substr(name, 1, ?) = ?",
+                (len(KEY_INTENT_PREFIX), KEY_INTENT_PREFIX),
+            ).fetchall()
+        intents = []
+        for name, value in rows:
+            fields = json.loads(value)
+            intents.append(
+                KeyIntent(
+                    str(name)[len(KEY_INTENT_PREFIX) :],
+                    str(fields["backend"]),
+                    str(fields["label"]),
+                    dt(fields["at"]),
+                )
+            )
+        return sorted(intents, key=lambda i: i.at)
 
     def key_destroyed(self, fingerprint: str) -> bool:
         with self._connect() as db:

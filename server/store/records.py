@@ -315,3 +315,18 @@ def zone_record(row: tuple[object, ...]) -> ZoneRecord:
         revoked_by=opt_str(row[10]),
         revoke_reason=opt_str(row[11]),
     )
+
+
+# meta rows named KEY_INTENT_PREFIX + a key URI: a key being made (see KeyIntent).
+KEY_INTENT_PREFIX = "key_intent:"
+
+
+@dataclass(frozen=True)
+class KeyIntent:
+    """A key a process set out to make, recorded before the key exists: until a key
+    record names its URI, the key (if it was made) belongs to no one."""
+
+    uri: str
+    backend: str
+    label: str
+    at: datetime.datetime

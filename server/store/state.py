@@ -18,12 +18,15 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TypeVar
 
+from keyplane.server.errors import DamagedDatabase
 from keyplane.server.groupcommit import GroupCommitter, Outcome
 from keyplane.server.store.backup import BackupReads
 from keyplane.server.store.reads import Reads
 from keyplane.server.store.records import (
+    KEY_INTENT_PREFIX,
     AuditRecord,
     CertificateRecord,
+    KeyIntent,
     KeyRecord,
     KeyUsage,
     TokenRecord,
@@ -37,6 +40,22 @@ T = TypeVar("T")
 
 # A caller's work for the group commit: its time, and what to write.
 _Work = tuple[datetime.datetime, Callable[[Transaction], object]]
+
+
+def _damaged(path: Path, detail: str) -> str:
+    return (
+        f"{path.name} in {path.parent} is damaged ({detail[:200]}); nothing was changed: "
+        "restore the data dir from a backup (keyplane backup restore), or move it aside "
+        "to start afresh"
+    )
+
+
+def _check_sound(db: sqlite3.Connection, path: Path) -> None:
+    """SQLite's quick check of every page, so that a damaged file refuses the start
+    instead of failing the request that meets the damage."""
+    problems = [str(r[0]) for r in db.execute("PRAGMA quick_check")]
+    if problems != ["ok"]:
+        raise DamagedDatabase(_damaged(path, "; ".join(problems[:2])))
 
 
 class StateStore:
@@ -56,12 +75,20 @@ class StateStore:
         )
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA busy_timeout=10000")
-            with self._lock, self._write_lock():
-                initialise(self._db, path.name)
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA foreign_keys=ON")
+                self._db.execute("PRAGMA busy_timeout=10000")
+                with self._lock, self._write_lock():
+                    initialise(self._db, path.name)
+                    _check_sound(self._db, path)
+            except BaseException:
+                self._db.close()
+                raise
+        except sqlite3.DatabaseError as exc:
+            os.close(self._lock_file)
+            raise DamagedDatabase(_damaged(path, str(exc))) from None
         except BaseException:
             os.close(self._lock_file)
             raise
@@ -170,6 +197,12 @@ class StateStore:
                     # bring back a session that was signed out since.
                     copy.execute("DELETE FROM console_links")
                     copy.execute("DELETE FROM console_sessions")
+                    # A key being made is in neither copy (its key store leaves it out),
+                    # so its intent stays out too: a restore has nothing to clean up.
+                    copy.execute(
+                        "DELETE FROM meta WHERE substr(name, 1, ?) = ?",
+                        (len(KEY_INTENT_PREFIX), KEY_INTENT_PREFIX),
+                    )
                     copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
                     return alongside(BackupReads.of(copy))
             finally:
@@ -251,6 +284,12 @@ class StateStore:
 
     def key_destroyed(self, fingerprint: str) -> bool:
         return self.reads.key_destroyed(fingerprint)
+
+    def key_with_uri(self, uri: str) -> KeyRecord | None:
+        return self.reads.key_with_uri(uri)
+
+    def key_intents(self) -> list[KeyIntent]:
+        return self.reads.key_intents()
 
     def certificate(self, serial: str) -> CertificateRecord | None:
         return self.reads.certificate(serial)

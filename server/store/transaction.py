@@ -29,6 +29,7 @@ from keyplane.server.store.reads import Reads, on
 from keyplane.server.store.records import (
     CERT_COLUMNS,
     KEY_COLUMNS,
+    KEY_INTENT_PREFIX,
     AuditOutcome,
     CertificateRecord,
     CrlRecord,
@@ -159,8 +160,24 @@ class Transaction:
         ).fetchone()
         return int(row[0]) + 1 if row else 0
 
+    def record_key_intent(self, uri: str, backend: str, label: str) -> None:
+        """Note, before it is made, a key that `uri` will name: committed first, so that
+        after a crash between making the key and recording it the key can be found."""
+        self._db.execute(
+            "INSERT INTO meta (name, value) VALUES (?, ?)",
+            (
+                KEY_INTENT_PREFIX + uri,
+                json.dumps({"backend": backend, "label": label, "at": ts(self.now)}),
+            ),
+        )
+
+    def drop_key_intent(self, uri: str) -> None:
+        self._db.execute("DELETE FROM meta WHERE name = ?", (KEY_INTENT_PREFIX + uri,))
+
     def insert_key(self, record: KeyRecord) -> None:
+        """Record a key; the intent to make it, if one was noted, goes in the same commit."""
         self.changes_hierarchy = True
+        self.drop_key_intent(record.key_uri)
         self._db.execute(
             f"INSERT INTO keys ({KEY_COLUMNS}) VALUES ({', '.join('?' * 16)})",  # noqa: S608
             (

@@ -1,0 +1,1 @@
+"""Fuzz targets (atheris) for every parser of untrusted bytes; see README.md, "Fuzzing"."""
