@@ -36,6 +36,8 @@ RENEWAL_WAIT_SECONDS = 10.0
 # Renew the intermediate when less than this share of its lifetime is left.
 RENEW_AT_REMAINING = 0.1
 SERVER_TIMEOUT = 30.0
+# zone.db meta: the two key URIs of a renewal asked for and not yet answered.
+PENDING_RENEWAL = "renewal_pending"
 
 
 def _csr(key: BackendPrivateKey, name: str) -> bytes:
@@ -180,7 +182,7 @@ class Upstream:
             if reason is None:
                 return
             log.info("renewing the zone intermediate: %s", reason)
-            intermediate_uri, tls_uri, intermediate_csr, tls_csr = self._new_keys()
+            intermediate_uri, tls_uri, intermediate_csr, tls_csr = self._renewal_keys()
             request = zone_service_pb2.RenewZoneServerRequest(
                 intermediate_csr=intermediate_csr, tls_csr=tls_csr
             )
@@ -194,8 +196,28 @@ class Upstream:
                     "tls_uri": tls_uri,
                     "tls_chain_pem": response.tls_certificate.certificate_chain_pem,
                     "roots_pem": response.tls_certificate.roots_pem,
+                    PENDING_RENEWAL: "",
                 }
             )
+
+    def _renewal_keys(self) -> tuple[str, str, bytes, bytes]:
+        """The keys of a renewal that did not get its answer (the server may have renewed
+        and the answer was lost: asked again for the same keys, it answers the same), or
+        new ones, recorded before they are asked for."""
+        zone = self.zone
+        pending = (zone.store.get(PENDING_RENEWAL) or "").split()
+        if len(pending) == 2 and all(zone.backends.holds_key(uri) for uri in pending):
+            intermediate_uri, tls_uri = pending
+            name = zone.options.name
+            return (
+                intermediate_uri,
+                tls_uri,
+                _csr(zone.backends.private_key(intermediate_uri), name),
+                _csr(zone.backends.private_key(tls_uri), name),
+            )
+        keys = self._new_keys()
+        zone.store.put({PENDING_RENEWAL: f"{keys[0]} {keys[1]}"})
+        return keys
 
     def maybe_renew_quietly(self) -> None:
         if self.zone.worker != 0:
