@@ -25,7 +25,7 @@ from keyplane.plugins.password import Password, backends_with_password
 from keyplane.server.config import ServerConfig, format_address
 from keyplane.server.datadir import DataDir, DataDirState, private_umask
 from keyplane.server.domain.audit import AuditLog, RefusalRecorder
-from keyplane.server.domain.backups import Backups
+from keyplane.server.domain.backups import Backups, clean_up_workdirs
 from keyplane.server.domain.bundles import Bundles
 from keyplane.server.domain.clock import Clock, SystemClock
 from keyplane.server.domain.enrollment import Enrollment
@@ -170,6 +170,7 @@ class KeyplaneServer:
             # A worker restarted after a kill cleans up the key it may have been making.
             self.hierarchy.keys.clean_up()
             self.report = StartReport((), self.hierarchy.issuing_root())
+        clean_up_workdirs(self.config.data_dir)  # and the backup it may have been making
         return self.report
 
     def _credentials(self, require_client_auth: bool) -> grpc.ServerCredentials:

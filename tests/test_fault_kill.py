@@ -6,7 +6,9 @@ serves, and what the interrupted call would have done is all there or not at all
 
 from __future__ import annotations
 
+import fcntl
 import io
+import os
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from keyplane.clients import backup_archive
 from keyplane.plugins.keys import fingerprint
 from keyplane.v1 import zone_service_pb2, zone_service_pb2_grpc
 from tests.faultkit import KillChain, backend, fault_runs
+from tests.invariants import check_invariants
+from tests.serverkit import ServerProcess
 from tests.softhsm import SoftHsmToken
 from tests.test_enrollment import make_csr, p256
 from tests.zonekit import FakeZone, enroll_fake_zone
@@ -204,3 +208,28 @@ def test_sigkill_during_password_changes(backend: SoftHsmToken | None, tmp_path:
     log = chain.server.output()
     assert not [p for p in used if p in log], "a password is in the server's log"
     _report("password change", chain)
+
+
+def test_a_killed_backups_work_dir_goes_at_the_next_start_and_a_live_one_stays(
+    tmp_path: Path,
+) -> None:
+    """The work dir a backup killed half-way left (copies of both databases) is removed
+    when the server starts again, unless a live process is making a backup (it holds
+    backups.lock shared): then nothing is touched."""
+    data = tmp_path / "data"
+    assert ServerProcess(data).stop() == 0
+    left = data / ".backup-killed"
+    left.mkdir(mode=0o700)
+    (left / "keyplane.db").write_bytes((data / "keyplane.db").read_bytes())
+    fd = os.open(data / "backups.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # as another worker making a backup now
+        assert ServerProcess(data).stop() == 0
+        assert left.exists()
+    finally:
+        os.close(fd)
+    server = ServerProcess(data)
+    assert server.stop() == 0
+    assert _leftovers(data) == []
+    assert "removed 1 work dir(s) of backups" in server.output()
+    check_invariants(data)
