@@ -355,12 +355,17 @@ class Zones:
                 "RedeemEnrollmentToken needs the certificate the zone server issued (DER)"
             )
         rows = self._rows(zone, [(certificate_der, Role.AGENT)], digest)
-        serial, key, recorded_subject = str(rows[0][0]), str(rows[0][1]), str(rows[0][2])
-        # The audit log names what the certificate says, so what the zone says must be it.
-        if recorded_subject != f"CN={subject}":
+        serial, key = str(rows[0][0]), str(rows[0][1])
+        # The audit log names what the certificate says, so what the zone says must be it
+        # (the common name: the subject also holds the O and OU keyplane puts there).
+        names = x509.load_der_x509_certificate(certificate_der).subject.get_attributes_for_oid(
+            x509.NameOID.COMMON_NAME
+        )
+        common_name = str(names[0].value) if names else ""
+        if common_name != subject:
             raise InvalidArgument(
                 "the subject must be the common name of the certificate the zone server "
-                f"issued ({recorded_subject[:200]!r}), not {subject[:200]!r}"
+                f"issued ({common_name[:200]!r}), not {subject[:200]!r}"
             )
         found = self.store.certificates_for_key(key)
         if found:

@@ -1,0 +1,180 @@
+"""A real `keyplane serve` SIGKILLed at a random moment of a burst of enrollments, made
+at the server and through a real zone server, on both backends, again and again: after
+each restart every invariant holds with every acknowledged enrollment, renewal and
+revocation, each token's spent uses equal the certificates recorded for it (no
+certificate handed out without its record, no use spent for nothing), and the zone
+enrolls again once its server is back."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from keyplane.clients.bundle import load_bundle
+from keyplane.clients.client import KeyplaneClient, bootstrap_channel_for
+from keyplane.v1 import enrollment_service_pb2 as enroll_pb
+from keyplane.v1 import enrollment_service_pb2_grpc
+from tests.faultkit import KillChain, backend, fault_runs
+from tests.serverkit import run_cli
+from tests.softhsm import SoftHsmToken
+from tests.test_cancellation import _zone_config
+from tests.test_enrollment import make_csr, p256
+from tests.test_fleet import Process, wait_until
+from tests.zonekit import key_pem, mtls_channel
+
+__all__ = ["backend"]
+
+BURST = 24  # enrollments per burst, with renewals and revocations of earlier ones
+
+
+def _spent_equals_recorded(data: Path, tokens: list[str]) -> None:
+    with sqlite3.connect(f"file:{data / 'keyplane.db'}?mode=ro", uri=True) as db:
+        for token in tokens:
+            digest = hashlib.sha256(token.encode()).hexdigest()
+            uses, left = db.execute(
+                "SELECT uses, uses_left FROM enrollment_tokens WHERE token_hash = ?", (digest,)
+            ).fetchone()
+            recorded = db.execute(
+                "SELECT count(*) FROM certificates WHERE token_hash = ?", (digest,)
+            ).fetchone()[0]
+            assert uses - left == recorded, f"{uses - left} uses spent, {recorded} recorded"
+
+
+class Burst:
+    """Enrollments at an endpoint, renewals of what enrolled there, revocations by the
+    admin; what is answered goes into the chain's acknowledgements (renewals a zone
+    answered into `later`: they reach the server by the zone's reports)."""
+
+    def __init__(
+        self, chain: KillChain, token: str, enroll_at: Callable[[], str],
+        renew_at: Callable[[], str], zone: bool = False,
+    ) -> None:  # fmt: skip
+        self.chain = chain
+        self.token = token
+        self.enroll_at = enroll_at
+        self.renew_at = renew_at
+        self.zone = zone
+        self.enrolled: list[tuple[ec.EllipticCurvePrivateKey, str, str, str]] = []
+        self.later: set[str] = set()
+        self.count = 0
+
+    def _enroll(self, stub: enrollment_service_pb2_grpc.EnrollmentServiceStub) -> None:
+        key = p256()
+        self.count += 1
+        name = f"b-{self.count}"
+        request = enroll_pb.EnrollRequest(csr=make_csr(key, cn=name), token=self.token)
+        issued = stub.Enroll(request, timeout=30).certificate
+        self.chain.acks.serials.add(issued.serial)
+        self.enrolled.append((key, issued.certificate_chain_pem, issued.serial, name))
+
+    def _renew(
+        self, holder: tuple[ec.EllipticCurvePrivateKey, str, str, str], roots: bytes
+    ) -> None:
+        key, chain_pem, _, name = holder
+        channel = mtls_channel(self.renew_at(), chain_pem.encode(), key_pem(key), roots)
+        with KeyplaneClient(channel) as client:
+            renewed = client.renew(make_csr(p256(), cn=name))
+        (self.later if self.zone else self.chain.acks.serials).add(renewed.serial)
+
+    def __call__(self) -> None:
+        roots = self.chain.roots_pem()
+        earlier = [self.enrolled.pop() for _ in range(min(4, len(self.enrolled)))]
+        with (
+            bootstrap_channel_for(self.enroll_at(), roots) as channel,
+            self.chain.admin() as admin,
+        ):
+            stub = enrollment_service_pb2_grpc.EnrollmentServiceStub(channel)
+            with ThreadPoolExecutor(8) as pool:
+                jobs = [pool.submit(self._enroll, stub) for _ in range(BURST)]
+                jobs += [pool.submit(self._renew, e, roots) for e in earlier[:2]]
+                for _, _, serial, _ in earlier[2:]:
+                    admin.revoke_certificate(serial, "burst")
+                    self.chain.acks.revoked.add(serial)
+                errors = [j.exception() for j in jobs if j.exception() is not None]
+        if errors:
+            raise errors[0]
+
+
+@pytest.mark.timeout(900)
+def test_sigkill_during_enrollment_bursts_at_the_server(
+    backend: SoftHsmToken | None, tmp_path: Path
+) -> None:
+    chain = KillChain(tmp_path, backend, seed=505)
+    with chain.admin() as admin:
+        token = admin.create_enrollment_token(uses=100_000).token
+    # (A new port at every start: the addresses are read each time.)
+    burst = Burst(chain, token, lambda: chain.bootstrap, lambda: chain.server.listen)
+    chain.measure(burst, calls=2)
+    for _ in range(fault_runs()):
+        chain.kill_during(burst)
+        _spent_equals_recorded(chain.data, [token])
+    print(f"server bursts: {chain.close()}; {len(chain.acks.serials)} acknowledged")
+
+
+def _enrolls_through(zone_bootstrap: str, roots: bytes, token: str) -> bool:
+    try:
+        with KeyplaneClient(bootstrap_channel_for(zone_bootstrap, roots), timeout=5) as c:
+            c.enroll(make_csr(p256(), cn="probe"), token)
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.timeout(900)
+def test_sigkill_during_enrollment_bursts_through_a_zone(
+    backend: SoftHsmToken | None, tmp_path: Path
+) -> None:
+    """The server behind a real zone server killed during bursts through the zone: what
+    the zone answered is recorded at the server (enrollments in the same transaction as
+    the token's use; renewals by the zone's reports), and the zone serves again."""
+    chain = KillChain(tmp_path, backend, seed=606, fixed_ports=True)
+    data = chain.data
+    zone_token = run_cli(
+        "tokens", "create", "--role", "zone-server", data_dir=data, check=True
+    ).stdout.strip()
+    run_cli("bundle", "download", "--out", str(tmp_path / "b0.dat"), data_dir=data, check=True)
+    zone_data = tmp_path / "zone"
+    zone = Process(
+        tmp_path / "zone.log",
+        "zone", "serve", "--data-dir", str(zone_data), "--name", "zone1",
+        "--bundle", str(tmp_path / "b0.dat"), "--token", zone_token,
+        *_zone_config(tmp_path, backend),
+    )  # fmt: skip
+    try:
+        wait_until("the zone server", lambda: "listening on" in zone.output(), 60)
+        run_cli("bundle", "download", "--out", str(tmp_path / "b1.dat"), data_dir=data, check=True)
+        endpoint = load_bundle((tmp_path / "b1.dat").read_bytes()).enrollment_endpoint()
+        with chain.admin() as admin:
+            token = admin.create_enrollment_token(uses=100_000).token
+        burst = Burst(
+            chain, token, lambda: endpoint.bootstrap_listen, lambda: endpoint.listen, zone=True
+        )
+        chain.measure(burst, calls=2)
+        for _ in range(fault_runs()):
+            chain.kill_during(burst, zone_dirs=(zone_data,))
+            _spent_equals_recorded(data, [token])
+            wait_until(
+                "the zone to enroll again",
+                lambda: _enrolls_through(endpoint.bootstrap_listen, chain.roots_pem(), token),
+                60,
+            )
+            # Renewals the zone answered reach the server by its reports.
+            wait_until("the zone's reports", lambda: _recorded(data, burst.later), 60)
+            chain.acks.serials |= burst.later
+        chain.check(zone_dirs=(zone_data,))
+    finally:
+        assert zone.stop() == 0
+    assert "Traceback" not in zone.output()
+    print(f"zone bursts: {chain.close()}; {len(chain.acks.serials)} acknowledged")
+
+
+def _recorded(data: Path, serials: set[str]) -> bool:
+    with sqlite3.connect(f"file:{data / 'keyplane.db'}?mode=ro", uri=True) as db:
+        recorded = {r[0] for r in db.execute("SELECT serial FROM certificates")}
+    return serials <= recorded
