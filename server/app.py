@@ -323,6 +323,9 @@ class KeyplaneServer:
         store = self._store
         assert store is not None  # noqa: S101 - open() ran
         self.vitals.watch("group-commit thread", lambda: store.committer.alive)
+        backends = self._backends
+        if backends is not None:  # a token taken away is back only in a fresh process
+            self.vitals.watch("key backend", lambda: backends.lost() is None)
         follower = asyncio.create_task(self._follow_versions(notifier))
         self.vitals.watch_task("trust-state version follower", follower)
         self._tasks.append(follower)
