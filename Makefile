@@ -1,6 +1,7 @@
 # keyplane — the targets a newcomer can guess.
 #   make run    set up .venv, install, generate the API, start a server on 127.0.0.1:7443
 #   make test   the same set-up plus SoftHSM, then the whole suite
+#   make test-long  the fault tests long: 100 kills of each kind, 10x the cancelled bursts
 #   make lint   ruff, mypy and the import layers
 #   make proto  regenerate keyplane.v1 from proto/
 #   make bench  benchmarks against cfssl and the crypto ceiling (bench/README.md)
@@ -14,7 +15,7 @@ DATA_DIR ?= var
 LISTEN ?= 127.0.0.1:7443
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint proto system-test-deps bench bench-deps clean
+.PHONY: install run test test-long lint proto system-test-deps bench bench-deps clean
 
 $(BIN)/python:
 	@echo "==> creating the virtualenv $(VENV)"
@@ -43,6 +44,14 @@ system-test-deps:
 
 test: install system-test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fault tests (tests/test_fault_*.py, tests/test_cancellation.py) with
+# KEYPLANE_FAULT_RUNS (default 100) kills of each kind and bursts scaled to match.
+FAULT_RUNS ?= 100
+test-long: install system-test-deps
+	KEYPLANE_FAULT_RUNS=$(FAULT_RUNS) $(BIN)/python -m pytest -rP \
+	    tests/test_fault_kill.py tests/test_fault_bursts.py tests/test_fault_hsm.py \
+	    tests/test_cancellation.py $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

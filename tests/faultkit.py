@@ -59,6 +59,11 @@ def hsm_backends(token: SoftHsmToken, tmp: Path, kinds: tuple[str, ...]) -> str:
     )
 
 
+def fault_timeout(per_run: float = 15.0, scale: int = 1) -> float:
+    """A test's timeout: a start-up allowance plus `per_run` seconds for each run."""
+    return 120.0 + per_run * fault_runs(scale=scale)
+
+
 @pytest.fixture(params=["software", "softhsm"])
 def backend(request: pytest.FixtureRequest) -> SoftHsmToken | None:
     """Each fault on both backends: keys in software, or roots and signing on SoftHSM."""

@@ -54,6 +54,7 @@ from keyplane.v1 import (
     enrollment_service_pb2 as enroll_pb,
 )
 from tests.bursts import Call, Outcome, fire
+from tests.faultkit import SHORT_RUNS, fault_runs
 from tests.invariants import Acknowledged, check_invariants
 from tests.serverkit import FQDN, RunningServer, ServerProcess, run_cli
 from tests.softhsm import SoftHsmToken
@@ -61,7 +62,9 @@ from tests.test_enrollment import make_csr, p256
 from tests.test_fleet import Process, wait_until
 from tests.test_server_hsm import hsm_config
 
-# Calls per RPC in the server's burst and the zone's (at least 500 each).
+# Calls per RPC in the server's burst and the zone's (at least 500 each), times
+# KEYPLANE_FAULT_RUNS / 10 (`make test-long`: 10 times, over 10,000 calls a deployment).
+SCALE = fault_runs() // SHORT_RUNS
 SERVER_BURST = {
     "Enroll": 180,
     "EnrollBatch": 50,
@@ -78,6 +81,8 @@ SERVER_BURST = {
     "ReportIssuedCertificates": 20,
 }
 ZONE_BURST = {"Enroll": 260, "RenewWithProof": 160, "Renew": 80}
+SERVER_BURST = {rpc: n * SCALE for rpc, n in SERVER_BURST.items()}
+ZONE_BURST = {rpc: n * SCALE for rpc, n in ZONE_BURST.items()}
 BATCH = 4
 AT_ONCE = 10.0  # seconds a write may take after a burst
 
@@ -571,7 +576,7 @@ def _writes_at_once(
         assert renewed.serial != issued.serial
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300 * SCALE)
 def test_bursts_of_abandoned_calls_leave_every_write_path_working(
     deployment: Deployment, backend: SoftHsmToken | None
 ) -> None:

@@ -20,7 +20,7 @@ from keyplane.clients.bundle import load_bundle
 from keyplane.clients.client import KeyplaneClient, bootstrap_channel_for
 from keyplane.v1 import enrollment_service_pb2 as enroll_pb
 from keyplane.v1 import enrollment_service_pb2_grpc
-from tests.faultkit import KillChain, backend, fault_runs
+from tests.faultkit import KillChain, backend, fault_runs, fault_timeout
 from tests.serverkit import run_cli
 from tests.softhsm import SoftHsmToken
 from tests.test_cancellation import _zone_config
@@ -101,7 +101,7 @@ class Burst:
             raise errors[0]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(fault_timeout(per_run=20, scale=2))
 def test_sigkill_during_enrollment_bursts_at_the_server(
     backend: SoftHsmToken | None, tmp_path: Path
 ) -> None:
@@ -111,7 +111,7 @@ def test_sigkill_during_enrollment_bursts_at_the_server(
     # (A new port at every start: the addresses are read each time.)
     burst = Burst(chain, token, lambda: chain.bootstrap, lambda: chain.server.listen)
     chain.measure(burst, calls=2)
-    for _ in range(fault_runs()):
+    for _ in range(fault_runs(scale=2)):
         chain.kill_during(burst)
         _spent_equals_recorded(chain.data, [token])
     print(f"server bursts: {chain.close()}; {len(chain.acks.serials)} acknowledged")
@@ -126,7 +126,7 @@ def _enrolls_through(zone_bootstrap: str, roots: bytes, token: str) -> bool:
     return True
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(fault_timeout(per_run=20, scale=2))
 def test_sigkill_during_enrollment_bursts_through_a_zone(
     backend: SoftHsmToken | None, tmp_path: Path
 ) -> None:
@@ -156,7 +156,7 @@ def test_sigkill_during_enrollment_bursts_through_a_zone(
             chain, token, lambda: endpoint.bootstrap_listen, lambda: endpoint.listen, zone=True
         )
         chain.measure(burst, calls=2)
-        for _ in range(fault_runs()):
+        for _ in range(fault_runs(scale=2)):
             chain.kill_during(burst, zone_dirs=(zone_data,))
             _spent_equals_recorded(data, [token])
             wait_until(

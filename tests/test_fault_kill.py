@@ -19,7 +19,7 @@ from cryptography import x509
 from keyplane.clients import backup_archive
 from keyplane.plugins.keys import fingerprint
 from keyplane.v1 import zone_service_pb2, zone_service_pb2_grpc
-from tests.faultkit import KillChain, backend, fault_runs
+from tests.faultkit import KillChain, backend, fault_runs, fault_timeout
 from tests.invariants import check_invariants
 from tests.serverkit import ServerProcess
 from tests.softhsm import SoftHsmToken
@@ -40,7 +40,7 @@ def _active_roots(chain: KillChain) -> list[str]:
         return [r.fingerprint for r in admin.list_root_keys().active]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(fault_timeout())
 def test_sigkill_during_root_rotations(backend: SoftHsmToken | None, tmp_path: Path) -> None:
     """A root rotation (create the next root, revoke the old one) killed anywhere: at
     most two roots active, the new root there if its creation was answered, the old
@@ -64,7 +64,7 @@ def test_sigkill_during_root_rotations(backend: SoftHsmToken | None, tmp_path: P
     _report("root rotation", chain)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(fault_timeout())
 @pytest.mark.parametrize("kind", SUBORDINATES)
 def test_sigkill_during_subordinate_rotations(
     kind: str, backend: SoftHsmToken | None, tmp_path: Path
@@ -100,7 +100,7 @@ def _renewed(zone: FakeZone, response: Any, intermediate_key: Any, tls_key: Any)
     )
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(fault_timeout())
 def test_sigkill_during_zone_intermediate_renewals(
     backend: SoftHsmToken | None, tmp_path: Path
 ) -> None:
@@ -144,7 +144,7 @@ def _leftovers(data: Path) -> list[str]:
     return sorted(p.name for p in data.iterdir() if p.name.startswith(".backup-"))
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(fault_timeout())
 def test_sigkill_during_backups(backend: SoftHsmToken | None, tmp_path: Path) -> None:
     """A backup streamed while the server is killed: an answered archive passes every
     offline check and the restarted server verifies its manifest; no work dir of a
@@ -176,7 +176,7 @@ def test_sigkill_during_backups(backend: SoftHsmToken | None, tmp_path: Path) ->
     _report("backup", chain)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(fault_timeout())
 def test_sigkill_during_password_changes(backend: SoftHsmToken | None, tmp_path: Path) -> None:
     """PKIDatabasePassword changed again and again while the server is killed: it
     starts each time with the password file (the change finished or undone), the file
