@@ -11,7 +11,8 @@ recorded certificate with real signatures up to a root, and looks every recorded
 in its backend: the software backend's rows in `pki.db` (no key is unsealed) and, given
 the SoftHSM token, the token's objects through `pkcs11-tool`. It returns a snapshot for
 the next call: versions and sequences never go back, and every key that appeared on the
-token since is recorded somewhere.
+token since is recorded somewhere. Each agent token's spent uses equal the certificates
+recorded for it, and no backup's work dir (copies of both databases) is left.
 """
 
 from __future__ import annotations
@@ -206,6 +207,20 @@ def _check_audit_chain(db: sqlite3.Connection, problems: _Problems) -> None:
         (head_id, head_hash) == (expected_id - 1, previous),
         f"audit: meta.audit_head ({head_id}) is not the newest event ({expected_id - 1})",
     )
+
+
+def _check_token_uses(db: sqlite3.Connection, problems: _Problems) -> None:
+    """Each agent token's spent uses are the certificates recorded for it: none handed
+    out without its record, no use spent for nothing."""
+    rows = db.execute(
+        "SELECT t.token_hash, t.uses - t.uses_left, (SELECT count(*) FROM certificates c "
+        "WHERE c.token_hash = t.token_hash) FROM enrollment_tokens t WHERE t.role = 'agent'"
+    )
+    for digest, spent, recorded in rows:
+        problems.check(
+            spent == recorded,
+            f"token {str(digest)[:12]}: {spent} uses spent, {recorded} certificates recorded",
+        )
 
 
 def _load(pem: str | None) -> x509.Certificate | None:
@@ -442,6 +457,9 @@ def check_invariants(
     """
     problems = _Problems()
     pki_db = pki_db or data_dir / "pki.db"
+    # A backup's work dir holds copies of both databases: at rest, none is left.
+    left = sorted(p.name for p in data_dir.glob(".backup-*"))
+    problems.check(not left, f"work dirs of backups left in {data_dir}: {left}")
     _integrity(pki_db, problems)
     if not _integrity(data_dir / "keyplane.db", problems):
         raise AssertionError("invariants broken:\n- " + "\n- ".join(problems))
@@ -466,6 +484,7 @@ def check_invariants(
         intents = [r[0] for r in db.execute("SELECT name FROM meta WHERE name LIKE 'key_intent:%'")]
         problems.check(not intents, f"keys left being made (intents): {intents}")
         _check_chains(server, problems)
+        _check_token_uses(db, problems)
         on_token = token_keys(token) if token is not None else None
         _check_keys(data_dir, pki_db, server, token, on_token, problems)
         if acknowledged is not None:

@@ -1,13 +1,12 @@
 """A real `keyplane serve` SIGKILLed at a random moment of a burst of enrollments, made
 at the server and through a real zone server, on both backends, again and again: after
 each restart every invariant holds with every acknowledged enrollment, renewal and
-revocation, each token's spent uses equal the certificates recorded for it (no
-certificate handed out without its record, no use spent for nothing), and the zone
+revocation (tests/invariants.py also checks that each token's spent uses equal the
+certificates recorded for it: none handed out without its record), and the zone
 enrolls again once its server is back."""
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,19 +30,6 @@ from tests.zonekit import key_pem, mtls_channel
 __all__ = ["backend"]
 
 BURST = 24  # enrollments per burst, with renewals and revocations of earlier ones
-
-
-def _spent_equals_recorded(data: Path, tokens: list[str]) -> None:
-    with sqlite3.connect(f"file:{data / 'keyplane.db'}?mode=ro", uri=True) as db:
-        for token in tokens:
-            digest = hashlib.sha256(token.encode()).hexdigest()
-            uses, left = db.execute(
-                "SELECT uses, uses_left FROM enrollment_tokens WHERE token_hash = ?", (digest,)
-            ).fetchone()
-            recorded = db.execute(
-                "SELECT count(*) FROM certificates WHERE token_hash = ?", (digest,)
-            ).fetchone()[0]
-            assert uses - left == recorded, f"{uses - left} uses spent, {recorded} recorded"
 
 
 class Burst:
@@ -113,7 +99,6 @@ def test_sigkill_during_enrollment_bursts_at_the_server(
     chain.measure(burst, calls=2)
     for _ in range(fault_runs(scale=2)):
         chain.kill_during(burst)
-        _spent_equals_recorded(chain.data, [token])
     print(f"server bursts: {chain.close()}; {len(chain.acks.serials)} acknowledged")
 
 
@@ -158,7 +143,6 @@ def test_sigkill_during_enrollment_bursts_through_a_zone(
         chain.measure(burst, calls=2)
         for _ in range(fault_runs(scale=2)):
             chain.kill_during(burst, zone_dirs=(zone_data,))
-            _spent_equals_recorded(data, [token])
             wait_until(
                 "the zone to enroll again",
                 lambda: _enrolls_through(endpoint.bootstrap_listen, chain.roots_pem(), token),
