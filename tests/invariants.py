@@ -76,13 +76,23 @@ class _Problems(list[str]):
 
 @contextlib.contextmanager
 def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
-    """A read-only connection: nothing the check does changes the files it checks."""
+    """A read-only connection: nothing the check does changes the files it checks. A
+    read-only connection to a database at rest makes its -wal and -shm and cannot remove
+    them; a plain connection opened and closed after it does (the last one to close
+    removes them), so the data dir is left as it was found."""
+    at_rest = not Path(f"{path}-wal").exists()
     db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
         db.execute("PRAGMA query_only=ON")
         yield db
     finally:
         db.close()
+    if at_rest and Path(f"{path}-wal").exists():
+        tidy = sqlite3.connect(path)
+        try:
+            tidy.execute("PRAGMA schema_version").fetchone()
+        finally:
+            tidy.close()
 
 
 def _integrity(path: Path, problems: _Problems) -> bool:
