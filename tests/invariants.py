@@ -44,7 +44,7 @@ class Acknowledged:
     """What callers were told had succeeded, to look for afterwards: certificate
     serials issued, serials and key fingerprints revoked, token hashes (SHA-256 hex of
     the token), (setting, value) pairs set, key fingerprints made (roots, rotations),
-    zone names enrolled."""
+    zone names enrolled, token ids and zone names revoked."""
 
     serials: set[str] = field(default_factory=set)
     revoked: set[str] = field(default_factory=set)
@@ -53,6 +53,8 @@ class Acknowledged:
     settings: set[tuple[str, str]] = field(default_factory=set)
     keys: set[str] = field(default_factory=set)
     zones: set[str] = field(default_factory=set)
+    revoked_tokens: set[str] = field(default_factory=set)  # token ids (16 hex digits)
+    revoked_zones: set[str] = field(default_factory=set)  # zone names
 
 
 @dataclass(frozen=True)
@@ -419,6 +421,21 @@ def _check_acknowledged(
     )
     zones = {r[0] for r in db.execute("SELECT name FROM zones")}
     problems.check(acks.zones <= zones, f"acknowledged zones missing: {acks.zones - zones}")
+    revoked_zones = {
+        r[0] for r in db.execute("SELECT name FROM zones WHERE revoked_at IS NOT NULL")
+    }
+    problems.check(
+        acks.revoked_zones <= revoked_zones,
+        f"acknowledged zone revocations not recorded: {acks.revoked_zones - revoked_zones}",
+    )
+    revoked_tokens = {
+        str(r[0])[:16]
+        for r in db.execute("SELECT token_hash FROM enrollment_tokens WHERE revoked_at IS NOT NULL")
+    }
+    problems.check(
+        acks.revoked_tokens <= revoked_tokens,
+        f"acknowledged token revocations not recorded: {acks.revoked_tokens - revoked_tokens}",
+    )
     set_values: set[tuple[str, str]] = set()
     updates = db.execute("SELECT target, details FROM audit WHERE action = 'setting.update'")
     for name, details in updates:
