@@ -40,7 +40,8 @@ run: install
 
 system-test-deps:
 	@scripts/system-packages.sh softhsm2-util=softhsm2 pkcs11-tool=opensc openssl=openssl \
-	    go=golang-go certutil=libnss3-tools cfssl=golang-cfssl
+	    go=golang-go certutil=libnss3-tools cfssl=golang-cfssl \
+	    faketime=faketime
 
 test: install system-test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
