@@ -1,10 +1,11 @@
 """Every RPC given up at random moments: the reads, the signatures, the response streams
 (CreateBackup, WatchTrustState, health Watch) and the writes that tests/test_cancellation.py
 leaves out, in one burst of over 1,000 calls (`make test-long`: ten times that) against a
-real `keyplane serve`, each with a deadline of 1 to 100 ms and a quarter cancelled by the
-client before it. Then every invariant holds with what was acknowledged, the server
-answers every RPC at once, and nothing was an internal error. A table check keeps the
-two bursts covering every RPC the server serves."""
+real `keyplane serve`, each with a deadline of 1 to 100 ms and a quarter cancelled by
+the client before it (the TrustService's in tests/test_fault_trust.py). Then every
+invariant holds with what was acknowledged, the server answers every RPC at once, and
+nothing was an internal error. A table check keeps the bursts covering every RPC the
+server serves."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ from tests.invariants import Acknowledged, check_invariants
 from tests.serverkit import ServerProcess
 from tests.test_cancellation import SERVER_BURST, _quiet
 from tests.test_enrollment import make_csr, p256
+from tests.test_fault_trust import TRUST_BURST
 from tests.zonekit import enroll_fake_zone
 
 SCALE = fault_runs() // SHORT_RUNS
@@ -80,7 +82,8 @@ EXPECTED = {
 
 def test_the_two_bursts_cover_every_rpc() -> None:
     served = {method.rsplit("/", 1)[1] for method in ACCESS}
-    covered = set(BURST) | set(SERVER_BURST) | {"Renew", "RenewWithProof"} | ELSEWHERE
+    covered = set(BURST) | set(SERVER_BURST) | set(TRUST_BURST) | ELSEWHERE
+    covered |= {"Renew", "RenewWithProof"}  # in test_cancellation's bursts of holders
     assert served - covered == set(), "add the RPCs to a burst"
 
 
