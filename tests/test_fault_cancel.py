@@ -55,6 +55,7 @@ from tests.serverkit import ServerProcess
 from tests.test_cancellation import SERVER_BURST, _quiet
 from tests.test_enrollment import make_csr, p256
 from tests.test_fault_trust import TRUST_BURST
+from tests.test_fleet import wait_until
 from tests.zonekit import enroll_fake_zone
 
 SCALE = fault_runs() // SHORT_RUNS
@@ -335,6 +336,8 @@ def test_every_rpc_given_up_at_random_moments_leaves_the_server_whole(
         }
         assert not any(unexpected.values()), unexpected
         _quiet(_Deployment(data))
+        # Backups given up go on to their end (each then removes its work dir): at rest.
+        wait_until("the backups given up to end", lambda: not list(data.glob(".backup-*")), 60)
         _answers_at_once(admin, boot)
         check_invariants(data, acknowledged=acks)
         revocations = fire(_root_revocations(admin, acks), seed=78)
