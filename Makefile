@@ -1,7 +1,7 @@
 # keyplane — the targets a newcomer can guess.
 #   make run    set up .venv, install, generate the API, start a server on 127.0.0.1:7443
 #   make test   the same set-up plus SoftHSM, then the whole suite
-#   make test-long  the fault tests long: 100 kills of each kind, 10x the cancelled bursts
+#   make test-long  the fault tests long: 100 kills of each kind, 10x the bursts, 1 h soak
 #   make lint   ruff, mypy and the import layers
 #   make proto  regenerate keyplane.v1 from proto/
 #   make bench  benchmarks against cfssl and the crypto ceiling (bench/README.md)
@@ -46,13 +46,15 @@ system-test-deps:
 test: install system-test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The fault tests (tests/test_fault_*.py, tests/test_cancellation.py) with
-# KEYPLANE_FAULT_RUNS (default 100) kills of each kind and bursts scaled to match.
+# The fault tests (tests/test_fault_*.py, tests/test_cancellation.py) long: FAULT_RUNS
+# kills of each kind (200 of the enrollment bursts), bursts of given-up calls ten times
+# larger, and the soak for SOAK_SECONDS (an hour).
 FAULT_RUNS ?= 100
+SOAK_SECONDS ?= 3600
 test-long: install system-test-deps
-	KEYPLANE_FAULT_RUNS=$(FAULT_RUNS) $(BIN)/python -m pytest -rP \
-	    tests/test_fault_kill.py tests/test_fault_bursts.py tests/test_fault_hsm.py \
-	    tests/test_cancellation.py $(PYTEST_ARGS)
+	KEYPLANE_FAULT_RUNS=$(FAULT_RUNS) KEYPLANE_SOAK_SECONDS=$(SOAK_SECONDS) \
+	    $(BIN)/python -m pytest -rP tests/test_fault_*.py tests/test_cancellation.py \
+	    $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -7,19 +7,26 @@ enrolls again once its server is back."""
 
 from __future__ import annotations
 
+import contextlib
+import random
+import signal
 import sqlite3
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keyplane.clients.bundle import load_bundle
 from keyplane.clients.client import KeyplaneClient, bootstrap_channel_for
 from keyplane.v1 import enrollment_service_pb2 as enroll_pb
 from keyplane.v1 import enrollment_service_pb2_grpc
-from tests.faultkit import KillChain, backend, fault_runs, fault_timeout
+from tests.faultkit import WINDOW_FACTOR, KillChain, backend, fault_runs, fault_timeout
 from tests.serverkit import run_cli
 from tests.softhsm import SoftHsmToken
 from tests.test_cancellation import _zone_config
@@ -120,21 +127,7 @@ def test_sigkill_during_enrollment_bursts_through_a_zone(
     the token's use; renewals by the zone's reports), and the zone serves again."""
     chain = KillChain(tmp_path, backend, seed=606, fixed_ports=True)
     data = chain.data
-    zone_token = run_cli(
-        "tokens", "create", "--role", "zone-server", data_dir=data, check=True
-    ).stdout.strip()
-    run_cli("bundle", "download", "--out", str(tmp_path / "b0.dat"), data_dir=data, check=True)
-    zone_data = tmp_path / "zone"
-    zone = Process(
-        tmp_path / "zone.log",
-        "zone", "serve", "--data-dir", str(zone_data), "--name", "zone1",
-        "--bundle", str(tmp_path / "b0.dat"), "--token", zone_token,
-        *_zone_config(tmp_path, backend),
-    )  # fmt: skip
-    try:
-        wait_until("the zone server", lambda: "listening on" in zone.output(), 60)
-        run_cli("bundle", "download", "--out", str(tmp_path / "b1.dat"), data_dir=data, check=True)
-        endpoint = load_bundle((tmp_path / "b1.dat").read_bytes()).enrollment_endpoint()
+    with _zone_behind(chain, tmp_path, backend) as (zone_data, endpoint):
         with chain.admin() as admin:
             token = admin.create_enrollment_token(uses=100_000).token
         burst = Burst(
@@ -152,10 +145,94 @@ def test_sigkill_during_enrollment_bursts_through_a_zone(
             wait_until("the zone's reports", lambda: _recorded(data, burst.later), 60)
             chain.acks.serials |= burst.later
         chain.check(zone_dirs=(zone_data,))
+    print(f"zone bursts: {chain.close()}; {len(chain.acks.serials)} acknowledged")
+
+
+@contextlib.contextmanager
+def _zone_behind(
+    chain: KillChain, tmp_path: Path, backend: SoftHsmToken | None
+) -> Iterator[tuple[Path, Any]]:
+    """A real zone server enrolled with the chain's server: (its data dir, its endpoint
+    in the init bundle)."""
+    data = chain.data
+    zone_token = run_cli(
+        "tokens", "create", "--role", "zone-server", data_dir=data, check=True
+    ).stdout.strip()
+    run_cli("bundle", "download", "--out", str(tmp_path / "b0.dat"), data_dir=data, check=True)
+    zone_data = tmp_path / "zone"
+    zone = Process(
+        tmp_path / "zone.log",
+        "zone", "serve", "--data-dir", str(zone_data), "--name", "zone1",
+        "--bundle", str(tmp_path / "b0.dat"), "--token", zone_token,
+        *_zone_config(tmp_path, backend),
+    )  # fmt: skip
+    try:
+        wait_until("the zone server", lambda: "listening on" in zone.output(), 60)
+        run_cli("bundle", "download", "--out", str(tmp_path / "b1.dat"), data_dir=data, check=True)
+        yield zone_data, load_bundle((tmp_path / "b1.dat").read_bytes()).enrollment_endpoint()
     finally:
         assert zone.stop() == 0
     assert "Traceback" not in zone.output()
-    print(f"zone bursts: {chain.close()}; {len(chain.acks.serials)} acknowledged")
+
+
+def _zone_intermediate(zone_data: Path) -> str:
+    with sqlite3.connect(f"file:{zone_data / 'zone.db'}?mode=ro", uri=True) as db:
+        row = db.execute("SELECT value FROM meta WHERE name = 'intermediate_chain_pem'").fetchone()
+    return str(row[0]) if row else ""
+
+
+def _issued_by_newest_root(zone_data: Path, chain: KillChain) -> bool:
+    certificates = x509.load_pem_x509_certificates(_zone_intermediate(zone_data).encode())
+    with chain.admin() as admin:
+        newest = max(admin.list_root_keys().active, key=lambda r: r.number)
+    root = x509.load_pem_x509_certificate(newest.certificate_pem.encode())
+    try:
+        certificates[0].verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+@pytest.mark.timeout(fault_timeout(per_run=30))
+def test_sigkill_while_a_real_zone_renews_its_intermediate(
+    backend: SoftHsmToken | None, tmp_path: Path
+) -> None:
+    """A new root makes a real zone server renew its intermediate; the server is killed
+    at a random moment of that renewal. Started again, the zone always ends up with an
+    intermediate from the newest root: a renewal whose answer was lost is asked again
+    for the same keys, and answered the same (it used to be refused for good)."""
+    chain = KillChain(tmp_path, backend, seed=707, fixed_ports=True)
+    rng = random.Random(707)
+    with _zone_behind(chain, tmp_path, backend) as (zone_data, _):
+        window = 0.0
+        runs = max(3, fault_runs() // 3)
+        for run in range(runs + 1):  # run 0 is unkilled: it measures the window
+            with chain.admin() as admin:
+                active = sorted(admin.list_root_keys().active, key=lambda r: r.number)
+                if len(active) == 2:  # at most two: the older goes first
+                    admin.revoke_root_key(active[0].fingerprint, "next run", confirm=True)
+                    chain.acks.revoked_keys.add(active[0].fingerprint)
+                before = _zone_intermediate(zone_data)
+                started = time.monotonic()
+                chain.acks.keys.add(admin.create_root_key().fingerprint)
+            if run == 0:
+                wait_until(
+                    "the zone's renewal",
+                    lambda old=before: _zone_intermediate(zone_data) != old,  # type: ignore[misc]
+                )
+                window = (time.monotonic() - started) * WINDOW_FACTOR
+            else:
+                time.sleep(rng.uniform(0, window))
+                chain.server.proc.send_signal(signal.SIGKILL)
+                assert chain.server.stop() == -signal.SIGKILL
+                chain.restart()
+            wait_until(
+                "an intermediate from the newest root",
+                lambda: _issued_by_newest_root(zone_data, chain),
+                90,
+            )
+            chain.check(zone_dirs=(zone_data,))
+    print(f"real zone renewals: {runs} kills in a {window:.2f} s window; {chain.close()}")
 
 
 def _recorded(data: Path, serials: set[str]) -> bool:
