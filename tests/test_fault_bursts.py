@@ -175,10 +175,30 @@ def _zone_behind(
     assert "Traceback" not in zone.output()
 
 
-def _zone_intermediate(zone_data: Path) -> str:
+def _zone_meta(zone_data: Path, name: str) -> str:
     with sqlite3.connect(f"file:{zone_data / 'zone.db'}?mode=ro", uri=True) as db:
-        row = db.execute("SELECT value FROM meta WHERE name = 'intermediate_chain_pem'").fetchone()
+        row = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
     return str(row[0]) if row else ""
+
+
+def _zone_intermediate(zone_data: Path) -> str:
+    return _zone_meta(zone_data, "intermediate_chain_pem")
+
+
+def _poll(check: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Until `check()` holds, looking every 5 ms (to time what follows closely)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def _zone_has_latest(zone_data: Path, chain: KillChain) -> bool:
+    with sqlite3.connect(f"file:{zone_data / 'zone.db'}?mode=ro", uri=True) as db:
+        held = db.execute("SELECT coalesce(max(version), 0) FROM trust_versions").fetchone()[0]
+    with sqlite3.connect(f"file:{chain.data / 'keyplane.db'}?mode=ro", uri=True) as db:
+        latest = db.execute("SELECT coalesce(max(version), 0) FROM trust_states").fetchone()[0]
+    return bool(held >= latest)
 
 
 def _issued_by_newest_root(zone_data: Path, chain: KillChain) -> bool:
@@ -212,14 +232,18 @@ def test_sigkill_while_a_real_zone_renews_its_intermediate(
                 if len(active) == 2:  # at most two: the older goes first
                     admin.revoke_root_key(active[0].fingerprint, "next run", confirm=True)
                     chain.acks.revoked_keys.add(active[0].fingerprint)
+                    # Each step picked up before the next (a new root made while the zone
+                    # reconnects strands it: see the report of this suite).
+                    wait_until("the zone to see it", lambda: _zone_has_latest(zone_data, chain))
                 before = _zone_intermediate(zone_data)
-                started = time.monotonic()
                 chain.acks.keys.add(admin.create_root_key().fingerprint)
+            # The zone picks the new root up (a server killed before that strands the
+            # zone: see the report of this suite), records the keys it renews for, and
+            # asks: the kill falls from then until the renewal is stored.
+            _poll(lambda: bool(_zone_meta(zone_data, "renewal_pending")))
+            started = time.monotonic()
             if run == 0:
-                wait_until(
-                    "the zone's renewal",
-                    lambda old=before: _zone_intermediate(zone_data) != old,  # type: ignore[misc]
-                )
+                _poll(lambda old=before: _zone_intermediate(zone_data) != old)  # type: ignore[misc]
                 window = (time.monotonic() - started) * WINDOW_FACTOR
             else:
                 time.sleep(rng.uniform(0, window))
