@@ -2,6 +2,7 @@
 #   make run    set up .venv, install, generate the API, start a server on 127.0.0.1:7443
 #               (admin console: https://127.0.0.1:7445/, sign in with 'keyplane console login')
 #   make test   the same set-up plus SoftHSM and Chromium, then the whole suite
+#   make test-long  the fault tests long: 100 kills of each kind, 10x the bursts, 1 h soak
 #   make lint   ruff, mypy and the import layers
 #   make proto  regenerate keyplane.v1 from proto/
 #   make bench  benchmarks against cfssl and the crypto ceiling (bench/README.md)
@@ -19,7 +20,7 @@ LISTEN ?= 127.0.0.1:7443
 CONSOLE_LISTEN ?= 127.0.0.1:7445
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint proto system-test-deps bench bench-deps fuzz test-secrets clean
+.PHONY: install run test test-long lint proto system-test-deps bench bench-deps fuzz test-secrets clean
 
 $(BIN)/python:
 	@echo "==> creating the virtualenv $(VENV)"
@@ -44,10 +45,21 @@ run: install
 
 system-test-deps:
 	@scripts/system-packages.sh softhsm2-util=softhsm2 pkcs11-tool=opensc openssl=openssl \
-	    go=golang-go certutil=libnss3-tools cfssl=golang-cfssl systemd-analyze=systemd chromium=chromium
+	    go=golang-go certutil=libnss3-tools cfssl=golang-cfssl systemd-analyze=systemd chromium=chromium \
+	    faketime=faketime
 
 test: install system-test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fault tests (tests/test_fault_*.py, tests/test_cancellation.py) long: FAULT_RUNS
+# kills of each kind (200 of the enrollment bursts), bursts of given-up calls ten times
+# larger, and the soak for SOAK_SECONDS (an hour).
+FAULT_RUNS ?= 100
+SOAK_SECONDS ?= 3600
+test-long: install system-test-deps
+	KEYPLANE_FAULT_RUNS=$(FAULT_RUNS) KEYPLANE_SOAK_SECONDS=$(SOAK_SECONDS) \
+	    $(BIN)/python -m pytest -rP tests/test_fault_*.py tests/test_cancellation.py \
+	    $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -314,6 +314,12 @@ class KeyBackend(abc.ABC):
         """Create a new key pair in the backend; `label` is a human-readable name. With
         `uri` (one new_key_uri gave for this label), the key gets that URI."""
 
+    def lost(self) -> str | None:
+        """Why this backend can no longer reach its keys in this process (a token that
+        was taken away cannot be opened again without starting the process again), or
+        None. A server that sees it says NOT_SERVING and exits, to be restarted."""
+        return None
+
     def new_key_uri(self, label: str) -> str | None:
         """A fresh URI, naming no key yet, that generate_key(label, algorithm, uri) will
         give the key it makes: so that a caller can record its intent to make the key

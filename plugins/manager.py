@@ -253,6 +253,12 @@ class KeyBackends:
         """Whether the backend the URI names holds its key now (looked up, not cached)."""
         return self.for_uri(uri).holds_key(uri)
 
+    def lost(self) -> str | None:
+        """The first backend's reason it can no longer reach its keys (KeyBackend.lost)."""
+        with self._lock:
+            backends = list(self._backends.values())
+        return next((why for b in backends if (why := b.lost()) is not None), None)
+
     def backup_sources(self) -> list[BackupSource]:
         """The backends whose key stores a backup carries (the software backend's pki.db)."""
         return [b for b in self._backends.values() if isinstance(b, BackupSource)]

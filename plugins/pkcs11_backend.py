@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.padding import AsymmetricPadding
 from keyplane.plugins.errors import (
     BackendAuthError,
     BackendConfigError,
+    BackendError,
     BackendUnavailableError,
     InvalidKeyUriError,
     KeyNotFoundError,
@@ -221,6 +222,7 @@ class Pkcs11Backend(KeyBackend):
         self._handles: dict[_Locator, _Handles] = {}
         self._public_keys: dict[_Locator, PublicKey] = {}
         self._closed = False
+        self._lost: str | None = None
         with self._lock:
             try:
                 self._token: p11types.Token = self._module.lib.get_token(token_label=token_label)
@@ -305,12 +307,23 @@ class Pkcs11Backend(KeyBackend):
             log.debug("pkcs11 backend: closing a session failed (%s)", type(exc).__name__)
 
     def _live_session(self) -> p11types.Session:
-        """The open session, opened now if the last one was lost (call with the lock held)."""
+        """The open session, opened now if the last one was lost (call with the lock held).
+        A reopen that fails is not tried again in this process: the token is lost (no
+        login loop that could lock its PIN); see lost()."""
         if self._closed:
             raise BackendUnavailableError("pkcs11 backend: the backend is closed")
+        if self._lost is not None:
+            raise BackendUnavailableError(self._lost)
         if self._session is None:
-            self._session = self._open_session()
+            try:
+                self._session = self._open_session()
+            except BackendError as exc:
+                self._lost = f"{exc}; the token was lost while serving: restart the server"
+                raise BackendUnavailableError(self._lost) from None
         return self._session
+
+    def lost(self) -> str | None:
+        return self._lost
 
     def _run(self, what: str, operation: Callable[..., T], *args: Any) -> T:
         """Run `operation(session, *args)`; on a lost session, reopen and retry once."""
@@ -351,10 +364,11 @@ class Pkcs11Backend(KeyBackend):
                     f"{self.token_label!r}"
                 ) from None
             except lost as again:
-                raise BackendUnavailableError(
+                self._lost = (
                     f"pkcs11 backend: {what} on token {self.token_label!r} failed "
                     f"after reopening the session ({type(again).__name__})"
-                ) from None
+                )
+                raise BackendUnavailableError(self._lost) from None
         except pkcs11.PKCS11Error as failed:
             raise KeyOperationError(
                 f"pkcs11 backend: {what} on token {self.token_label!r} failed "

@@ -29,7 +29,7 @@ from keyplane.server.console.host import ConsoleHost
 from keyplane.server.crl_http import CrlSite
 from keyplane.server.datadir import DataDir, DataDirState, private_umask
 from keyplane.server.domain.audit import AuditLog, RefusalRecorder
-from keyplane.server.domain.backups import Backups
+from keyplane.server.domain.backups import Backups, clean_up_workdirs
 from keyplane.server.domain.bundles import Bundles
 from keyplane.server.domain.clock import Clock, SystemClock
 from keyplane.server.domain.console_sessions import ConsoleSignIn
@@ -217,6 +217,7 @@ class KeyplaneServer:
             # A worker restarted after a kill cleans up the key it may have been making.
             self.hierarchy.keys.clean_up()
             self.report = StartReport((), self.hierarchy.issuing_root())
+        clean_up_workdirs(self.config.data_dir)  # and the backup it may have been making
         return self.report
 
     def _credentials(self, require_client_auth: bool) -> grpc.ServerCredentials:
@@ -413,6 +414,9 @@ class KeyplaneServer:
         store = self._store
         assert store is not None  # noqa: S101 - open() ran
         self.vitals.watch("group-commit thread", lambda: store.committer.alive)
+        backends = self._backends
+        if backends is not None:  # a token taken away is back only in a fresh process
+            self.vitals.watch("key backend", lambda: backends.lost() is None)
         follower = asyncio.create_task(self._follow_versions(notifier))
         self.vitals.watch_task("trust-state version follower", follower)
         self._tasks.append(follower)

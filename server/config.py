@@ -124,6 +124,9 @@ class ServerConfig:
     kill_at: str = ""
     # Testing only: the failure point (server/domain/faults.py) at which the backend fails.
     fail_at: str = ""
+    # Testing only: the failure point at which the backend is this many ms slow.
+    slow_at: str = ""
+    slow_ms: int = 0
     # Testing only: the group-commit thread dies after this many batches (a fault hook).
     commit_thread_dies_after: int | None = None
     # Testing only: the least time between a client's data-less pings the server allows.
@@ -250,13 +253,28 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
     testing = dict(raw.get("testing", {}))
     _known(
         testing,
-        {"kill_at", "fail_at", "commit_thread_dies_after", "min_ping_interval_ms"},
+        {
+            "kill_at",
+            "fail_at",
+            "slow_at",
+            "slow_ms",
+            "commit_thread_dies_after",
+            "min_ping_interval_ms",
+        },
         "[testing]",
     )
     if "fail_at" in testing:
         if testing["fail_at"] not in FAIL_POINTS:
             raise ConfigError(f"[testing] fail_at must be one of: {', '.join(FAIL_POINTS)}")
         values["fail_at"] = str(testing["fail_at"])
+    if "slow_at" in testing:
+        slow_ms = testing.get("slow_ms")
+        if testing["slow_at"] not in FAIL_POINTS or not isinstance(slow_ms, int) or slow_ms < 1:
+            raise ConfigError(
+                f"[testing] slow_at must be one of: {', '.join(FAIL_POINTS)}, with slow_ms "
+                "a positive whole number of milliseconds"
+            )
+        values["slow_at"], values["slow_ms"] = str(testing["slow_at"]), slow_ms
     if "min_ping_interval_ms" in testing:
         interval = testing["min_ping_interval_ms"]
         if not isinstance(interval, int) or interval < 1:

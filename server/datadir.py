@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keyplane.plugins.manager import software_database_path as database_path
-from keyplane.server.errors import DataDirIncomplete
+from keyplane.server.errors import DataDirIncomplete, DataDirUnwritable
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,11 @@ class DataDir:
     def check(self) -> DataDirState:
         """What is there; DataDirIncomplete, with what is missing and what to do, when
         only part of a state is. Reads only: a refused start changes nothing."""
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise DataDirUnwritable(
+                f"{self.path} cannot be written (a read-only file system, or its owner and "
+                "mode): the server writes every change there; make it writable"
+            )
         if self.marker.exists():
             return DataDirState.UNFINISHED
         present = [f for f in self._state_files() if f.exists()]

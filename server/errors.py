@@ -133,6 +133,10 @@ class DataDirIncomplete(StartRefused):
     """The data dir holds part of a server's state: a file is missing beside the others."""
 
 
+class DataDirUnwritable(StartRefused):
+    """The data dir cannot be written (a read-only file system, or its modes)."""
+
+
 class DamagedDatabase(StartRefused):
     """A database of the data dir does not open, or fails SQLite's own check."""
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import errno
 import inspect
 import logging
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -65,6 +67,40 @@ _BACKEND_STATUS: tuple[tuple[type[backend_errors.BackendError], grpc.StatusCode]
 )
 
 
+# SQLite's primary result codes (sqlite_errorcode & 0xFF) and the errnos that mean the
+# data dir cannot take a write now: the caller is told so, and that nothing was written.
+_SQLITE_FULL = 13
+_SQLITE_UNWRITABLE = (8, 10, 14)  # READONLY, IOERR, CANTOPEN
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_UNWRITABLE_ERRNOS = (errno.EROFS, errno.EIO)
+_FULL = (
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "the server's data dir is full: nothing was written; call again once it has space",
+    "STORAGE_FULL",
+)
+_UNWRITABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    "the server cannot write its data dir (read-only or failing): nothing was written; "
+    "call again once it is writable",
+    "STORAGE_UNAVAILABLE",
+)
+
+
+def _storage_status(exc: BaseException) -> tuple[grpc.StatusCode, str, str] | None:
+    if isinstance(exc, sqlite3.Error):
+        primary = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+        found = _FULL if primary == _SQLITE_FULL else None
+        found = _UNWRITABLE if primary in _SQLITE_UNWRITABLE else found
+    elif isinstance(exc, OSError):
+        found = _FULL if exc.errno in _FULL_ERRNOS else None
+        found = _UNWRITABLE if exc.errno in _UNWRITABLE_ERRNOS else found
+    else:
+        return None
+    if found is not None:
+        log.warning("a write failed: %s (%s)", found[1].split(":")[0], exc)
+    return found
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     """(status code, message, ErrorInfo reason) for an exception a handler raised."""
     if isinstance(exc, KeyplaneError):
@@ -73,6 +109,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
         for cls, code in _BACKEND_STATUS:
             if isinstance(exc, cls):
                 return code, str(exc), exc.reason
+    storage = _storage_status(exc)
+    if storage is not None:
+        return storage
     ref = secrets.token_hex(6)
     log.error("internal error %s", ref, exc_info=exc)
     return (

@@ -41,6 +41,8 @@ class Acknowledged:
     settings: set[tuple[str, str]] = field(default_factory=set)
     keys: set[str] = field(default_factory=set)
     zones: set[str] = field(default_factory=set)
+    revoked_tokens: set[str] = field(default_factory=set)  # token ids (16 hex digits)
+    revoked_zones: set[str] = field(default_factory=set)  # zone names
 
 
 class Problems(list[str]):
@@ -198,6 +200,20 @@ def load_pem(pem: str | None) -> x509.Certificate | None:
         return x509.load_pem_x509_certificate((pem or "").encode())
     except ValueError:
         return None
+
+
+def check_token_uses(db: sqlite3.Connection, problems: Problems) -> None:
+    """Each agent token's spent uses are the certificates recorded for it: none handed
+    out without its record, no use spent for nothing."""
+    rows = db.execute(
+        "SELECT t.token_hash, t.uses - t.uses_left, (SELECT count(*) FROM certificates c "
+        "WHERE c.token_hash = t.token_hash) FROM enrollment_tokens t WHERE t.role = 'agent'"
+    )
+    for digest, spent, recorded in rows:
+        problems.check(
+            spent == recorded,
+            f"token {str(digest)[:12]}: {spent} uses spent, {recorded} certificates recorded",
+        )
 
 
 def check_chains(server: ServerRead, problems: Problems) -> None:
@@ -380,6 +396,21 @@ def check_acknowledged(
     )
     zones = {r[0] for r in db.execute("SELECT name FROM zones")}
     problems.check(acks.zones <= zones, f"acknowledged zones missing: {acks.zones - zones}")
+    revoked_zones = {
+        r[0] for r in db.execute("SELECT name FROM zones WHERE revoked_at IS NOT NULL")
+    }
+    problems.check(
+        acks.revoked_zones <= revoked_zones,
+        f"acknowledged zone revocations not recorded: {acks.revoked_zones - revoked_zones}",
+    )
+    revoked_tokens = {
+        str(r[0])[:16]
+        for r in db.execute("SELECT token_hash FROM enrollment_tokens WHERE revoked_at IS NOT NULL")
+    }
+    problems.check(
+        acks.revoked_tokens <= revoked_tokens,
+        f"acknowledged token revocations not recorded: {acks.revoked_tokens - revoked_tokens}",
+    )
     set_values: set[tuple[str, str]] = set()
     updates = db.execute("SELECT target, details FROM audit WHERE action = 'setting.update'")
     for name, details in updates:

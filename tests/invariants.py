@@ -11,7 +11,9 @@ recorded certificate with real signatures up to a root, and looks every recorded
 in its backend: the software backend's rows in `pki.db` (no key is unsealed) and, given
 the SoftHSM token, the token's objects through `pkcs11-tool`. It returns a snapshot for
 the next call: versions and sequences (a trusted peer's held version too) never go
-back, and every key that appeared on the token since is recorded somewhere. The checks
+back, and every key that appeared on the token since is recorded somewhere. Each agent
+token's spent uses equal the certificates recorded for it, and no backup's work dir
+(copies of both databases) is left. The checks
 themselves are in tests/invariant_checks.py.
 """
 
@@ -30,6 +32,7 @@ from tests.invariant_checks import (
     check_audit_chain,
     check_chains,
     check_keys,
+    check_token_uses,
     check_zone,
     integrity,
     peer_versions,
@@ -72,6 +75,9 @@ def check_invariants(
     """
     problems = Problems()
     pki_db = pki_db or data_dir / "pki.db"
+    # A backup's work dir holds copies of both databases: at rest, none is left.
+    left = sorted(p.name for p in data_dir.glob(".backup-*"))
+    problems.check(not left, f"work dirs of backups left in {data_dir}: {left}")
     integrity(pki_db, problems)
     if not integrity(data_dir / "keyplane.db", problems):
         raise AssertionError("invariants broken:\n- " + "\n- ".join(problems))
@@ -97,6 +103,7 @@ def check_invariants(
         intents = [r[0] for r in db.execute("SELECT name FROM meta WHERE name LIKE 'key_intent:%'")]
         problems.check(not intents, f"keys left being made (intents): {intents}")
         check_chains(server, problems)
+        check_token_uses(db, problems)
         on_token = token_keys(token) if token is not None else None
         check_keys(data_dir, pki_db, server, token, on_token, problems)
         if acknowledged is not None:

@@ -8,6 +8,7 @@ worker say NOT_SERVING, exit, and come back."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import random
@@ -54,6 +55,7 @@ from keyplane.v1 import (
     enrollment_service_pb2 as enroll_pb,
 )
 from tests.bursts import Call, Outcome, fire
+from tests.faultkit import SHORT_RUNS, fault_runs
 from tests.invariants import Acknowledged, check_invariants
 from tests.serverkit import FQDN, RunningServer, ServerProcess, run_cli
 from tests.softhsm import SoftHsmToken
@@ -61,7 +63,9 @@ from tests.test_enrollment import make_csr, p256
 from tests.test_fleet import Process, wait_until
 from tests.test_server_hsm import hsm_config
 
-# Calls per RPC in the server's burst and the zone's (at least 500 each).
+# Calls per RPC in the server's burst and the zone's (at least 500 each), times
+# KEYPLANE_FAULT_RUNS / 10 (`make test-long`: 10 times, over 10,000 calls a deployment).
+SCALE = fault_runs() // SHORT_RUNS
 SERVER_BURST = {
     "Enroll": 180,
     "EnrollBatch": 50,
@@ -78,6 +82,8 @@ SERVER_BURST = {
     "ReportIssuedCertificates": 20,
 }
 ZONE_BURST = {"Enroll": 260, "RenewWithProof": 160, "Renew": 80}
+SERVER_BURST = {rpc: n * SCALE for rpc, n in SERVER_BURST.items()}
+ZONE_BURST = {rpc: n * SCALE for rpc, n in ZONE_BURST.items()}
 BATCH = 4
 AT_ONCE = 10.0  # seconds a write may take after a burst
 
@@ -308,8 +314,8 @@ def _zone_issued(zone: FakeZone, name: str) -> bytes:
         p256().public_key(),
         name,
         "agent",
-        zone.intermediate.not_valid_before_utc + certs.BACKDATE * 2,
-        certs.BACKDATE * 60 * 24,
+        zone.intermediate.not_valid_before_utc + datetime.timedelta(minutes=2),
+        datetime.timedelta(days=1),
     )
     return certs.to_der(cert)
 
@@ -571,7 +577,7 @@ def _writes_at_once(
         assert renewed.serial != issued.serial
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300 * SCALE)
 def test_bursts_of_abandoned_calls_leave_every_write_path_working(
     deployment: Deployment, backend: SoftHsmToken | None
 ) -> None:

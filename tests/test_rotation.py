@@ -15,6 +15,7 @@ from cryptography.x509.verification import PolicyBuilder, Store
 
 from keyplane.clients.client import KeyplaneClient
 from keyplane.clients.trust import TrustState, follow
+from keyplane.server.domain import certs
 from keyplane.server.domain.clock import ManualClock
 from tests.serverkit import FQDN, RunningServer
 
@@ -104,7 +105,7 @@ def test_renewal_follows_the_settings(server: RunningServer, clock: ManualClock)
         server.hierarchy.reconcile()
         after = server.hierarchy.active_key("message_signing")
         assert after.fingerprint != before.fingerprint
-        assert after.not_after - after.not_before == datetime.timedelta(hours=48, minutes=1)
+        assert after.not_after - after.not_before == datetime.timedelta(hours=48) + certs.BACKDATE
 
 
 class Watcher:

@@ -39,6 +39,8 @@ RENEWAL_WAIT_SECONDS = 10.0
 SERVER_TIMEOUT = 30.0
 # Sightings per report call (the server takes at most 10,000).
 MAX_SIGHTINGS = 10_000
+# zone.db meta: the two key URIs of a renewal asked for and not yet answered.
+PENDING_RENEWAL = "renewal_pending"
 
 
 def _csr(key: BackendPrivateKey, name: str) -> bytes:
@@ -200,7 +202,7 @@ class Upstream:
     def _renew(self, reason: str) -> None:
         """New keys here, certified by the server's newest root; kept in zone.db."""
         zone = self.zone
-        intermediate_uri, tls_uri, intermediate_csr, tls_csr = self._new_keys()
+        intermediate_uri, tls_uri, intermediate_csr, tls_csr = self._renewal_keys()
         request = zone_service_pb2.RenewZoneServerRequest(
             intermediate_csr=intermediate_csr, tls_csr=tls_csr
         )
@@ -214,6 +216,7 @@ class Upstream:
                 "tls_uri": tls_uri,
                 "tls_chain_pem": response.tls_certificate.certificate_chain_pem,
                 "roots_pem": response.tls_certificate.roots_pem,
+                PENDING_RENEWAL: "",
             }
         )
         renewed = x509.load_pem_x509_certificates(response.intermediate_chain_pem.encode())[0]
@@ -224,6 +227,25 @@ class Upstream:
             fingerprint=certs.key_fingerprint(renewed),
             details={"reason": reason, "tls_serial": response.tls_certificate.serial},
         )
+
+    def _renewal_keys(self) -> tuple[str, str, bytes, bytes]:
+        """The keys of a renewal that did not get its answer (the server may have renewed
+        and the answer was lost: asked again for the same keys, it answers the same), or
+        new ones, recorded before they are asked for."""
+        zone = self.zone
+        pending = (zone.store.get(PENDING_RENEWAL) or "").split()
+        if len(pending) == 2 and all(zone.backends.holds_key(uri) for uri in pending):
+            intermediate_uri, tls_uri = pending
+            name = zone.options.name
+            return (
+                intermediate_uri,
+                tls_uri,
+                _csr(zone.backends.private_key(intermediate_uri), name),
+                _csr(zone.backends.private_key(tls_uri), name),
+            )
+        keys = self._new_keys()
+        zone.store.put({PENDING_RENEWAL: f"{keys[0]} {keys[1]}"})
+        return keys
 
     def maybe_renew_quietly(self) -> None:
         if self.zone.worker != 0:

@@ -11,11 +11,14 @@ that key is left out of the copy, so each key is in both copies or in neither.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import tempfile
+import threading
 from contextlib import closing
 from dataclasses import dataclass
 from importlib import metadata
@@ -47,6 +50,27 @@ ARCHIVE_NAME = "keyplane-backup.tar"
 # The meta entry that says what the last backup was.
 LAST_BACKUP = "last_backup"
 WORKDIR_PREFIX = ".backup-"
+LOCK_FILE = "backups.lock"
+
+
+def clean_up_workdirs(data_dir: Path) -> list[str]:
+    """Remove the work dirs of backups whose process died (each holds copies of both
+    databases): only while no live process holds backups.lock shared, that is while no
+    backup is being made anywhere. The names removed."""
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return []  # a backup is being made: its dir is not stale
+        removed = sorted(p.name for p in data_dir.glob(f"{WORKDIR_PREFIX}*") if p.is_dir())
+        for name in removed:
+            shutil.rmtree(data_dir / name, ignore_errors=True)
+        if removed:
+            log.warning("removed %d work dir(s) of backups a killed process left", len(removed))
+        return removed
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -152,15 +176,30 @@ class Backups:
 
     def __init__(self, hierarchy: Hierarchy) -> None:
         self.h = hierarchy
+        self._locks: dict[Path, int] = {}
+        self._locks_guard = threading.Lock()
 
     def new_workdir(self) -> Path:
         """A private dir beside the databases (same file system, same protection) for
-        the copies and the archive."""
-        return Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir=self.h.config.data_dir))
+        the copies and the archive, under a shared lock on backups.lock until discard."""
+        data_dir = self.h.config.data_dir
+        fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir=data_dir))
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._locks_guard:
+            self._locks[workdir] = fd
+        return workdir
 
-    @staticmethod
-    def discard(workdir: Path) -> None:
+    def discard(self, workdir: Path) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
+        with self._locks_guard:
+            fd = self._locks.pop(workdir, None)
+        if fd is not None:
+            os.close(fd)  # drops the shared lock
 
     def create(self, actor: str, workdir: Path) -> Archive:
         """Copy both databases at one point into `workdir` and write the archive there."""

@@ -23,7 +23,10 @@ from keyplane.server.domain import der
 # What a component's certificate may certify: any key keyplane accepts in a CSR.
 SubjectKey = PublicKey | ed25519.Ed25519PublicKey
 
-BACKDATE = datetime.timedelta(minutes=1)
+# Every certificate is valid from this long before it was made, so that a client whose
+# clock is behind (by up to this much) accepts one made just now: a server's TLS
+# certificate at its first start or right after a rotation, an agent's renewal.
+BACKDATE = datetime.timedelta(minutes=10)
 ROLE_URI_PREFIX = "urn:keyplane:role:"
 ORGANIZATION = "keyplane"
 

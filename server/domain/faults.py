@@ -5,13 +5,15 @@ reaches that point, so tests can prove that a real process killed at each step o
 rotation, of its first start or of a database password change restarts into a
 consistent state; with `[testing] fail_at = "<point>"` the key backend fails there (as
 an HSM that went away would), so tests can prove that a change that cannot be completed
-is not half made. Unset (the default), nothing happens.
+is not half made; with `slow_at` and `slow_ms` it is that slow there (as a slow HSM).
+Unset (the default), nothing happens.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 from keyplane.plugins.errors import BackendUnavailableError
@@ -39,11 +41,15 @@ class Faults:
 
     kill_at: str = ""
     fail_at: str = ""
+    slow_at: str = ""
+    slow_ms: int = 0
 
     def checkpoint(self, point: str) -> None:
         if self.kill_at and self.kill_at == point:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def failpoint(self, point: str) -> None:
+        if self.slow_at and self.slow_at == point:
+            time.sleep(self.slow_ms / 1000)  # as a slow HSM would be
         if self.fail_at and self.fail_at == point:
             raise BackendUnavailableError(f"the key backend failed at {point} (a fault hook)")

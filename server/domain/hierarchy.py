@@ -77,7 +77,9 @@ class Hierarchy:
         self.store = store
         self.backends = backends
         self.clock = clock
-        self.faults = faults or Faults(config.kill_at, config.fail_at)
+        self.faults = faults or Faults(
+            config.kill_at, config.fail_at, config.slow_at, config.slow_ms
+        )
         self.settings = Settings(store, backends.secret_store(), self.faults.checkpoint)
         self.crls = CrlPublisher(store, backends, self.settings, clock)
         self.trust = TrustStatePublisher(

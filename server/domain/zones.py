@@ -17,13 +17,14 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from keyplane.plugins.errors import BackendError
 from keyplane.plugins.keys import algorithm_of, fingerprint
 from keyplane.server.domain import certs, crl
-from keyplane.server.domain.csr_policy import HOSTNAME, check_csr
+from keyplane.server.domain.csr_policy import check_csr
 from keyplane.server.domain.enrollment import Issued, key_in_use, renew_after
 from keyplane.server.domain.hierarchy import Hierarchy
 from keyplane.server.domain.identity import Identity
 from keyplane.server.domain.inputs import parse_reason
 from keyplane.server.domain.roots import SERVER_ACTOR
 from keyplane.server.domain.tokens import UNUSABLE, Tokens
+from keyplane.server.domain.zone_names import parse_listen, parse_zone_name
 from keyplane.server.domain.zone_reports import ZoneReports
 from keyplane.server.errors import (
     AlreadyExists,
@@ -43,7 +44,6 @@ from keyplane.server.store import (
     certificate_row,
 )
 
-MAX_ADDRESS_BYTES = 255
 ZONE_INTERMEDIATE_VALIDITY_KIND = "IntermediateTLS"
 
 
@@ -54,55 +54,6 @@ class ZoneView:
     zone: ZoneRecord
     intermediate: KeyRecord | None
     certificates: int
-
-
-def parse_zone_name(name: str, server_names: list[str]) -> str:
-    """A zone's name: a host name (its TLS certificate names it), never a server's."""
-    if not name or len(name) > 63 or not HOSTNAME.fullmatch(name):
-        raise InvalidArgument(
-            "a zone server's name is a host name: 1-63 letters, digits, '-' and '.' "
-            "(its TLS certificate is for that name)"
-        )
-    taken = {n.lower() for n in server_names} | {n.split(".")[0].lower() for n in server_names}
-    if name.lower() in taken:
-        raise InvalidArgument(
-            f"{name!r} is one of the server's own names; a zone server needs a name of its own"
-        )
-    return name
-
-
-def parse_listen(label: str, address: str, server_names: list[str]) -> tuple[str, int]:
-    """HOST:PORT for a zone's listener: a host name or an IP address, at most 255 bytes,
-    no wildcard, not one of the server's real names; INVALID_ARGUMENT otherwise."""
-    if len(address.encode("utf-8", "replace")) > MAX_ADDRESS_BYTES:
-        raise InvalidArgument(f"{label} is longer than {MAX_ADDRESS_BYTES} bytes")
-    if not address.isascii() or not address.isprintable():
-        raise InvalidArgument(f"{label} must be printable ASCII HOST:PORT")
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise InvalidArgument(f"{label} must be HOST:PORT (port 1-65535), not {address!r}")
-    bracketed = host.startswith("[") and host.endswith("]")
-    host = host[1:-1] if bracketed else host
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        if bracketed or "*" in host or not HOSTNAME.fullmatch(host):
-            raise InvalidArgument(
-                f"{label}'s host must be a host name or an IP address (no wildcard), not {host!r}"
-            ) from None
-        if host.lower() in {n.lower() for n in server_names}:
-            raise InvalidArgument(
-                f"{label} names {host!r}, one of the server's own names; a zone server "
-                "listens at an address of its own"
-            ) from None
-        return host, int(port)
-    if ip.version == 6 and not bracketed:
-        raise InvalidArgument(f"{label}: write an IPv6 address in brackets, [{host}]:{port}")
-    if ip.is_unspecified or ip.is_multicast:
-        raise InvalidArgument(
-            f"{label} is {host}, which no client can connect to; give the address clients use"
-        )
-    return str(ip), int(port)
 
 
 class Zones:
@@ -283,6 +234,9 @@ class Zones:
     ) -> tuple[str, Issued]:
         zone = self.current_zone(identity)
         if zone.tls_serial != identity.serial:
+            again = self._renewed_already(zone, identity, intermediate_csr, tls_csr)
+            if again is not None:
+                return again
             raise PermissionDenied(
                 "renew with the zone server's current certificate; this one was replaced already"
             )
@@ -316,6 +270,36 @@ class Zones:
                 self._publish(tx)
         root = self.hierarchy.issuing_root()
         return (intermediate.certificate_pem or "") + (root.certificate_pem or ""), tls
+
+    def _renewed_already(
+        self, zone: ZoneRecord, identity: Identity, intermediate_csr: bytes, tls_csr: bytes
+    ) -> tuple[str, Issued] | None:
+        """A renewal asked again after its answer was lost (from the certificate it
+        replaced, for the same two new keys): the same intermediate and TLS certificate
+        once more, nothing recorded. None for anything else (then PERMISSION_DENIED)."""
+        current = self.store.certificate(zone.tls_serial or "")
+        if zone.previous_tls_serial != identity.serial or current is None:
+            return None
+        intermediate = self.store.key(fingerprint(check_csr(intermediate_csr)[1]))
+        if (
+            current.revoked_at is not None
+            or current.fingerprint != fingerprint(check_csr(tls_csr)[1])
+            or intermediate is None
+            or intermediate.key_uri != zone.key_uri
+            or intermediate.state is not KeyState.ACTIVE
+        ):
+            return None
+        root = self.store.key(intermediate.issuer_fingerprint or "")
+        _, window = self.hierarchy.settings.rotation("ClientTLS")
+        tls = Issued(
+            chain_pem=current.certificate_pem,
+            roots_pem=self.hierarchy.trusted_roots_pem().decode(),
+            serial=current.serial,
+            not_after=current.not_after,
+            renew_after=renew_after(current.not_after, window),
+        )
+        chain = (intermediate.certificate_pem or "") + (root.certificate_pem or "" if root else "")
+        return chain, tls
 
     # -- administration ------------------------------------------------------------------
 

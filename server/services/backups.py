@@ -63,7 +63,14 @@ class BackupServicer(backup_service_pb2_grpc.BackupServiceServicer):
     async def CreateBackup(
         self, request: pb.CreateBackupRequest, context: Context
     ) -> AsyncIterator[pb.CreateBackupResponse]:
-        workdir = await asyncio.to_thread(self._backups.new_workdir)
+        making = asyncio.ensure_future(asyncio.to_thread(self._backups.new_workdir))
+        try:
+            workdir = await asyncio.shield(making)
+        except asyncio.CancelledError:
+            # Given up while its work dir was being made: the dir (and its lock) go once
+            # it exists, instead of staying for good.
+            making.add_done_callback(self._discard_made)
+            raise
         made = asyncio.ensure_future(asyncio.to_thread(self._backups.create, actor(), workdir))
         try:
             # Shielded: a caller who hangs up does not stop the copy half-way; the work
@@ -90,6 +97,10 @@ class BackupServicer(backup_service_pb2_grpc.BackupServiceServicer):
                 self._backups.discard(workdir)
             else:
                 made.add_done_callback(lambda _: self._discard_after(made, workdir))
+
+    def _discard_made(self, making: asyncio.Future[Path]) -> None:
+        if not making.cancelled() and making.exception() is None:
+            self._backups.discard(making.result())
 
     def _discard_after(self, made: asyncio.Future[Archive], workdir: Path) -> None:
         if not made.cancelled():

@@ -82,6 +82,10 @@ class TrustStateServicer(trust_state_service_pb2_grpc.TrustStateServiceServicer)
         key = (since, self._notifier.version)
         task = self._answers.get(key)
         if task is None:
+            # Only answers up to the newest version are asked for again: older ones go
+            # (each holds whole trust states, which grow with every revocation).
+            for stale in [k for k in self._answers if k[1] < key[1]]:
+                del self._answers[stale]
             if len(self._answers) > ANSWER_CACHE_SIZE:
                 self._answers.clear()
             task = asyncio.ensure_future(self._load(since))

@@ -167,7 +167,14 @@ class StateStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                # A full or read-only disk fails the commit itself: nothing of it stays
+                # (SQLite may have rolled back already), and the next transaction begins.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
         for callback in tx.after_commit:
             callback()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import shutil
 from pathlib import Path
 
 from aiohttp import BodyPartReader, web
@@ -136,7 +137,7 @@ async def _verify(request: web.Request, console: Console) -> web.StreamResponse:
     finally:
         # Shielded: an upload cut short (the browser gone, the server stopping) still
         # takes its file with it.
-        await asyncio.shield(asyncio.to_thread(Backups.discard, workdir))
+        await asyncio.shield(asyncio.to_thread(shutil.rmtree, workdir, True))
 
 
 def register(router: web.UrlDispatcher) -> None:
