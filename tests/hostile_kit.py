@@ -167,6 +167,9 @@ def bad_encodings(csr: bytes) -> dict[str, bytes]:
 # When the holders of certificates were last seen: any admitted caller is seen, whatever
 # its call then answers (written in batches), so it is not a change the call made.
 LIVENESS_TABLES = ("certificate_sightings",)
+# Likewise each key's signature count and last use (counted in memory, written in
+# batches): a read a refused call made of the key is not a change it made.
+LIVENESS_COLUMNS = {("keys", "signatures"), ("keys", "last_used_at")}
 
 
 def db_state(path: Path, skip_meta: tuple[str, ...] = ()) -> dict[str, object]:
@@ -190,10 +193,16 @@ def db_state(path: Path, skip_meta: tuple[str, ...] = ()) -> dict[str, object]:
                     if n not in skip_meta
                 )
                 continue
+            columns = [
+                r[1]
+                for r in db.execute(f"PRAGMA table_info({table})")
+                if (table, r[1]) not in LIVENESS_COLUMNS
+            ]
+            listed = ", ".join(columns)
             try:
-                rows = db.execute(f"SELECT * FROM {table} ORDER BY rowid").fetchall()  # noqa: S608
+                rows = db.execute(f"SELECT {listed} FROM {table} ORDER BY rowid").fetchall()  # noqa: S608
             except sqlite3.OperationalError:  # a WITHOUT ROWID table: by its primary key
-                rows = db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()  # noqa: S608
+                rows = db.execute(f"SELECT {listed} FROM {table} ORDER BY 1").fetchall()  # noqa: S608
             found[table] = (len(rows), rows[-1][0] if rows else None, hash(tuple(rows)))
     return found
 

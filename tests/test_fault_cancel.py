@@ -9,6 +9,7 @@ server serves."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import random
 import sqlite3
@@ -19,6 +20,8 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keyplane.clients.client import CHANNEL_OPTIONS, bootstrap_channel_for
@@ -33,6 +36,8 @@ from keyplane.v1 import (
     bundle_service_pb2_grpc,
     certificate_service_pb2,
     certificate_service_pb2_grpc,
+    console_service_pb2,
+    console_service_pb2_grpc,
     identity_service_pb2,
     identity_service_pb2_grpc,
     key_service_pb2,
@@ -43,6 +48,8 @@ from keyplane.v1 import (
     root_key_service_pb2_grpc,
     settings_service_pb2,
     settings_service_pb2_grpc,
+    status_service_pb2,
+    status_service_pb2_grpc,
     trust_state_service_pb2,
     trust_state_service_pb2_grpc,
     zone_service_pb2,
@@ -69,7 +76,9 @@ BURST = {
     "GetTrustState": 60, "WatchTrustState": 80, "ListIdentities": 30, "SignMessage": 80,
     "SignMessages": 40, "CreateBackup": 12, "CreateIdentity": 30, "RevokeIdentity": 20,
     "RevokeEnrollmentToken": 30, "RevokeZoneServer": 6, "RevokeRootKey": 3,
-    "Check": 20, "Watch": 20,
+    "Check": 20, "Watch": 20, "GetServerStatus": 20, "GetRootCoverage": 20,
+    "GetRotationForecast": 10, "CreateSignInLink": 10, "ListZoneRevocations": 20,
+    "PublishZoneCrl": 20,
 }  # fmt: skip
 BURST = {rpc: n * SCALE for rpc, n in BURST.items()}
 # Served only by a locked server (tests/test_locked_start.py), or by its health service.
@@ -142,6 +151,8 @@ def _calls(data: Path, admin: grpc.Channel, boot: grpc.Channel, acks: Acknowledg
     identities = identity_service_pb2_grpc.IdentityServiceStub(admin)
     signing = message_signing_service_pb2_grpc.MessageSigningServiceStub(admin)
     health = health_pb2_grpc.HealthStub(boot)
+    status = status_service_pb2_grpc.StatusServiceStub(admin)
+    console = console_service_pb2_grpc.ConsoleServiceStub(admin)
 
     old_root = roots.ListRootKeys(root_key_service_pb2.ListRootKeysRequest(), timeout=10)
     old = old_root.active[0].fingerprint
@@ -159,7 +170,7 @@ def _calls(data: Path, admin: grpc.Channel, boot: grpc.Channel, acks: Acknowledg
         identities.CreateIdentity(_identity(name), timeout=10)
     zone_token = certificates.CreateEnrollmentToken(
         certificate_service_pb2.CreateEnrollmentTokenRequest(
-            uses=BURST["RevokeZoneServer"], role="zone-server"
+            uses=BURST["RevokeZoneServer"] + 1, role="zone-server"
         ),
         timeout=10,
     ).token
@@ -171,6 +182,14 @@ def _calls(data: Path, admin: grpc.Channel, boot: grpc.Channel, acks: Acknowledg
             endpoint["bootstrap_listen"], ca, zone_token, name=name,
             listen=f"127.0.1.{i + 1}:7443", bootstrap_listen=f"127.0.1.{i + 1}:7444",
         )  # fmt: skip
+
+    # One zone stays, for the zone server's own calls (its CRL, what it must list).
+    crl_zone = enroll_fake_zone(
+        endpoint["bootstrap_listen"], ca, zone_token, name="cz-crl",
+        listen="127.0.2.1:7443", bootstrap_listen="127.0.2.1:7444",
+    )  # fmt: skip
+    own = zone_service_pb2_grpc.ZoneServiceStub(crl_zone.channel(endpoint["listen"], ca))
+    crls = [_zone_crl(crl_zone, i + 1) for i in range(BURST["PublishZoneCrl"])]
 
     def unary(rpc: str, method: Any, make: Callable[[int], Any], ack: Any = None) -> list[Call]:
         return [_unary(rpc, method, make(i), ack) for i in range(BURST[rpc])]
@@ -221,6 +240,17 @@ def _calls(data: Path, admin: grpc.Channel, boot: grpc.Channel, acks: Acknowledg
                    payloads=[b"p%d" % j for j in range(8)])),
         *unary("CreateIdentity", identities.CreateIdentity, lambda i: _identity(f"new-{i}")),
         *unary("Check", health.Check, lambda i: health_pb2.HealthCheckRequest()),
+        *unary("GetServerStatus", status.GetServerStatus,
+               lambda i: status_service_pb2.GetServerStatusRequest(expiries=i % 10)),
+        *unary("GetRootCoverage", roots.GetRootCoverage, lambda i: rk.GetRootCoverageRequest()),
+        *unary("GetRotationForecast", keys.GetRotationForecast,
+               lambda i: kp.GetRotationForecastRequest(hours=24)),
+        *unary("CreateSignInLink", console.CreateSignInLink,
+               lambda i: console_service_pb2.CreateSignInLinkRequest()),
+        *unary("ListZoneRevocations", own.ListZoneRevocations,
+               lambda i: zone_service_pb2.ListZoneRevocationsRequest()),
+        *unary("PublishZoneCrl", own.PublishZoneCrl,
+               lambda i: zone_service_pb2.PublishZoneCrlRequest(crl_der=crls[i])),
         *stream("CreateBackup", backups.CreateBackup,
                 lambda i: backup_service_pb2.CreateBackupRequest()),
         *stream("WatchTrustState", trust.WatchTrustState,
@@ -245,6 +275,25 @@ def _calls(data: Path, admin: grpc.Channel, boot: grpc.Channel, acks: Acknowledg
             lambda r, n=name: acks.revoked_zones.add(n),
         ))  # fmt: skip
     return calls
+
+
+def _zone_crl(zone: Any, number: int) -> bytes:
+    """An empty CRL the zone's intermediate signs, with CRL number `number`."""
+    now = datetime.datetime.now(datetime.UTC)
+    issuer = zone.intermediate
+    return (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.subject)
+        .last_update(now - datetime.timedelta(minutes=1))
+        .next_update(now + datetime.timedelta(hours=12))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()),
+            critical=False,
+        )
+        .sign(zone.intermediate_key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
 
 
 def _unary(rpc: str, method: Any, request: Any, ack: Any = None) -> Call:
