@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from keyplane.clients.client import KeyplaneClient, bootstrap_channel_for
 from keyplane.clients.credentials import load_credential
 from keyplane.server.domain import certs
+from keyplane.server.domain.client_template import BACKDATE
 from keyplane.server.domain.clock import ManualClock
 from keyplane.v1 import key_service_pb2
 from tests import crlkit
@@ -85,9 +86,9 @@ def test_openssl_rejects_a_revoked_agent_by_the_served_crl_and_numbers_only_grow
             ski = intermediate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
             assert aki.key_identifier == ski.value.digest
             assert first.issuer == intermediate.subject and crlkit.serials_of(first) == set()
-            # thisUpdate is backdated a minute, as certificates are.
-            assert first.next_update_utc - first.last_update_utc == datetime.timedelta(
-                hours=24, minutes=1
+            # thisUpdate is backdated as certificates are.
+            assert first.next_update_utc - first.last_update_utc == (
+                datetime.timedelta(hours=24) + BACKDATE
             )
             # -crl_check_all wants the root's CRL too: a root names no distribution
             # point (it is the trust anchor), so it is given as a file.
