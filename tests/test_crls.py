@@ -216,7 +216,8 @@ def test_the_crl_listener_serves_crls_and_nothing_else(crl_server: RunningServer
     assert answer("GET", f"/crl/{int_fp}.crl", headers=many) in (400, 431)
     for junk in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64, b"GET\r\n\r\n"):
         reply = crlkit.raw(address, junk)
-        assert reply.startswith(b"HTTP/1.1 400") or reply == b"", reply[:80]
+        # (aiohttp answers a TLS hello in HTTP/1.0 from 3.14 on)
+        assert reply.startswith((b"HTTP/1.1 400", b"HTTP/1.0 400")) or reply == b"", reply[:80]
         answers.append(reply)
     # Still serving, and nothing changed.
     assert crlkit.request(address, "GET", f"/crl/{int_fp}.crl")[0] == 200
