@@ -31,6 +31,29 @@ CREATE INDEX IF NOT EXISTS certificates_live
     WHERE revoked_at IS NULL AND renewed_to IS NULL;
 """
 
+# The admin console's one-time sign-in links and sessions (store/console.py): each
+# secret only as its SHA-256, looked up by the public id beside it.
+CONSOLE = """
+CREATE TABLE console_links (
+    id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    serial TEXT NOT NULL REFERENCES certificates (serial),
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    used_at TEXT
+);
+CREATE TABLE console_sessions (
+    id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    serial TEXT NOT NULL REFERENCES certificates (serial),
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    seen_at TEXT NOT NULL,
+    ended_at TEXT,
+    end_reason TEXT
+);
+"""
+
 # The audit log is append-only: no statement may change or remove an event (keyplane's
 # store has no such write either). Someone with the file can drop these; the hash chain
 # (audit_chain.py) is what shows that they did.
@@ -244,28 +267,9 @@ CREATE TABLE audit (
 );
 CREATE INDEX audit_at ON audit (at, id);
 CREATE INDEX audit_action ON audit (action, id);
--- The admin console's one-time sign-in links and sessions (store/console.py): each
--- secret only as its SHA-256, looked up by the public id beside it.
-CREATE TABLE console_links (
-    id TEXT PRIMARY KEY,
-    secret_hash TEXT NOT NULL,
-    serial TEXT NOT NULL REFERENCES certificates (serial),
-    created_at TEXT NOT NULL,
-    expires_at TEXT NOT NULL,
-    used_at TEXT
-);
-CREATE TABLE console_sessions (
-    id TEXT PRIMARY KEY,
-    secret_hash TEXT NOT NULL,
-    serial TEXT NOT NULL REFERENCES certificates (serial),
-    created_at TEXT NOT NULL,
-    expires_at TEXT NOT NULL,
-    seen_at TEXT NOT NULL,
-    ended_at TEXT,
-    end_reason TEXT
-);
 """
     + AUDIT_TRIGGERS
+    + CONSOLE
     + SIGHTINGS
 )
 
@@ -395,26 +399,7 @@ ALTER TABLE keys ADD COLUMN signatures INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE keys ADD COLUMN last_used_at TEXT;
 """,
     # The admin console's one-time sign-in links and its sessions.
-    8: """
-CREATE TABLE console_links (
-    id TEXT PRIMARY KEY,
-    secret_hash TEXT NOT NULL,
-    serial TEXT NOT NULL REFERENCES certificates (serial),
-    created_at TEXT NOT NULL,
-    expires_at TEXT NOT NULL,
-    used_at TEXT
-);
-CREATE TABLE console_sessions (
-    id TEXT PRIMARY KEY,
-    secret_hash TEXT NOT NULL,
-    serial TEXT NOT NULL REFERENCES certificates (serial),
-    created_at TEXT NOT NULL,
-    expires_at TEXT NOT NULL,
-    seen_at TEXT NOT NULL,
-    ended_at TEXT,
-    end_reason TEXT
-);
-""",
+    8: CONSOLE,
     # Root rotation an operator can watch: sightings and the live-certificate index.
     9: SIGHTINGS,
 }
